@@ -1,0 +1,3 @@
+from deflect.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""Checkpoints as safetensors + JSON, written atomically and verified by sha256.
+
+No pickle anywhere: a shared checkpoint is data, never code. Every file is written to a
+temporary name and renamed, so a crash leaves either the old file or the new one, and its
+sha256 is recorded (in the database and in the run's manifest) and checked before loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from deflect.errors import DeflectError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> str:
+    """Write bytes via temp file + fsync + rename; return their sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise DeflectError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return sha256_bytes(data)
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> str:
+    """Save tensors (contiguous CPU copies) with JSON metadata; returns the file's sha256."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {"deflect": json.dumps(dict(meta or {}), sort_keys=True)}
+    return atomic_write(path, st_save(flat, metadata=metadata))
+
+
+def load_tensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, refusing it if its sha256 differs from the recorded one."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise DeflectError(f"checkpoint {path} is missing") from exc
+    except OSError as exc:
+        raise DeflectError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
+    if sha256 is not None and sha256_bytes(data) != sha256:
+        raise DeflectError(
+            f"checkpoint {path} fails its sha256 check (the file was changed or damaged); refusing to load it"
+        )
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise DeflectError(f"checkpoint {path} is not a valid safetensors file: {exc}") from exc
+
+
+def write_json(path: Path, obj: Any) -> str:
+    return atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise DeflectError(f"{path} is missing") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DeflectError(f"{path} is not readable JSON: {exc}") from exc
+
+
+def update_manifest(run_dir: Path, digests: Mapping[str, str]) -> None:
+    """Record file digests next to the files, so a run directory verifies without the database."""
+    path = run_dir / MANIFEST
+    current = read_json(path) if path.exists() else {}
+    current.update(digests)
+    write_json(path, current)
+
+
+def model_file(run_dir: Path, index: int) -> Path:
+    return run_dir / f"model_{index}.safetensors"
+
+
+def save_models(run_dir: Path, models: list[torch.nn.Module], meta: Mapping[str, Any]) -> dict[str, str]:
+    """Write every model's state dict; returns {file name: sha256}."""
+    digests = {}
+    for i, model in enumerate(models):
+        path = model_file(run_dir, i)
+        digests[path.name] = save_tensors(path, model.state_dict(), {**meta, "index": i})
+    return digests

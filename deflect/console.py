@@ -1,0 +1,114 @@
+"""Rich rendering shared by the CLI commands: progress bars, tables and coloured matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from deflect.store import Run
+from deflect.train.disjoint import BatchEvent
+
+err_console = Console(stderr=True)
+
+
+def training_progress(console: Console = err_console) -> Progress:
+    """Epoch, batch, losses, throughput and ETA for a training run."""
+    return Progress(
+        TextColumn("[bold]epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[losses]}"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def work_progress(console: Console = err_console) -> Progress:
+    """A generic bar with items/s and ETA for evaluation work."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def format_losses(event: BatchEvent) -> str:
+    parts = [f"L {event.losses['total']:.3f}", f"cls {event.losses['class']:.3f}"]
+    if event.losses["angle"]:
+        parts.append(f"ang {event.losses['angle']:.3f}")
+    if event.losses["transfer1"] or event.losses["transfer2"]:
+        parts.append(f"t1 {event.losses['transfer1']:.3f} t2 {event.losses['transfer2']:.3f}")
+    return " ".join(parts)
+
+
+def runs_table(runs: Sequence[Run], best_blackbox: dict[str, float]) -> Table:
+    table = Table(title="deflect runs", header_style="bold")
+    for col in ("run", "method", "dataset", "arch", "n", "status", "epoch", "clean %", "best BB %", "created"):
+        table.add_column(col, justify="right" if col in ("n", "epoch", "clean %", "best BB %") else "left")
+    colours = {"finished": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}
+    for run in runs:
+        clean = f"{sum(run.clean_acc) / len(run.clean_acc):.1f}" if run.clean_acc else "-"
+        bb = best_blackbox.get(run.id)
+        table.add_row(
+            run.id, run.method, run.dataset, run.arch, str(run.n),
+            f"[{colours.get(run.status, 'white')}]{run.status}[/]",
+            f"{run.epochs_done}/{run.epochs_total}", clean, f"{bb:.1f}" if bb is not None else "-",
+            run.created.strftime("%Y-%m-%d %H:%M"),
+        )
+    return table
+
+
+def accuracy_style(value: float) -> str:
+    """Cell colour by accuracy: red (attack works) → green (attack deflected)."""
+    if value >= 80:
+        return "bold green"
+    if value >= 50:
+        return "yellow"
+    if value >= 20:
+        return "dark_orange"
+    return "bold red"
+
+
+def matrix_table(title: str, matrix: Sequence[Sequence[float]], row_labels: Sequence[str],
+                 col_labels: Sequence[str], caption: str | None = None) -> Table:
+    """An accuracy matrix with coloured cells; diagonal (white-box) cells are underlined."""
+    table = Table(title=title, caption=caption, header_style="bold")
+    table.add_column("source \\ target")
+    for label in col_labels:
+        table.add_column(label, justify="right")
+    for r, (label, row) in enumerate(zip(row_labels, matrix, strict=True)):
+        cells = []
+        for c, value in enumerate(row):
+            style = accuracy_style(value) + (" underline" if r == c and len(row_labels) == len(col_labels) else "")
+            cells.append(f"[{style}]{value:.1f}[/]")
+        table.add_row(label, *cells)
+    return table
+
+
+def key_value_table(title: str, rows: Sequence[tuple[str, Any]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    for key, value in rows:
+        table.add_row(key, value if isinstance(value, str) else f"{value:.2f}")
+    return table

@@ -1,0 +1,357 @@
+"""Transfer matrices and the paper's evaluations built on them.
+
+`transfer_matrix` is the paper's n×n matrix of test accuracy (%) on adversarial examples, rows =
+source model the attack was crafted on, columns = target model (diagonal = white-box). Each
+source's examples are crafted once per batch and scored on every target in the same pass.
+Accuracy is over all selected test images (not filtered to correctly classified ones, as in the
+released evaluation code); the attack success rate beside it counts only images the target
+classified correctly when clean, because simulations and deflection rates are phrased in successes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deflect.attacks import Attack, make_attack
+from deflect.data import ImageTensorDataset
+from deflect.errors import DeflectError
+from deflect.runtime import fast_cpu_math
+
+Progress = Callable[[int, int], None]  # (done, total) units of work
+PAPER_SWEEP_EPS = (0.0196, 0.031, 0.047, 0.062, 0.078, 0.094, 0.117, 0.156)  # Figure 5
+
+
+@dataclass
+class TransferResult:
+    """An accuracy matrix (rows: sources, columns: targets) with the paper's summaries."""
+
+    attack: str
+    params: dict[str, Any]
+    matrix: list[list[float]]
+    success: list[list[float]]
+    clean: list[float]
+    n_examples: int
+    seconds: float = 0.0
+    row_labels: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.clean)
+
+    def _off_diagonal(self) -> list[float]:
+        return [v for i, row in enumerate(self.matrix) for j, v in enumerate(row) if i != j]
+
+    @property
+    def blackbox_mean(self) -> float:
+        """Mean of the off-diagonal cells (paper Tables 2/3)."""
+        off = self._off_diagonal()
+        return float(np.mean(off)) if off else math.nan
+
+    @property
+    def blackbox_std(self) -> float:
+        off = self._off_diagonal()
+        return float(np.std(off)) if off else math.nan
+
+    @property
+    def blackbox_min(self) -> float:
+        off = self._off_diagonal()
+        return float(np.min(off)) if off else math.nan
+
+    @property
+    def whitebox_mean(self) -> float:
+        return float(np.mean([self.matrix[i][i] for i in range(min(self.n, len(self.matrix)))]))
+
+    @property
+    def whole_set_mean(self) -> float:
+        """Mean of all cells, white-box included (paper Table 4)."""
+        return float(np.mean(self.matrix))
+
+    @property
+    def success_rate(self) -> float:
+        """Mean off-diagonal attack success rate (%): transfers that flip a correct answer."""
+        off = [v for i, row in enumerate(self.success) for j, v in enumerate(row) if i != j]
+        return float(np.mean(off)) if off else math.nan
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "blackbox_mean": self.blackbox_mean,
+            "blackbox_std": self.blackbox_std,
+            "blackbox_min": self.blackbox_min,
+            "whitebox_mean": self.whitebox_mean,
+            "whole_set_mean": self.whole_set_mean,
+            "success_rate": self.success_rate,
+            "clean_mean": float(np.mean(self.clean)),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), **self.summary()}
+
+
+@dataclass
+class EnsembleResult:
+    """Attacks crafted on m-model subsets (logit average), scored on every model (Table 5)."""
+
+    m: int
+    attack: str
+    params: dict[str, Any]
+    subsets: list[tuple[int, ...]]
+    matrix: list[list[float]]  # rows: subsets, columns: target models
+    clean: list[float]
+    n_examples: int
+    seconds: float = 0.0
+
+    @property
+    def mean_all(self) -> float:
+        """Average accuracy over all models and subsets (paper Figure 6)."""
+        return float(np.mean(self.matrix))
+
+    @property
+    def mean_unowned(self) -> float:
+        """Average accuracy on the models the attacker does not hold (nan when m = n)."""
+        vals = [v for s, row in zip(self.subsets, self.matrix, strict=True) for j, v in enumerate(row) if j not in s]
+        return float(np.mean(vals)) if vals else math.nan
+
+    @property
+    def mean_owned(self) -> float:
+        vals = [v for s, row in zip(self.subsets, self.matrix, strict=True) for j, v in enumerate(row) if j in s]
+        return float(np.mean(vals))
+
+    def summary(self) -> dict[str, float]:
+        return {"mean_all": self.mean_all, "mean_unowned": self.mean_unowned, "mean_owned": self.mean_owned}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["subsets"] = [list(s) for s in self.subsets]
+        return {**data, **self.summary()}
+
+
+def select_subset(data: ImageTensorDataset, limit: int | None, seed: int = 0) -> ImageTensorDataset:
+    """A fixed, seeded subset of `limit` examples (the whole set when limit is None)."""
+    if limit is None or limit >= len(data):
+        return data
+    if limit < 1:
+        raise DeflectError(f"--limit must be at least 1, got {limit}")
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
+    return data.subset(idx.sort().values)
+
+
+def _batches(data: ImageTensorDataset | Iterable, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(data, ImageTensorDataset):
+        return [data.batch(torch.arange(s, min(s + batch_size, len(data)))) for s in range(0, len(data), batch_size)]
+    return [(x, y) for x, y in data]
+
+
+def _prepare(models: Sequence[nn.Module], device: torch.device | str | None) -> tuple[list[nn.Module], torch.device]:
+    if len(models) < 1:
+        raise DeflectError("need at least one model to evaluate")
+    dev = torch.device(device) if device is not None else next(models[0].parameters()).device
+    fast_cpu_math()
+    return [m.to(dev).eval() for m in models], dev
+
+
+@torch.no_grad()
+def _correct(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Boolean matrix (models × batch): which model classifies which example correctly."""
+    return torch.stack([m(x).argmax(1) == y for m in models])
+
+
+def _resolve(attack: Attack | str, dataset: str | None) -> Attack:
+    return make_attack(attack, dataset) if isinstance(attack, str) else attack
+
+
+def craft_and_score(
+    sources: Sequence[Sequence[nn.Module]],
+    targets: Sequence[nn.Module],
+    data: ImageTensorDataset | Iterable,
+    attack: Attack,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    progress: Progress | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Core loop: per batch, craft once per source (a model or ensemble), score every target.
+
+    Returns (adversarial-correct counts [sources × targets], successes [sources × targets],
+    clean-correct counts [targets], number of examples).
+    """
+    batches = _batches(data, batch_size)
+    adv_correct = np.zeros((len(sources), len(targets)), dtype=np.int64)
+    flipped = np.zeros_like(adv_correct)
+    clean_correct = np.zeros(len(targets), dtype=np.int64)
+    total, done, count = len(batches) * len(sources), 0, 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            clean = _correct(targets, x, y)
+            clean_correct += clean.sum(1).cpu().numpy()
+            count += len(y)
+            for s, src in enumerate(sources):
+                x_adv = attack(src[0] if len(src) == 1 else list(src), x, y)
+                adv = _correct(targets, x_adv, y)
+                adv_correct[s] += adv.sum(1).cpu().numpy()
+                flipped[s] += (clean & ~adv).sum(1).cpu().numpy()
+                done += 1
+                if progress:
+                    progress(done, total)
+    return adv_correct, flipped, clean_correct, count
+
+
+def transfer_matrix(
+    models: Sequence[nn.Module],
+    data: ImageTensorDataset | Iterable,
+    attack: Attack | str,
+    *,
+    dataset: str | None = None,
+    batch_size: int = 256,
+    limit: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> TransferResult:
+    """The n×n matrix of accuracy (%) on adversarial examples crafted on each model."""
+    models, dev = _prepare(models, device)
+    attack = _resolve(attack, dataset)
+    if isinstance(data, ImageTensorDataset):
+        data = select_subset(data, limit, seed)
+    start = time.perf_counter()
+    adv, flipped, clean, count = craft_and_score(
+        [[m] for m in models], models, data, attack, batch_size, seed, dev, progress
+    )
+    if count == 0:
+        raise DeflectError("no examples to evaluate")
+    return TransferResult(
+        attack=attack.name,
+        params=attack.params(),
+        matrix=(100.0 * adv / count).tolist(),
+        success=(100.0 * flipped / np.maximum(clean, 1)[None, :]).tolist(),
+        clean=(100.0 * clean / count).tolist(),
+        n_examples=count,
+        seconds=time.perf_counter() - start,
+        row_labels=[str(i) for i in range(len(models))],
+    )
+
+
+def model_subsets(n: int, m: int, max_subsets: int | None = None, seed: int = 0) -> list[tuple[int, ...]]:
+    """All m-of-n subsets, or a seeded sample of `max_subsets` of them."""
+    if not 1 <= m <= n:
+        raise DeflectError(f"--ensemble must be between 1 and the set size {n}, got {m}")
+    subsets = list(itertools.combinations(range(n), m))
+    if max_subsets is not None and max_subsets < len(subsets):
+        if max_subsets < 1:
+            raise DeflectError(f"--max-subsets must be at least 1, got {max_subsets}")
+        subsets = sorted(random.Random(seed).sample(subsets, max_subsets))
+    return subsets
+
+
+def ensemble_matrix(
+    models: Sequence[nn.Module],
+    data: ImageTensorDataset | Iterable,
+    attack: Attack | str,
+    m: int,
+    *,
+    max_subsets: int | None = None,
+    dataset: str | None = None,
+    batch_size: int = 256,
+    limit: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> EnsembleResult:
+    """Attacks on the averaged logits of every m-model subset, scored on all n models."""
+    models, dev = _prepare(models, device)
+    attack = _resolve(attack, dataset)
+    if isinstance(data, ImageTensorDataset):
+        data = select_subset(data, limit, seed)
+    subsets = model_subsets(len(models), m, max_subsets, seed)
+    start = time.perf_counter()
+    adv, _, clean, count = craft_and_score(
+        [[models[i] for i in s] for s in subsets], models, data, attack, batch_size, seed, dev, progress
+    )
+    return EnsembleResult(
+        m=m, attack=attack.name, params=attack.params(), subsets=subsets,
+        matrix=(100.0 * adv / count).tolist(), clean=(100.0 * clean / count).tolist(),
+        n_examples=count, seconds=time.perf_counter() - start,
+    )
+
+
+def sweep_eps_values(dataset: str | None) -> list[float]:
+    """Figure 5's ε list, scaled to the dataset's L∞ budget like every other attack."""
+    from deflect.attacks import budget_for
+
+    scale = budget_for(dataset).linf_scale
+    return [round(e * scale, 4) for e in PAPER_SWEEP_EPS]
+
+
+def eps_sweep(
+    models: Sequence[nn.Module],
+    data: ImageTensorDataset | Iterable,
+    eps_values: Sequence[float] | None = None,
+    *,
+    steps: int = 100,
+    dataset: str | None = None,
+    batch_size: int = 256,
+    limit: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[TransferResult]:
+    """PGD with `steps` steps and α = 2.5ε/steps at each ε (paper Figure 5)."""
+    from deflect.attacks import pgd_sweep_attack
+
+    values = list(eps_values) if eps_values is not None else sweep_eps_values(dataset)
+    results = []
+    for k, eps in enumerate(values):
+        if eps <= 0:
+            raise DeflectError(f"sweep ε must be positive, got {eps}")
+        attack = pgd_sweep_attack(eps, steps=steps, dataset=dataset)
+        cb = (lambda d, t, k=k, eps=eps: progress(k * t + d, len(values) * t, eps)) if progress else None
+        res = transfer_matrix(models, data, attack, batch_size=batch_size, limit=limit, seed=seed,
+                              device=device, progress=cb)
+        res.attack = f"pgd-sweep@{eps:g}"
+        results.append(res)
+    return results
+
+
+def gradient_signs(
+    models: Sequence[nn.Module], data: ImageTensorDataset, n_images: int = 1000, seed: int = 0,
+    device: torch.device | str | None = None, batch_size: int = 256,
+) -> np.ndarray:
+    """sign(∇x L_i) for each model i and image: array [n_models, n_images, C·H·W]."""
+    models, dev = _prepare(models, device)
+    data = select_subset(data, n_images, seed)
+    out = []
+    for m in models:
+        rows = []
+        for x, y in _batches(data, batch_size):
+            x = x.to(dev).requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(m(x), y.to(dev), reduction="sum")
+            (g,) = torch.autograd.grad(loss, x)
+            rows.append(g.sign().flatten(1).cpu())
+        out.append(torch.cat(rows).numpy())
+    return np.stack(out)
+
+
+def gradient_tsne(
+    models: Sequence[nn.Module], data: ImageTensorDataset, n_images: int = 1000, seed: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """t-SNE embedding of the gradient signs (paper Figures 3/4): (points [N, 2], model index [N])."""
+    from sklearn.manifold import TSNE
+
+    signs = gradient_signs(models, data, n_images, seed, device)
+    n_models, n_img, dims = signs.shape
+    flat = signs.reshape(n_models * n_img, dims)
+    perplexity = float(min(30, max(5, (len(flat) - 1) // 3)))
+    emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(flat)
+    return emb, np.repeat(np.arange(n_models), n_img)

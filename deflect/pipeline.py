@@ -1,0 +1,156 @@
+"""Evaluations of stored runs: load the set, run the evaluation, store the result.
+
+The CLI's `evaluate` and `demo` are thin shells over these functions; a notebook user can call
+them directly with a `Store`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deflect.attacks import attack_names, make_attack
+from deflect.data import load_dataset
+from deflect.errors import DeflectError
+from deflect.evaluate import (
+    EnsembleResult,
+    TransferResult,
+    ensemble_matrix,
+    eps_sweep,
+    gradient_tsne,
+    transfer_matrix,
+)
+from deflect.report import curves_png, heatmap_png, tsne_png
+from deflect.sets import load_set
+from deflect.store import Evaluation, Run, Store
+from deflect.train.runner import resolve_device
+
+Progress = Callable[[int, int], None]
+
+
+def parse_attacks(spec: str | None, use_all: bool) -> list[str]:
+    """`pgd1`, `pgd1,fgsm` or --all → attack keys, validated against Table 1."""
+    names = attack_names()
+    if use_all:
+        return names
+    chosen = [a.strip().lower() for a in (spec or "pgd1").split(",") if a.strip()]
+    for a in chosen:
+        if a not in names:
+            raise DeflectError(f"unknown attack {a!r}; choose from: {', '.join(names)}")
+    return chosen
+
+
+def figures_dir(run: Run) -> Path:
+    return Path(run.run_dir) / "figures"
+
+
+def store_transfer(store: Store, run: Run, res: TransferResult, kind: str = "transfer",
+                   extra: dict[str, Any] | None = None) -> Evaluation:
+    s = res.summary()
+    return store.add_evaluation(
+        Evaluation(
+            run_id=run.id, kind=kind, attack=res.attack, params=res.params, matrix=res.matrix,
+            success=res.success, clean_acc=res.clean, blackbox_mean=s["blackbox_mean"],
+            blackbox_std=s["blackbox_std"], whole_set_mean=s["whole_set_mean"],
+            whitebox_mean=s["whitebox_mean"], success_rate=s["success_rate"],
+            n_examples=res.n_examples, seconds=res.seconds,
+            extra={**(extra or {}), "blackbox_min": s["blackbox_min"]},
+        )
+    )
+
+
+class RunEvaluator:
+    """Loads a run's models and test data once, then runs and stores evaluations on them."""
+
+    def __init__(self, store: Store, run_ref: str, *, limit: int | None = None, batch_size: int = 256,
+                 seed: int = 0, device: str = "auto") -> None:
+        self.store = store
+        self.run = store.get_run(run_ref)
+        if not self.run.epochs_done:
+            raise DeflectError(f"run {self.run.id} has no saved epoch yet ({self.run.status})")
+        self.device = resolve_device(device)
+        self.models = [m.to(self.device) for m in load_set(self.run.id, store)]
+        cfg = self.run.config
+        self.dataset = self.run.dataset
+        self.test = load_dataset(self.dataset, "test", cfg.get("data_dir"), False)
+        self.kw = dict(dataset=self.dataset, batch_size=batch_size, limit=limit, seed=seed, device=self.device)
+
+    def attack(self, name: str, **overrides: Any) -> Any:
+        return make_attack(name, self.dataset, **{k: v for k, v in overrides.items() if v is not None})
+
+    def transfer(self, name: str, overrides: dict[str, Any] | None = None,
+                 progress: Progress | None = None) -> tuple[TransferResult, Evaluation]:
+        res = transfer_matrix(self.models, self.test, self.attack(name, **(overrides or {})),
+                              progress=progress, **self.kw)
+        ev = store_transfer(self.store, self.run, res)
+        heatmap_png(res.matrix, figures_dir(self.run) / f"transfer-{name}.png",
+                    f"{self.run.id}: {name} (accuracy %)")
+        return res, ev
+
+    def ensemble(self, name: str, m: int, max_subsets: int | None, overrides: dict[str, Any] | None = None,
+                 progress: Progress | None = None) -> tuple[EnsembleResult, Evaluation]:
+        res = ensemble_matrix(self.models, self.test, self.attack(name, **(overrides or {})), m,
+                              max_subsets=max_subsets, progress=progress, **self.kw)
+        labels = [",".join(map(str, s)) for s in res.subsets]
+        s = res.summary()
+        ev = self.store.add_evaluation(
+            Evaluation(
+                run_id=self.run.id, kind="ensemble", attack=name, params={**res.params, "m": m},
+                matrix=res.matrix, clean_acc=res.clean, whole_set_mean=s["mean_all"],
+                n_examples=res.n_examples, seconds=res.seconds,
+                extra={"m": m, "row_labels": labels, "mean_unowned": s["mean_unowned"],
+                       "mean_owned": s["mean_owned"]},
+            )
+        )
+        heatmap_png(res.matrix, figures_dir(self.run) / f"ensemble-{name}-m{m}.png",
+                    f"{self.run.id}: {name} on {m}-model ensembles", row_labels=labels)
+        return res, ev
+
+    def sweep(self, eps_values: Sequence[float] | None, steps: int,
+              progress: Callable[[int, int, float], None] | None = None) -> tuple[list[TransferResult], Evaluation]:
+        results = eps_sweep(self.models, self.test, eps_values, steps=steps, progress=progress, **self.kw)
+        eps = [r.params["eps"] for r in results]
+        bb = [r.blackbox_mean for r in results]
+        whole = [r.whole_set_mean for r in results]
+        ev = self.store.add_evaluation(
+            Evaluation(
+                run_id=self.run.id, kind="eps-sweep", attack="pgd-sweep", params={"steps": steps, "eps": eps},
+                matrix=[[e, b, w] for e, b, w in zip(eps, bb, whole, strict=True)],
+                n_examples=results[0].n_examples if results else 0,
+                seconds=sum(r.seconds for r in results),
+                extra={"columns": ["eps", "blackbox_mean", "whole_set_mean"],
+                       "matrices": [r.matrix for r in results]},
+            )
+        )
+        curves_png(eps, {"black-box": bb, "whole set": whole}, figures_dir(self.run) / "eps-sweep.png",
+                   f"{self.run.id}: PGD-{steps} ε sweep", "ε (L∞)")
+        return results, ev
+
+    def tsne(self, n_images: int = 1000) -> tuple[Path, Evaluation]:
+        start = time.perf_counter()
+        points, owners = gradient_tsne(self.models, self.test, n_images, int(self.kw["seed"]), self.device)
+        path = tsne_png(points, owners, figures_dir(self.run) / "gradient-tsne.png",
+                        f"{self.run.id}: t-SNE of input-gradient signs")
+        centroids = np.stack([points[owners == k].mean(0) for k in np.unique(owners)])
+        ev = self.store.add_evaluation(
+            Evaluation(
+                run_id=self.run.id, kind="tsne", attack="gradient-sign", params={"n_images": n_images},
+                n_examples=int(len(points) // max(len(centroids), 1)), seconds=time.perf_counter() - start,
+                extra={"png": str(path), "separation": _separation(points, owners),
+                       "centroids": centroids.tolist()},
+            )
+        )
+        return path, ev
+
+
+def _separation(points: np.ndarray, owners: np.ndarray) -> float:
+    """Silhouette score of the embedding by model: near 1 = each model's gradients form its own cluster."""
+    from sklearn.metrics import silhouette_score
+
+    if len(np.unique(owners)) < 2:
+        return float("nan")
+    return float(silhouette_score(points, owners))

@@ -1,0 +1,53 @@
+"""Loading a trained set back: `load_set(run)` from a run id or a run directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from deflect.checkpoint import MANIFEST, load_tensors, model_file, read_json
+from deflect.config import TrainConfig
+from deflect.data import dataset_info
+from deflect.errors import DeflectError
+from deflect.models import build_model
+from deflect.store import Store
+
+
+def run_config(run_dir: Path) -> TrainConfig:
+    return TrainConfig.from_dict(read_json(run_dir / "config.json"))
+
+
+def load_set(run: str | os.PathLike, db: str | os.PathLike | Store | None = None) -> list[nn.Module]:
+    """The models of a run, in eval mode on CPU, taking [0,1] inputs and returning logits.
+
+    `run` is a run id (or unique prefix, or 'latest') in the database, or a run directory.
+    Every file is checked against its recorded sha256 before it is read.
+    """
+    path = Path(run)
+    if path.is_dir():
+        run_dir = path
+        manifest = run_dir / MANIFEST
+        digests = read_json(manifest) if manifest.exists() else {}
+        if not digests:
+            raise DeflectError(f"{run_dir} has no {MANIFEST}; its checkpoints cannot be verified")
+    else:
+        store = db if isinstance(db, Store) else Store(db)
+        record = store.get_run(str(run))
+        run_dir = Path(record.run_dir)
+        digests = store.checkpoint_digests(record.id)
+    cfg = run_config(run_dir)
+    info = dataset_info(cfg.dataset)
+    models = []
+    for i in range(cfg.n):
+        file = model_file(run_dir, i)
+        if file.name not in digests:
+            raise DeflectError(f"{file} has no recorded checkpoint (the run saved no epoch yet)")
+        model = build_model(cfg.arch, info, cfg.normalize, cfg.width)
+        try:
+            model.load_state_dict(load_tensors(file, digests[file.name]))
+        except RuntimeError as exc:
+            raise DeflectError(f"{file} does not match architecture {cfg.arch}: {exc}") from exc
+        models.append(model.eval())
+    return models

@@ -1,0 +1,266 @@
+"""Runs, epochs, checkpoints and evaluations in SQLite through SQLModel.
+
+The database runs in WAL mode with a busy timeout, and every write is a short transaction, so a
+dashboard can read while `deflect train` writes each epoch. Queries used by both the CLI and the
+dashboard live here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Column, event
+from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlmodel import JSON, Field, Session, SQLModel, create_engine, select
+
+from deflect.errors import DeflectError
+
+DEFAULT_DB = "deflect.db"
+SCHEMA_VERSION = 1
+STATUSES = ("running", "finished", "failed", "interrupted")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Run(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    created: datetime = Field(default_factory=utcnow)
+    updated: datetime = Field(default_factory=utcnow)
+    method: str
+    dataset: str
+    arch: str
+    preset: str
+    n: int
+    config: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    status: str = "running"
+    device: str = "cpu"
+    git_hash: str | None = None
+    run_dir: str
+    epochs_total: int = 0
+    epochs_done: int = 0
+    seconds: float = 0.0
+    clean_acc: list | None = Field(default=None, sa_column=Column(JSON))
+    best_epoch: int | None = None
+    pid: int | None = None
+    host: str | None = None
+    message: str | None = None
+
+
+class EpochMetric(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+    epoch: int
+    loss_total: float
+    loss_class: float
+    loss_angle: float
+    loss_transfer1: float
+    loss_transfer2: float
+    val_loss: float
+    clean_acc: list = Field(default_factory=list, sa_column=Column(JSON))
+    lr: float
+    seconds: float
+
+
+class Checkpoint(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+    epoch: int
+    path: str
+    sha256: str
+    created: datetime = Field(default_factory=utcnow)
+
+
+class Evaluation(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+    created: datetime = Field(default_factory=utcnow)
+    kind: str = "transfer"  # transfer | ensemble | eps-sweep | tsne
+    attack: str
+    params: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    matrix: list | None = Field(default=None, sa_column=Column(JSON))
+    success: list | None = Field(default=None, sa_column=Column(JSON))
+    clean_acc: list | None = Field(default=None, sa_column=Column(JSON))
+    blackbox_mean: float | None = None
+    blackbox_std: float | None = None
+    whole_set_mean: float | None = None
+    whitebox_mean: float | None = None
+    success_rate: float | None = None
+    n_examples: int = 0
+    extra: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    seconds: float = 0.0
+
+
+def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def default_db_path() -> Path:
+    return Path(os.environ.get("DEFLECT_DB") or DEFAULT_DB)
+
+
+class Store:
+    """A deflect database: open (creating tables on first use) and query it."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = Path(path) if path is not None else default_db_path()
+        if self.path.exists() and self.path.is_dir():
+            raise DeflectError(f"database path {self.path} is a directory")
+        if not self.path.parent.exists():
+            raise DeflectError(f"database folder {self.path.parent} does not exist")
+        self.engine = create_engine(
+            f"sqlite:///{self.path}", connect_args={"check_same_thread": False, "timeout": 30}
+        )
+        event.listen(self.engine, "connect", _pragmas)
+        try:
+            SQLModel.metadata.create_all(self.engine)
+            with self.engine.connect() as conn:
+                version = conn.exec_driver_sql("PRAGMA user_version").scalar() or 0
+                if version == 0:
+                    conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    conn.commit()
+                elif version > SCHEMA_VERSION:
+                    raise DeflectError(
+                        f"database {self.path} was written by a newer deflect (schema {version})"
+                    )
+        except OperationalError as exc:
+            raise DeflectError(f"cannot open database {self.path}: {exc.orig}") from exc
+        except DatabaseError as exc:
+            raise DeflectError(f"{self.path} is not a deflect database or is corrupt: {exc.orig}") from exc
+
+    @property
+    def runs_root(self) -> Path:
+        """Run directories live beside the database unless DEFLECT_RUNS says otherwise."""
+        env = os.environ.get("DEFLECT_RUNS")
+        return Path(env) if env else self.path.resolve().parent / "runs"
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def _write(self, *rows: SQLModel) -> None:
+        try:
+            with self.session() as s:
+                for row in rows:
+                    s.add(row)
+                s.commit()
+        except OperationalError as exc:
+            raise DeflectError(f"cannot write to database {self.path}: {exc.orig}") from exc
+
+    # runs -----------------------------------------------------------------------------------
+    def add_run(self, run: Run) -> Run:
+        run.pid, run.host = os.getpid(), socket.gethostname()
+        self._write(run)
+        return run
+
+    def update_run(self, run_id: str, **values: Any) -> Run:
+        with self.session() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                raise DeflectError(f"no run {run_id!r} in {self.path}")
+            for key, value in values.items():
+                setattr(run, key, value)
+            run.updated = utcnow()
+            s.add(run)
+            s.commit()
+            return run
+
+    def get_run(self, ref: str) -> Run:
+        """A run by id, unique id prefix, or 'latest'."""
+        self.mark_stale_runs()
+        with self.session() as s:
+            if ref == "latest":
+                run = s.exec(select(Run).order_by(Run.created.desc())).first()  # type: ignore[attr-defined]
+                if run is None:
+                    raise DeflectError(f"no runs in {self.path} yet; create one with 'deflect train'")
+                return run
+            run = s.get(Run, ref)
+            if run is not None:
+                return run
+            matches = s.exec(select(Run).where(Run.id.startswith(ref))).all()  # type: ignore[attr-defined]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise DeflectError(f"run {ref!r} is ambiguous: matches {', '.join(r.id for r in matches[:5])}")
+        raise DeflectError(f"no run {ref!r} in {self.path} ('deflect runs' lists them)")
+
+    def list_runs(self) -> list[Run]:
+        self.mark_stale_runs()
+        with self.session() as s:
+            return list(s.exec(select(Run).order_by(Run.created)).all())  # type: ignore[arg-type]
+
+    def mark_stale_runs(self) -> int:
+        """Runs left 'running' by a process on this host that no longer exists were interrupted."""
+        host = socket.gethostname()
+        changed = 0
+        try:
+            with self.session() as s:
+                for run in s.exec(select(Run).where(Run.status == "running")).all():
+                    if run.host == host and run.pid is not None and not _pid_alive(run.pid):
+                        run.status, run.message = "interrupted", "process ended without finishing"
+                        s.add(run)
+                        changed += 1
+                if changed:
+                    s.commit()
+        except OperationalError:
+            return 0  # a busy database must not stop a read; the next call tries again
+        return changed
+
+    # epochs and checkpoints -------------------------------------------------------------------
+    def add_epoch(self, metric: EpochMetric) -> None:
+        self._write(metric)
+
+    def epochs(self, run_id: str) -> list[EpochMetric]:
+        with self.session() as s:
+            q = select(EpochMetric).where(EpochMetric.run_id == run_id).order_by(EpochMetric.epoch)
+            return list(s.exec(q).all())
+
+    def add_checkpoints(self, run_id: str, epoch: int, digests: dict[str, str], run_dir: Path) -> None:
+        self._write(
+            *(Checkpoint(run_id=run_id, epoch=epoch, path=str(run_dir / name), sha256=d) for name, d in digests.items())
+        )
+
+    def checkpoint_digests(self, run_id: str) -> dict[str, str]:
+        """Latest recorded sha256 of each file name of a run."""
+        with self.session() as s:
+            rows = s.exec(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.id)).all()  # type: ignore[arg-type]
+        return {Path(r.path).name: r.sha256 for r in rows}
+
+    # evaluations ------------------------------------------------------------------------------
+    def add_evaluation(self, evaluation: Evaluation) -> Evaluation:
+        self._write(evaluation)
+        return evaluation
+
+    def evaluations(self, run_id: str | None = None, kind: str | None = None) -> list[Evaluation]:
+        with self.session() as s:
+            q = select(Evaluation)
+            if run_id is not None:
+                q = q.where(Evaluation.run_id == run_id)
+            if kind is not None:
+                q = q.where(Evaluation.kind == kind)
+            return list(s.exec(q.order_by(Evaluation.id)).all())  # type: ignore[arg-type]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_to_dict(run: Run) -> dict[str, Any]:
+    data = json.loads(run.model_dump_json())
+    return data

@@ -1,0 +1,153 @@
+"""One epoch of joint training of a set, and the per-epoch measurements.
+
+All randomness of an epoch (batch order, augmentation, which models are sampled for the
+transfer terms) comes from a generator seeded by (seed, epoch), so a run resumed from the end of
+epoch e replays epoch e+1 exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deflect.config import TrainConfig
+from deflect.data import ImageTensorDataset
+from deflect.train.losses import ActiveTerms, LossParts, disjoint_loss
+
+LOSS_KEYS = ("total", "class", "angle", "transfer1", "transfer2")
+
+
+@dataclass
+class BatchEvent:
+    """What a progress display needs after each batch."""
+
+    epoch: int
+    epochs: int
+    batch: int
+    batches: int
+    images_per_s: float
+    losses: dict[str, float]
+
+
+@dataclass
+class EpochStats:
+    losses: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_KEYS, 0.0))
+    seconds: float = 0.0
+    lr: float = 0.0
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked; a no-op elsewhere (fp16 would wreck tanh(2e4·g))."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with 4-pixel zero padding and random horizontal flip (CIFAR-10 recipe)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dx = torch.randint(0, 9, (b,), generator=gen)
+    dy = torch.randint(0, 9, (b,), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5
+    rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).to(x.device)
+    cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).to(x.device)
+    batch_idx = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    chan_idx = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    out = padded[batch_idx, chan_idx, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    return torch.where(flip.to(x.device).view(b, 1, 1, 1), out.flip(-1), out)
+
+
+def train_epoch(
+    models: Sequence[nn.Module],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data: ImageTensorDataset,
+    cfg: TrainConfig,
+    epoch: int,
+    device: torch.device,
+    on_batch: Callable[[BatchEvent], None] | None = None,
+) -> EpochStats:
+    """Train every model of the set for one epoch on the joint loss of Eq. 5."""
+    gen = epoch_generator(cfg.seed, epoch)
+    active = ActiveTerms.for_epoch(cfg, epoch)
+    k = cfg.pair_sample_size()
+    order = torch.randperm(len(data), generator=gen)
+    batches = len(order) // cfg.batch_size  # drop the ragged last batch (BN needs >1 sample)
+    for m in models:
+        m.train()
+    stats = EpochStats()
+    start = time.perf_counter()
+    for b in range(batches):
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        x, y = data.batch(idx)
+        if cfg.augment:
+            x = augment(x, gen)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sample = torch.randperm(len(models), generator=gen)[:k].sort().values.tolist()
+        with autocast(device, cfg.bf16):
+            parts: LossParts = disjoint_loss(models, x, y, cfg, active, sample)
+        optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        optimizer.step()
+        stats.lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        values = parts.as_floats()
+        for key in LOSS_KEYS:
+            stats.losses[key] += values[key] / batches
+        if on_batch is not None:
+            elapsed = time.perf_counter() - start
+            on_batch(
+                BatchEvent(epoch, cfg.epochs, b + 1, batches, (b + 1) * len(idx) / max(elapsed, 1e-9), values)
+            )
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+@torch.no_grad()
+def clean_accuracy(
+    models: Sequence[nn.Module], data: ImageTensorDataset, device: torch.device, batch_size: int = 512
+) -> list[float]:
+    """Clean accuracy (%) of each model, in eval mode."""
+    correct = [0] * len(models)
+    for m in models:
+        m.eval()
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        x, y = data.batch(idx)
+        x, y = x.to(device), y.to(device)
+        for i, m in enumerate(models):
+            correct[i] += int((m(x).argmax(1) == y).sum())
+    return [100.0 * c / max(len(data), 1) for c in correct]
+
+
+def validation_loss(
+    models: Sequence[nn.Module], data: ImageTensorDataset, cfg: TrainConfig, device: torch.device, batch_size: int
+) -> float:
+    """Eq. 5 on the validation split in eval mode, with every configured term on.
+
+    The released code keeps the checkpoint of lowest validation total loss; using all terms
+    every epoch (rather than that epoch's schedule) keeps the numbers comparable across epochs.
+    """
+    active = ActiveTerms.all_enabled(cfg)
+    for m in models:
+        m.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data) - 1, batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        x, y = data.batch(idx)
+        x, y = x.to(device), y.to(device)
+        parts = disjoint_loss(models, x, y, cfg, active)
+        total += float(parts.total.detach()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)

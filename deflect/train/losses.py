@@ -1,0 +1,162 @@
+"""The paper's loss terms (Eqs. 1-5), written as the released code computes them.
+
+Faithfulness notes (each differs from the paper's text, and the code produced its tables):
+- input gradients g_j are those of the batch-mean cross-entropy and are *not* detached, so the
+  transfer terms back-propagate into model j through a second-order path (double backprop);
+- the angular term is the cosine normalised per (sample, channel) over H×W, averaged, plus 1:
+  it pushes the cosine towards -1 rather than towards 0;
+- the transfer terms clamp at zero *after* the batch mean, do not clamp x+δ to [0,1], and
+  subtract model i's clean loss without detaching it;
+- tanh(2e4·g) is the soft sign of Eq. 4.
+Each term is averaged over the model pairs it covers (§5.1).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deflect.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class ActiveTerms:
+    """Which optional terms are switched on for the current epoch."""
+
+    angle: bool = False
+    transfer1: bool = False
+    transfer2: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.angle or self.transfer1 or self.transfer2
+
+    @classmethod
+    def for_epoch(cls, cfg: TrainConfig, epoch: int) -> ActiveTerms:
+        if cfg.method != "disjoint":
+            return cls()
+        return cls(
+            angle=cfg.w_angle > 0 and cfg.angle_window.active(epoch),
+            transfer1=cfg.w_transfer1 > 0 and cfg.transfer1_window.active(epoch),
+            transfer2=cfg.w_transfer2 > 0 and cfg.transfer2_window.active(epoch),
+        )
+
+    @classmethod
+    def all_enabled(cls, cfg: TrainConfig) -> ActiveTerms:
+        """Every term the configuration uses at some epoch (a fixed validation objective)."""
+        if cfg.method != "disjoint":
+            return cls()
+        return cls(angle=cfg.w_angle > 0, transfer1=cfg.w_transfer1 > 0, transfer2=cfg.w_transfer2 > 0)
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    classification: torch.Tensor
+    angle: torch.Tensor
+    transfer1: torch.Tensor
+    transfer2: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {
+            "total": float(self.total.detach()),
+            "class": float(self.classification.detach()),
+            "angle": float(self.angle.detach()),
+            "transfer1": float(self.transfer1.detach()),
+            "transfer2": float(self.transfer2.detach()),
+        }
+
+
+def input_gradients(
+    models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, create_graph: bool = True
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Cross-entropy L_i(x, y) of every model and its input gradient ∇x L_i, in one autograd call.
+
+    Each model reads its own leaf copy of x, so one `grad` of the summed losses returns every
+    model's gradient at once (the models share no parameters).
+    """
+    n = len(models)
+    xs = x.detach().unsqueeze(0).expand(n, *x.shape).clone().requires_grad_(True)
+    losses = [F.cross_entropy(m(xs[i]), y) for i, m in enumerate(models)]
+    (grads,) = torch.autograd.grad(torch.stack(losses).sum(), xs, create_graph=create_graph)
+    return losses, list(grads.unbind(0))
+
+
+def angular_loss(grads: Sequence[torch.Tensor], mode: str = "channel") -> torch.Tensor:
+    """Mean pairwise cosine of input gradients plus 1 (Eq. 2 as the code computes it).
+
+    `mode="channel"` normalises per (sample, channel) over H×W and averages the cosines over
+    samples and channels (released code); `mode="sample"` uses one cosine per sample (Eq. 2).
+    """
+    start = 2 if mode == "channel" else 1
+    normed = [F.normalize(g.flatten(start), dim=-1) for g in grads]
+    cosines = [(normed[i] * normed[j]).sum(-1).mean() for i, j in itertools.combinations(range(len(normed)), 2)]
+    return torch.stack(cosines).mean() + 1.0
+
+
+def loss_increase(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor, delta: torch.Tensor
+) -> torch.Tensor:
+    """max(L_i(x+δ, y) − L_i(x, y), 0), the clamp applied after the batch mean (Eqs. 3-4)."""
+    return torch.clamp(F.cross_entropy(model(x + delta), y) - clean_loss, min=0.0)
+
+
+def disjoint_loss(
+    models: Sequence[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    active: ActiveTerms,
+    sample: Sequence[int] | None = None,
+) -> LossParts:
+    """Eq. 5: w1·L_class + w2·L_angle + w3·L_transfer1 + w4·L_transfer2.
+
+    `sample` lists the models whose ordered pairs enter the transfer terms (all when None);
+    classification and the angular term always cover every model, as in main_sample.py.
+    This is the plain per-pair reference: one forward per (i, j, term).
+    """
+    n = len(models)
+    sample = list(range(n)) if sample is None else list(sample)
+    zero = x.new_zeros(())
+    transfer = active.transfer1 or active.transfer2
+    graph_models = set(range(n)) if active.angle else (set(sample) if transfer else set())
+
+    losses: list[torch.Tensor | None] = [None] * n
+    grads: list[torch.Tensor | None] = [None] * n
+    order = sorted(graph_models)
+    if order:
+        ls, gs = input_gradients([models[i] for i in order], x, y, create_graph=True)
+        for k, i in enumerate(order):
+            losses[i], grads[i] = ls[k], gs[k]
+    for i in range(n):
+        if losses[i] is None:
+            losses[i] = F.cross_entropy(models[i](x), y)
+    ce = torch.stack(losses)  # type: ignore[arg-type]
+    classification = ce.sum() if cfg.class_reduction == "sum" else ce.mean()
+
+    angle = angular_loss([grads[i] for i in range(n)], cfg.cosine) if active.angle else zero
+    t1_terms: list[torch.Tensor] = []
+    t2_terms: list[torch.Tensor] = []
+    scale = x.shape[0] if cfg.eps1_per_sample else 1.0
+    for i, j in itertools.permutations(sample if transfer else [], 2):
+        g_j = grads[j]
+        assert g_j is not None and losses[i] is not None
+        if active.transfer1:
+            t1_terms.append(loss_increase(models[i], x, y, losses[i], cfg.eps1 * scale * g_j))
+        if active.transfer2:
+            delta = cfg.eps2 * torch.tanh(cfg.tanh_scale * g_j)
+            t2_terms.append(loss_increase(models[i], x, y, losses[i], delta))
+    transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero
+    transfer2 = torch.stack(t2_terms).mean() if t2_terms else zero
+    total = (
+        cfg.w_class * classification
+        + cfg.w_angle * angle
+        + cfg.w_transfer1 * transfer1
+        + cfg.w_transfer2 * transfer2
+    )
+    return LossParts(total, classification, angle, transfer1, transfer2)

@@ -1,0 +1,266 @@
+"""A training run end to end: data, models, optimiser, epochs, checkpoints and database rows.
+
+Crash safety: each epoch writes the selected model files, then the resume state, then the
+database rows. A run killed at any point resumes from the last epoch whose state file exists,
+and because every epoch's randomness is seeded by (seed, epoch), the resumed run ends with the
+same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deflect.checkpoint import (
+    load_tensors,
+    read_json,
+    save_models,
+    save_tensors,
+    update_manifest,
+    write_json,
+)
+from deflect.config import TrainConfig
+from deflect.data import ImageTensorDataset, dataset_info, load_dataset
+from deflect.errors import DeflectError
+from deflect.models import build_model
+from deflect.runtime import fast_cpu_math
+from deflect.store import EpochMetric, Run, Store
+from deflect.train.disjoint import BatchEvent, clean_accuracy, train_epoch, validation_loss
+
+STATE_FILE = "state.safetensors"
+STATE_JSON = "state.json"
+CONFIG_JSON = "config.json"
+
+
+@dataclass
+class Callbacks:
+    """Hooks a front end (Rich progress, Textual) uses to show a run as it trains."""
+
+    on_start: Callable[[Run, int], None] | None = None  # (run, first epoch)
+    on_batch: Callable[[BatchEvent], None] | None = None
+    on_epoch: Callable[[EpochMetric], None] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeflectError("--device cuda was asked for but no CUDA device is available")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise DeflectError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def build_set(cfg: TrainConfig) -> list[nn.Module]:
+    """n freshly initialised models, model i seeded with (seed, i), global RNG left untouched."""
+    info = dataset_info(cfg.dataset)
+    models = []
+    with torch.random.fork_rng(devices=[]):
+        for i in range(cfg.n):
+            torch.manual_seed(cfg.seed * 1000 + i)
+            models.append(build_model(cfg.arch, info, cfg.normalize, cfg.width))
+    return models
+
+
+def new_run_id(cfg: TrainConfig) -> str:
+    return f"{cfg.dataset}-{cfg.method}-n{cfg.n}-{secrets.token_hex(3)}"
+
+
+def _git_hash() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _load_splits(cfg: TrainConfig) -> tuple[ImageTensorDataset, ImageTensorDataset, ImageTensorDataset]:
+    train = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download)
+    if cfg.train_limit is not None and cfg.train_limit < len(train):
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+        train = train.subset(idx[: cfg.train_limit].sort().values)
+    val = load_dataset(cfg.dataset, "val", cfg.data_dir, cfg.download)
+    test = load_dataset(cfg.dataset, "test", cfg.data_dir, cfg.download)
+    return train, val, test
+
+
+def _optimizer(models: Sequence[nn.Module], cfg: TrainConfig, steps: int) -> tuple[Any, Any]:
+    """One SGD over every model's parameters and a per-batch cyclic LR 0 → peak → 0."""
+    params = [p for m in models for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=cfg.lr_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    up = max(1, steps // 2)
+    sched = torch.optim.lr_scheduler.CyclicLR(
+        opt,
+        base_lr=0.0,
+        max_lr=cfg.lr_max,
+        step_size_up=up,
+        step_size_down=max(1, steps - up),
+        cycle_momentum=cfg.cycle_momentum,
+        base_momentum=cfg.base_momentum,
+        max_momentum=cfg.momentum,
+    )
+    return opt, sched
+
+
+def _state_tensors(models: Sequence[nn.Module], opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{i}.{k}": v for i, m in enumerate(models) for k, v in m.state_dict().items()}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for k, p in enumerate(params):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"optim.{k}.momentum_buffer"] = buf
+    return tensors
+
+
+def _restore_state(
+    models: Sequence[nn.Module], opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], device: torch.device
+) -> None:
+    for i, m in enumerate(models):
+        prefix = f"model.{i}."
+        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for k, p in enumerate(params):
+        buf = tensors.get(f"optim.{k}.momentum_buffer")
+        if buf is not None:
+            opt.state[p]["momentum_buffer"] = buf.to(device)
+
+
+def _jsonable(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if _is_json(v)}
+
+
+def _is_json(v: Any) -> bool:
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def train(
+    cfg: TrainConfig | None = None,
+    store: Store | None = None,
+    callbacks: Callbacks | None = None,
+    resume: str | None = None,
+) -> str:
+    """Train a set (or resume run `resume`) and return its run id."""
+    store = store or Store()
+    callbacks = callbacks or Callbacks()
+    state: dict[str, Any] | None = None
+    if resume is not None:
+        run = store.get_run(resume)
+        if run.status == "finished":
+            raise DeflectError(f"run {run.id} already finished; nothing to resume")
+        cfg = TrainConfig.from_dict(run.config)
+        run_dir = Path(run.run_dir)
+        if (run_dir / STATE_JSON).exists():
+            state = read_json(run_dir / STATE_JSON)
+    elif cfg is None:
+        raise DeflectError("train() needs a TrainConfig or a run to resume")
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    fast_cpu_math()
+    train_set, val_set, test_set = _load_splits(cfg)
+
+    if resume is None:
+        run_id = new_run_id(cfg)
+        run_dir = store.runs_root / run_id
+        run_dir.mkdir(parents=True, exist_ok=False)
+        write_json(run_dir / CONFIG_JSON, json.loads(cfg.to_json()))
+        run = store.add_run(
+            Run(
+                id=run_id, method=cfg.method, dataset=cfg.dataset, arch=cfg.arch, preset=cfg.preset,
+                n=cfg.n, config=json.loads(cfg.to_json()), device=str(device), git_hash=_git_hash(),
+                run_dir=str(run_dir.resolve()), epochs_total=cfg.epochs,
+            )
+        )
+    else:
+        run = store.update_run(
+            run.id, status="running", message=None, device=str(device), pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+
+    models = [m.to(device) for m in build_set(cfg)]
+    batches = (len(train_set) // cfg.batch_size)
+    opt, sched = _optimizer(models, cfg, cfg.epochs * batches)
+    first_epoch, best_val, best_epoch, seconds = 1, math.inf, None, 0.0
+    if state is not None:
+        digests = store.checkpoint_digests(run.id)
+        tensors = load_tensors(run_dir / STATE_FILE, digests.get(STATE_FILE))
+        _restore_state(models, opt, tensors, device)
+        sched.load_state_dict(state["scheduler"])
+        for group, saved in zip(opt.param_groups, state["param_groups"], strict=True):
+            group.update(saved)
+        first_epoch = state["epoch"] + 1
+        best_val, best_epoch, seconds = state["best_val"], state["best_epoch"], state["seconds"]
+
+    if callbacks.on_start:
+        callbacks.on_start(run, first_epoch)
+    eval_bs = max(cfg.batch_size, 256)
+    try:
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            stats = train_epoch(models, opt, sched, train_set, cfg, epoch, device, callbacks.on_batch)
+            t0 = time.perf_counter()
+            accs = clean_accuracy(models, test_set, device, eval_bs)
+            val = validation_loss(models, val_set, cfg, device, eval_bs)
+            seconds += stats.seconds + (time.perf_counter() - t0)
+            digests: dict[str, str] = {}
+            if cfg.select == "last" or val < best_val or best_epoch is None:
+                best_val, best_epoch = val, epoch
+                digests.update(save_models(run_dir, list(models), {"run": run.id, "epoch": epoch}))
+            digests[STATE_FILE] = save_tensors(run_dir / STATE_FILE, _state_tensors(models, opt), {"epoch": epoch})
+            write_json(
+                run_dir / STATE_JSON,
+                {
+                    "epoch": epoch,
+                    "scheduler": _jsonable(sched.state_dict()),
+                    "param_groups": [
+                        _jsonable({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups
+                    ],
+                    "best_val": best_val,
+                    "best_epoch": best_epoch,
+                    "seconds": seconds,
+                },
+            )
+            update_manifest(run_dir, digests)
+            store.add_checkpoints(run.id, epoch, digests, run_dir)
+            metric = EpochMetric(
+                run_id=run.id, epoch=epoch, loss_total=stats.losses["total"], loss_class=stats.losses["class"],
+                loss_angle=stats.losses["angle"], loss_transfer1=stats.losses["transfer1"],
+                loss_transfer2=stats.losses["transfer2"], val_loss=val, clean_acc=accs, lr=stats.lr,
+                seconds=stats.seconds,
+            )
+            store.add_epoch(metric)
+            store.update_run(run.id, epochs_done=epoch, seconds=seconds, best_epoch=best_epoch)
+            if callbacks.on_epoch:
+                callbacks.on_epoch(metric)
+    except KeyboardInterrupt:
+        store.update_run(run.id, status="interrupted", message="stopped by the user (Ctrl-C)")
+        raise
+    except Exception as exc:
+        message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+        store.update_run(run.id, status="failed", message=message)
+        raise
+    best = next((m for m in store.epochs(run.id) if m.epoch == best_epoch), None)
+    store.update_run(
+        run.id, status="finished", clean_acc=best.clean_acc if best else None, best_epoch=best_epoch, seconds=seconds
+    )
+    return run.id

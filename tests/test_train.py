@@ -1,0 +1,112 @@
+"""Training runs: database rows per epoch, checkpoints, resume equivalence, accuracy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deflect
+from deflect.checkpoint import model_file
+from deflect.config import make_config
+from deflect.errors import DeflectError
+from deflect.store import Store
+from deflect.train import Callbacks, train
+from tests.conftest import tiny_config
+
+
+def test_run_writes_rows_per_epoch_and_reloads(store: Store) -> None:
+    cfg = tiny_config(n=3, epochs=3)
+    run_id = train(cfg, store)
+    run = store.get_run(run_id)
+    assert run.status == "finished" and run.epochs_done == 3 and run.n == 3
+    epochs = store.epochs(run_id)
+    assert [m.epoch for m in epochs] == [1, 2, 3]
+    for m in epochs:
+        assert len(m.clean_acc) == 3 and all(0 <= a <= 100 for a in m.clean_acc)
+        assert m.loss_total > 0 and m.val_loss > 0
+    # Schedule of the digits preset: angle in epochs 1-2, transfer terms from epoch 2.
+    assert epochs[0].loss_angle > 0 and epochs[0].loss_transfer1 == 0 and epochs[2].loss_angle == 0
+    assert epochs[1].loss_transfer2 > 0
+    assert store.checkpoint_digests(run_id).keys() >= {"model_0.safetensors", "state.safetensors"}
+
+    models = deflect.load_set(run_id, store)
+    assert len(models) == 3 and all(not m.training for m in models)
+    test = deflect.load_dataset("digits", "test")
+    x, y = test.batch(torch.arange(len(test)))
+    with torch.no_grad():
+        accs = [100 * (m(x).argmax(1) == y).float().mean().item() for m in models]
+    best = next(m for m in epochs if m.epoch == run.best_epoch)
+    assert accs == pytest.approx(best.clean_acc, abs=1e-3)
+    # A run directory loads without the database, through its manifest.
+    assert len(deflect.load_set(run.run_dir)) == 3
+
+
+def test_resume_equals_uninterrupted_run(store: Store) -> None:
+    cfg = tiny_config(epochs=3)
+    full = train(cfg, store)
+
+    def stop_after_first(metric: object) -> None:
+        if metric.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, store, Callbacks(on_epoch=stop_after_first))
+    interrupted = store.list_runs()[-1]
+    assert interrupted.status == "interrupted" and interrupted.epochs_done == 1
+    resumed = train(store=store, resume=interrupted.id)
+    assert resumed == interrupted.id and store.get_run(resumed).status == "finished"
+    assert [m.epoch for m in store.epochs(resumed)] == [1, 2, 3]
+    for a, b in zip(deflect.load_set(full, store), deflect.load_set(resumed, store), strict=True):
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert ka == kb and torch.equal(va, vb), ka
+    with pytest.raises(DeflectError, match="already finished"):
+        train(store=store, resume=resumed)
+
+
+def test_tampered_checkpoint_is_refused(store: Store) -> None:
+    run_id = train(tiny_config(epochs=1), store)
+    path = model_file(__import__("pathlib").Path(store.get_run(run_id).run_dir), 0)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DeflectError, match="sha256"):
+        deflect.load_set(run_id, store)
+
+
+def test_sampling_and_independent_method(store: Store) -> None:
+    cfg = tiny_config(n=5, epochs=1)
+    assert cfg.pair_sample_size() == 3
+    ind = make_config(n=2, method="independent", epochs=1, train_limit=256, width=8)
+    run_id = train(ind, store)
+    metric = store.epochs(run_id)[0]
+    assert metric.loss_angle == metric.loss_transfer1 == metric.loss_transfer2 == 0.0
+
+
+def test_digits_default_recipe_is_accurate(store: Store) -> None:
+    """`deflect train --n 3 --dataset digits` (default preset): every model ≥ 90% clean."""
+    run_id = train(make_config(n=3, dataset="digits"), store)
+    run = store.get_run(run_id)
+    assert run.status == "finished"
+    assert min(run.clean_acc) >= 90.0, run.clean_acc
+
+
+def test_bad_config_values() -> None:
+    with pytest.raises(DeflectError, match="at least 2"):
+        make_config(n=1)
+    with pytest.raises(DeflectError, match="unknown dataset"):
+        make_config(dataset="imagenet")
+    with pytest.raises(DeflectError, match="unknown preset"):
+        make_config(preset="nope")
+    with pytest.raises(DeflectError, match="non-negative"):
+        make_config(eps2=-1.0)
+
+
+def test_paper_preset_follows_released_code() -> None:
+    c3 = make_config(n=3, dataset="cifar10")
+    assert (c3.arch, c3.batch_size, c3.epochs, c3.lr_max, c3.class_reduction) == (
+        "preact-resnet18", 120, 75, 0.2, "mean")
+    assert (c3.w_angle, c3.w_transfer1, c3.w_transfer2, c3.eps1) == (0.4, 0.5, 0.4, 6.0)
+    assert c3.transfer1_window.first == 2 and c3.transfer2_window.first == 3 and c3.angle_window.last == 4
+    c8 = make_config(n=8, dataset="cifar10")
+    assert (c8.batch_size, c8.epochs, c8.lr_max, c8.w_transfer1, c8.pair_sample_size()) == (75, 130, 0.1, 0.8, 3)
+    assert not c8.normalize and c8.augment
