@@ -220,6 +220,7 @@ def evaluate(
     steps: Annotated[int | None, typer.Option(help="Override the number of steps/iterations.")] = None,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the subset and the attacks' randomness.")] = 0,
+    split: Annotated[str, typer.Option(help="test, or val to choose settings without touching test.")] = "test",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -243,7 +244,7 @@ def evaluate(
     names = parse_attacks(attack, all_attacks) if (attack or all_attacks or not (eps_sweep or tsne)) else []
     overrides = {"eps": eps, "alpha": alpha, "steps": steps}
     store = open_store(db)
-    ev = RunEvaluator(store, run, limit=limit, batch_size=batch_size, seed=seed, device=device)
+    ev = RunEvaluator(store, run, limit=limit, batch_size=batch_size, seed=seed, device=device, split=split)
     if ensemble is not None and not 1 <= ensemble <= ev.run.n:
         fail(f"--ensemble must be between 1 and the set size {ev.run.n}, got {ensemble}")
     out = Console()
@@ -296,7 +297,7 @@ def evaluate(
             if not as_json:
                 progress.console.print(f"gradient t-SNE: {path} (silhouette by model {row.extra['separation']:.2f})")
     if as_json:
-        typer.echo(json.dumps({"run": ev.run.id, "evaluations": payload}))
+        typer.echo(json.dumps({"run": ev.run.id, "split": split, "evaluations": payload}))
     else:
         out.print(f"stored {len(payload)} evaluation(s) for {ev.run.id}; figures in {Path(ev.run.run_dir) / 'figures'}")
 

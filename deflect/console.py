@@ -64,7 +64,12 @@ def format_losses(event: BatchEvent) -> str:
 def runs_table(runs: Sequence[Run], best_blackbox: dict[str, float]) -> Table:
     table = Table(title="deflect runs", header_style="bold")
     for col in ("run", "method", "dataset", "arch", "n", "status", "epoch", "clean %", "best BB %", "created"):
-        table.add_column(col, justify="right" if col in ("n", "epoch", "clean %", "best BB %") else "left")
+        table.add_column(
+            col,
+            justify="right" if col in ("n", "epoch", "clean %", "best BB %") else "left",
+            no_wrap=col in ("run", "status"),
+            overflow="fold",
+        )
     colours = {"finished": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}
     for run in runs:
         clean = f"{sum(run.clean_acc) / len(run.clean_acc):.1f}" if run.clean_acc else "-"
@@ -73,7 +78,7 @@ def runs_table(runs: Sequence[Run], best_blackbox: dict[str, float]) -> Table:
             run.id, run.method, run.dataset, run.arch, str(run.n),
             f"[{colours.get(run.status, 'white')}]{run.status}[/]",
             f"{run.epochs_done}/{run.epochs_total}", clean, f"{bb:.1f}" if bb is not None else "-",
-            run.created.strftime("%Y-%m-%d %H:%M"),
+            run.created.strftime("%m-%d %H:%M"),
         )
     return table
 

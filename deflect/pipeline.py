@@ -49,11 +49,12 @@ def figures_dir(run: Run) -> Path:
 
 
 def store_transfer(store: Store, run: Run, res: TransferResult, kind: str = "transfer",
-                   extra: dict[str, Any] | None = None) -> Evaluation:
+                   extra: dict[str, Any] | None = None, split: str = "test") -> Evaluation:
     s = res.summary()
     return store.add_evaluation(
         Evaluation(
-            run_id=run.id, kind=kind, attack=res.attack, params=res.params, matrix=res.matrix,
+            run_id=run.id, kind=kind, attack=res.attack, params={**res.params, "split": split},
+            matrix=res.matrix,
             success=res.success, clean_acc=res.clean, blackbox_mean=s["blackbox_mean"],
             blackbox_std=s["blackbox_std"], whole_set_mean=s["whole_set_mean"],
             whitebox_mean=s["whitebox_mean"], success_rate=s["success_rate"],
@@ -67,7 +68,7 @@ class RunEvaluator:
     """Loads a run's models and test data once, then runs and stores evaluations on them."""
 
     def __init__(self, store: Store, run_ref: str, *, limit: int | None = None, batch_size: int = 256,
-                 seed: int = 0, device: str = "auto") -> None:
+                 seed: int = 0, device: str = "auto", split: str = "test") -> None:
         self.store = store
         self.run = store.get_run(run_ref)
         if not self.run.epochs_done:
@@ -76,7 +77,10 @@ class RunEvaluator:
         self.models = [m.to(self.device) for m in load_set(self.run.id, store)]
         cfg = self.run.config
         self.dataset = self.run.dataset
-        self.test = load_dataset(self.dataset, "test", cfg.get("data_dir"), False)
+        if split not in ("test", "val"):
+            raise DeflectError(f"unknown split {split!r}; evaluate on 'test' or 'val' (for choosing settings)")
+        self.split = split
+        self.test = load_dataset(self.dataset, split, cfg.get("data_dir"), False)
         self.kw = dict(dataset=self.dataset, batch_size=batch_size, limit=limit, seed=seed, device=self.device)
 
     def attack(self, name: str, **overrides: Any) -> Any:
@@ -86,7 +90,7 @@ class RunEvaluator:
                  progress: Progress | None = None) -> tuple[TransferResult, Evaluation]:
         res = transfer_matrix(self.models, self.test, self.attack(name, **(overrides or {})),
                               progress=progress, **self.kw)
-        ev = store_transfer(self.store, self.run, res)
+        ev = store_transfer(self.store, self.run, res, split=self.split)
         heatmap_png(res.matrix, figures_dir(self.run) / f"transfer-{name}.png",
                     f"{self.run.id}: {name} (accuracy %)")
         return res, ev
@@ -99,7 +103,7 @@ class RunEvaluator:
         s = res.summary()
         ev = self.store.add_evaluation(
             Evaluation(
-                run_id=self.run.id, kind="ensemble", attack=name, params={**res.params, "m": m},
+                run_id=self.run.id, kind="ensemble", attack=name, params={**res.params, "m": m, "split": self.split},
                 matrix=res.matrix, clean_acc=res.clean, whole_set_mean=s["mean_all"],
                 n_examples=res.n_examples, seconds=res.seconds,
                 extra={"m": m, "row_labels": labels, "mean_unowned": s["mean_unowned"],
@@ -118,7 +122,8 @@ class RunEvaluator:
         whole = [r.whole_set_mean for r in results]
         ev = self.store.add_evaluation(
             Evaluation(
-                run_id=self.run.id, kind="eps-sweep", attack="pgd-sweep", params={"steps": steps, "eps": eps},
+                run_id=self.run.id, kind="eps-sweep", attack="pgd-sweep",
+                params={"steps": steps, "eps": eps, "split": self.split},
                 matrix=[[e, b, w] for e, b, w in zip(eps, bb, whole, strict=True)],
                 n_examples=results[0].n_examples if results else 0,
                 seconds=sum(r.seconds for r in results),
@@ -138,7 +143,8 @@ class RunEvaluator:
         centroids = np.stack([points[owners == k].mean(0) for k in np.unique(owners)])
         ev = self.store.add_evaluation(
             Evaluation(
-                run_id=self.run.id, kind="tsne", attack="gradient-sign", params={"n_images": n_images},
+                run_id=self.run.id, kind="tsne", attack="gradient-sign",
+                params={"n_images": n_images, "split": self.split},
                 n_examples=int(len(points) // max(len(centroids), 1)), seconds=time.perf_counter() - start,
                 extra={"png": str(path), "separation": _separation(points, owners),
                        "centroids": centroids.tolist()},

@@ -95,10 +95,13 @@ def _fmt(v: float | None, std: float | None = None) -> str:
     return f"{v:.1f}" if std is None or math.isnan(std) else f"{v:.1f}±{std:.1f}"
 
 
-def latest_per_attack(evals: Sequence[Evaluation], kind: str = "transfer") -> dict[str, Evaluation]:
+def latest_per_attack(
+    evals: Sequence[Evaluation], kind: str = "transfer", split: str = "test"
+) -> dict[str, Evaluation]:
+    """The newest evaluation of each attack on `split` (reported tables use the test split only)."""
     out: dict[str, Evaluation] = {}
     for ev in evals:
-        if ev.kind == kind:
+        if ev.kind == kind and ev.params.get("split", "test") == split:
             out[ev.attack] = ev
     return out
 

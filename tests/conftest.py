@@ -31,3 +31,15 @@ def tiny_config(**overrides: object) -> TrainConfig:
     values.update(overrides)
     n = int(values.pop("n", 2))  # type: ignore[arg-type]
     return make_config(n=n, dataset="digits", **values)
+
+
+@pytest.fixture(scope="session")
+def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, dict[str, str]]:
+    """The default digits recipe (`deflect train --n 3`), disjoint and independent, trained once."""
+    from deflect.train import train
+
+    root = tmp_path_factory.mktemp("digits-runs")
+    store = Store(root / "deflect.db")
+    ids = {method: train(make_config(n=3, dataset="digits", method=method), store)
+           for method in ("disjoint", "independent")}
+    return store, ids

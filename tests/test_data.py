@@ -65,3 +65,14 @@ def test_models_normalise_inside() -> None:
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(raw.normalize(x), x)
     assert raw(x).shape == (2, 10)
+
+
+def test_debian_fashion_mnist_when_installed() -> None:
+    from deflect.data import DEBIAN_FASHION_MNIST
+
+    if not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    test = load_dataset("fashion-mnist", "test")
+    assert len(test) == 10_000 and test.images.shape == (10_000, 1, 28, 28)
+    assert sorted(torch.bincount(test.labels).tolist()) == [1000] * 10
+    assert len(load_dataset("fashion-mnist", "train")) + len(load_dataset("fashion-mnist", "val")) == 60_000

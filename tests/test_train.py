@@ -82,12 +82,13 @@ def test_sampling_and_independent_method(store: Store) -> None:
     assert metric.loss_angle == metric.loss_transfer1 == metric.loss_transfer2 == 0.0
 
 
-def test_digits_default_recipe_is_accurate(store: Store) -> None:
+def test_digits_default_recipe_is_accurate(digits_runs: tuple[Store, dict[str, str]]) -> None:
     """`deflect train --n 3 --dataset digits` (default preset): every model ≥ 90% clean."""
-    run_id = train(make_config(n=3, dataset="digits"), store)
-    run = store.get_run(run_id)
-    assert run.status == "finished"
-    assert min(run.clean_acc) >= 90.0, run.clean_acc
+    store, ids = digits_runs
+    for run_id in ids.values():
+        run = store.get_run(run_id)
+        assert run.status == "finished" and run.epochs_done == run.epochs_total == 12
+        assert min(run.clean_acc) >= 90.0, run.clean_acc
 
 
 def test_bad_config_values() -> None:
@@ -110,3 +111,33 @@ def test_paper_preset_follows_released_code() -> None:
     c8 = make_config(n=8, dataset="cifar10")
     assert (c8.batch_size, c8.epochs, c8.lr_max, c8.w_transfer1, c8.pair_sample_size()) == (75, 130, 0.1, 0.8, 3)
     assert not c8.normalize and c8.augment
+
+
+def test_paper_cifar10_preset_trains_on_synthetic_data(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Smoke run of the paper's recipe (PreAct ResNet18, raw inputs, augmentation) on fake CIFAR-10."""
+    from deflect import data as data_mod
+
+    gen = torch.Generator().manual_seed(0)
+    fake = {
+        True: ((torch.rand(40, 3, 32, 32, generator=gen) * 255).to(torch.uint8), torch.arange(40) % 10),
+        False: ((torch.rand(8, 3, 32, 32, generator=gen) * 255).to(torch.uint8), torch.arange(8) % 10),
+    }
+    monkeypatch.setattr(data_mod, "_torchvision", lambda name, train, data_dir, download: fake[train])
+    cfg = make_config(n=3, dataset="cifar10", epochs=1, batch_size=4, train_limit=8)
+    assert cfg.arch == "preact-resnet18" and cfg.augment and not cfg.normalize
+    run_id = train(cfg, store)
+    run = store.get_run(run_id)
+    assert run.status == "finished" and len(run.clean_acc) == 3
+    models = deflect.load_set(run_id, store)
+    assert models[0](torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_augment_keeps_shape_and_pixels() -> None:
+    from deflect.train.disjoint import augment
+
+    x = torch.rand(6, 3, 8, 8)
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    # Every output is a shifted (and maybe mirrored) copy: its non-zero pixels come from x.
+    values = set(x.flatten().tolist()) | {0.0}
+    assert set(out.flatten().tolist()) <= values

@@ -1,0 +1,150 @@
+"""Transfer matrices, ensembles, sweeps and t-SNE: values checked against direct computations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import deflect
+from deflect.attacks import make_attack
+from deflect.cli import app
+from deflect.data import ImageTensorDataset
+from deflect.evaluate import (
+    ensemble_matrix,
+    eps_sweep,
+    gradient_tsne,
+    model_subsets,
+    select_subset,
+    transfer_matrix,
+)
+from deflect.store import Store
+from deflect.train import train
+from tests.conftest import tiny_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[torch.nn.Module], ImageTensorDataset]:
+    store = Store(tmp_path_factory.mktemp("small") / "deflect.db")
+    run_id = train(tiny_config(n=3, epochs=3, train_limit=640), store)
+    test = select_subset(deflect.load_dataset("digits", "test"), 96)
+    return deflect.load_set(run_id, store), test
+
+
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_matrix_shape_diagonal_and_summaries(small_set) -> None:
+    models, test = small_set
+    attack = make_attack("fgsm", "digits")
+    res = transfer_matrix(models, test, attack, batch_size=40)
+    m = np.array(res.matrix)
+    assert m.shape == (3, 3) and res.n_examples == 96
+    x, y = test.batch(torch.arange(len(test)))
+    for i, model in enumerate(models):
+        assert res.clean[i] == pytest.approx(_accuracy(model, x, y), abs=1e-4)
+        x_adv = attack(model, x, y)  # a separate white-box run on the same images
+        assert m[i, i] == pytest.approx(_accuracy(model, x_adv, y), abs=1e-4)
+        assert m[i, (i + 1) % 3] == pytest.approx(_accuracy(models[(i + 1) % 3], x_adv, y), abs=1e-4)
+    off = m[~np.eye(3, dtype=bool)]
+    assert res.blackbox_mean == pytest.approx(off.mean()) and res.blackbox_std == pytest.approx(off.std())
+    assert res.whole_set_mean == pytest.approx(m.mean()) and res.whitebox_mean == pytest.approx(np.diag(m).mean())
+    # Success rate: share of correctly classified clean images that the attack flips.
+    with torch.no_grad():
+        clean_ok = models[1](x).argmax(1) == y
+        adv_ok = models[1](attack(models[0], x, y)).argmax(1) == y
+    expected = 100.0 * (clean_ok & ~adv_ok).sum().item() / clean_ok.sum().item()
+    assert res.success[0][1] == pytest.approx(expected)
+
+
+def test_pgd_whitebox_breaks_every_model(small_set) -> None:
+    models, test = small_set
+    res = transfer_matrix(models, test, "pgd1", dataset="digits")
+    assert max(np.diag(res.matrix)) <= 20.0
+    again = transfer_matrix(models, test, "pgd1", dataset="digits")
+    assert again.matrix == res.matrix  # seeded: the same numbers twice
+
+
+def test_ensemble_of_one_equals_single_model_attack(small_set) -> None:
+    models, test = small_set
+    single = transfer_matrix(models, test, "mifgsm1", dataset="digits")
+    ens = ensemble_matrix(models, test, "mifgsm1", 1, dataset="digits")
+    assert ens.subsets == [(0,), (1,), (2,)]
+    assert ens.matrix == single.matrix
+    pairs = ensemble_matrix(models, test, "pgd1", 2, dataset="digits")
+    assert len(pairs.matrix) == 3 and all(len(r) == 3 for r in pairs.matrix)
+    # The attacked ensemble's own members fall much lower than the model left out.
+    assert pairs.mean_owned < pairs.mean_unowned
+    assert model_subsets(8, 4, max_subsets=5, seed=1) == model_subsets(8, 4, max_subsets=5, seed=1)
+    assert len(model_subsets(8, 4, max_subsets=5)) == 5
+
+
+def test_eps_sweep_and_tsne(small_set) -> None:
+    models, test = small_set
+    sweep = eps_sweep(models, test, [0.02, 0.3], steps=10)
+    assert [r.params["eps"] for r in sweep] == [0.02, 0.3]
+    assert sweep[0].whole_set_mean > sweep[1].whole_set_mean
+    assert sweep[1].params["alpha"] == pytest.approx(2.5 * 0.3 / 10)
+    points, owners = gradient_tsne(models, test, n_images=40)
+    assert points.shape == (120, 2) and list(np.bincount(owners)) == [40, 40, 40]
+
+
+def test_disjoint_set_resists_transfer_on_digits(digits_runs) -> None:
+    """The paper's claim on the default recipe: PGD crafted on one model transfers far less."""
+    store, ids = digits_runs
+    test = deflect.load_dataset("digits", "test")
+    res = {m: transfer_matrix(deflect.load_set(r, store), test, "pgd1", dataset="digits") for m, r in ids.items()}
+    for r in res.values():
+        assert r.whitebox_mean <= 20.0
+    assert res["disjoint"].blackbox_mean >= res["independent"].blackbox_mean + 25.0, (
+        res["disjoint"].blackbox_mean, res["independent"].blackbox_mean)
+
+
+def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
+    run_id = runner.invoke(app, ["train", "--n", "2", "--epochs", "1", "--limit", "256"]).stdout.strip()
+    result = runner.invoke(app, ["evaluate", run_id, "--attack", "pgd1,fgsm", "--limit", "50", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [e["attack"] for e in data["evaluations"]] == ["pgd1", "fgsm"]
+    first = data["evaluations"][0]
+    assert np.array(first["matrix"]).shape == (2, 2) and first["n_examples"] == 50
+    assert first["params"]["steps"] == 7 and first["params"]["eps"] == pytest.approx(0.15)
+    rows = Store(tmp_path / "deflect.db").evaluations(run_id)
+    assert [r.attack for r in rows] == ["pgd1", "fgsm"] and rows[0].matrix == first["matrix"]
+    assert (tmp_path / "runs" / run_id / "figures" / "transfer-pgd1.png").stat().st_size > 1000
+
+    ens = runner.invoke(app, ["evaluate", run_id, "--attack", "fgsm", "--ensemble", "2", "--limit", "30", "--json"])
+    assert ens.exit_code == 0, ens.output
+    assert json.loads(ens.stdout)["evaluations"][0]["subsets"] == [[0, 1]]
+
+    cmp = runner.invoke(app, ["compare", run_id, "--json"])
+    assert cmp.exit_code == 0 and json.loads(cmp.stdout)["rows"][0][0] == "fgsm"  # Table 1 order
+    out = runner.invoke(app, ["export", run_id, "--format", "csv", "--out", str(tmp_path / "exp")])
+    assert out.exit_code == 0, out.output
+    lines = (tmp_path / "exp" / f"{run_id}.csv").read_text().strip().splitlines()
+    assert len(lines) == 1 + 4 + 4 + 2  # header, two 2x2 matrices, one 1x2 ensemble row set
+    assert list((tmp_path / "exp").glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["evaluate", "no-such-run"], "no run 'no-such-run'"),
+        (["evaluate", "latest"], "no runs"),
+        (["evaluate", "latest", "--attack", "deepfool"], "unknown attack"),
+        (["evaluate", "latest", "--eps", "-1"], "--eps must be non-negative"),
+        (["export", "latest", "--format", "xls"], "unknown --format"),
+    ],
+)
+def test_cli_evaluate_errors(args: list[str], needle: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
