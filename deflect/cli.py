@@ -369,28 +369,200 @@ def export(
     typer.echo(str(out / f"{record.id}.{fmt}"))
 
 
+class _SimDisplay:
+    """One Rich display at a time on stderr, switched as `simulate` moves through its phases:
+    training the static adversary's model, crafting for the expected figure, then the live rounds."""
+
+    def __init__(self, console: Any, title: str = "") -> None:
+        self.console, self.title = console, title
+        self.live: Any = None
+        self.kind: str | None = None
+        self.task: Any = None
+
+    def _switch(self, kind: str, factory: Callable[[], Any]) -> None:
+        if self.kind != kind:
+            self.close()
+            self.live, self.kind, self.task = factory(), kind, None
+            self.live.start()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+        self.live, self.kind, self.task = None, None, None
+
+    def phase(self, text: str) -> None:
+        self.close()
+        self.console.print(f"[dim]{self.title}{text}[/]")
+
+    def progress(self, done: int, total: int) -> None:
+        from deflect.console import work_progress
+
+        self._switch("work", lambda: work_progress(self.console))
+        if self.task is None:
+            self.task = self.live.add_task("crafting", total=total, rate="")
+        self.live.update(self.task, completed=done, total=total)
+
+    def batch(self, event: Any) -> None:
+        from deflect.console import training_progress
+
+        self._switch("train", lambda: training_progress(self.console))
+        if self.task is None:
+            self.task = self.live.add_task("train", total=event.batches * event.epochs, epoch="", losses="", rate="")
+        self.live.update(self.task, advance=1, epoch=f"static model {event.epoch}/{event.epochs}",
+                         losses=f"L {event.losses['total']:.3f}", rate=f"{event.images_per_s:.0f} img/s")
+
+    def round(self, _round: Any, result: Any) -> None:
+        from rich.live import Live
+
+        table = _rounds_table(result)
+        self._switch("rounds", lambda: Live(table, console=self.console, transient=True, auto_refresh=False))
+        self.live.update(table, refresh=True)
+
+    def callbacks(self) -> Any:
+        from deflect.simulate import SimCallbacks
+        from deflect.train import Callbacks
+
+        return SimCallbacks(on_phase=self.phase, on_progress=self.progress, on_round=self.round,
+                            training=Callbacks(on_batch=self.batch))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def _rate_ci(result: Any) -> str:
+    lo, hi = result.ci
+    return f"{_pct(result.rate)}% [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _rounds_table(result: Any) -> Any:
+    """Per-round outcomes and the running total: the live display and the final report."""
+    from rich.table import Table
+
+    from deflect.simulate import wilson_interval
+
+    owned = ", ".join(f"m{i}" for i in result.owned)
+    who = f"{result.adversary} (owns {owned})" if owned else f"{result.adversary} (own outside model)"
+    staged = any(r.rotations or len(r.released) < result.n_models for r in result.rounds)
+    table = Table(title=f"{result.run_id} · {who} · {result.attack}", header_style="bold")
+    cols = ["round", *(["deployed"] if staged else []), "sent", "void", "hit", "deflected", "deflection % [95% CI]",
+            "expected %", *(["rotated after"] if staged else [])]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("deployed", "rotated after") else "right")
+    for r in result.rounds:
+        lo, hi = wilson_interval(r.deflected, r.counted)
+        deployed = [" ".join(f"m{i}" for i in r.released)] if staged else []
+        rot = ["; ".join(f"m{e['retired']}→m{e['released']}" for e in r.rotations)] if staged else []
+        table.add_row(str(r.round), *deployed, str(r.sent), str(r.void), str(r.succeeded), str(r.deflected),
+                      f"{_pct(r.rate)} [{_pct(lo)}, {_pct(hi)}]", _pct(r.expected_rate), *rot)
+    table.add_section()
+    table.add_row("total", *([""] if staged else []), str(result.sent), str(result.void), str(result.succeeded),
+                  str(result.deflected), _rate_ci(result).replace("%", ""), _pct(result.expected_rate),
+                  *([""] if staged else []), style="bold")
+    return table
+
+
+def _simulation_summary(result: Any) -> str:
+    hits = " · ".join(f"m{i} {h}/{s}" for i, (h, s) in enumerate(zip(result.hits, result.sent_to, strict=True)))
+    lines = [
+        f"deflection rate {_rate_ci(result)} (Wilson 95% CI) · expected {_pct(result.expected_rate)}% "
+        f"from {result.expected_source}",
+        f"attacks sent {result.sent}: counted {result.counted} (succeeded {result.succeeded}, deflected "
+        f"{result.deflected}), void {result.void} (victim wrong on the clean image)",
+        f"successful attacks / attacks received per model: {hits}",
+    ]
+    for e in result.rotations:
+        lines.append(f"after round {e['round']}: m{e['retired']} retired after {e['hits']} observed successes, "
+                     f"m{e['released']} released to its clients")
+    if result.static_run:
+        lines.append(f"static adversary's model: {result.static_run} (model 0)")
+    if result.simulation_id is not None:
+        lines.append(f"stored as simulation {result.simulation_id} of run {result.run_id}")
+    return "\n".join(lines)
+
+
+@app.command()
+@handle_errors
+def simulate(
+    adversary: Annotated[str | None, typer.Option(help="static | skilled | oracle (paper §3).")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Models the oracle owns and ensembles (default 2).")] = None,
+    run: Annotated[str | None, typer.Option(help="Run id or prefix (default: latest finished disjoint run).")] = None,
+    attack: Annotated[str | None, typer.Option(
+        help="One Table 1 attack (default: pgd1 static, mifgsm2 skilled, pgd2 oracle; cw2: high-confidence).")] = None,
+    clients: Annotated[int | None, typer.Option(help="Number of clients (default 1000).")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds of attacks (default 10).")] = None,
+    per_round: Annotated[int | None, typer.Option(help="Attacks sent per round (default 100).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of images, victims and owned models (default 0).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Draw from a seeded subset of N test images.")] = None,
+    scenario: Annotated[Path | None, typer.Option(
+        help="Scenario TOML (scenarios/NAME.toml, or a shipped NAME); flags override its values.")] = None,
+    key: Annotated[Path | None, typer.Option(
+        envvar="DEFLECT_KEY_FILE", help="Deployment key file (default: deflect.key beside the database).",
+        show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Attack a randomly deployed set as the paper's static, skilled or oracle adversary; count deflections.
+
+    Example: deflect simulate --adversary oracle --k 2 ; deflect simulate --scenario scenarios/zero-day.toml
+    """
+    from rich.console import Console
+
+    from deflect.console import err_console
+    from deflect.scenario import Scenario, load_scenario, with_overrides
+    from deflect.simulate import simulate as run_simulation
+
+    base = load_scenario(scenario) if scenario is not None else Scenario()
+    sc = with_overrides(base, adversary=adversary, k=k, run=run, attack=attack, clients=clients, rounds=rounds,
+                        per_round=per_round, seed=seed, limit=limit)
+    store = open_store(db)
+    display = _SimDisplay(err_console)
+    try:
+        result = run_simulation(store, sc, key_path=key, device=device, callbacks=display.callbacks())
+    finally:
+        display.close()
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    out = Console()
+    out.print(_rounds_table(result))
+    out.print(_simulation_summary(result), highlight=False)
+
+
 @app.command()
 @handle_errors
 def demo(
     n: Annotated[int, typer.Option("--n", help="Models per set.")] = 3,
-    attack: Annotated[str, typer.Option(help="Attack for the comparison.")] = "pgd1",
+    attack: Annotated[str, typer.Option(help="Attack for the transfer comparison.")] = "pgd1",
+    clients: Annotated[int, typer.Option(help="Clients in each simulation.")] = 1000,
+    rounds: Annotated[int, typer.Option(help="Rounds of 100 attacks in each simulation.")] = 10,
     db: DbOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """End to end on the embedded digits set: train an independent and a disjoint set, compare.
+    """The whole pipeline on the embedded digits set in a few CPU minutes.
+
+    Trains an independent and a disjoint set, evaluates PGD transfer, plays the static, skilled and
+    oracle (k=2) adversaries against both, and prints a side-by-side summary.
 
     Example: deflect demo
     """
     from rich.console import Console
+    from rich.table import Table
 
     from deflect.config import make_config
     from deflect.console import err_console, training_progress
-    from deflect.pipeline import RunEvaluator
+    from deflect.pipeline import RunEvaluator, parse_attacks
+    from deflect.scenario import Scenario, with_overrides
+    from deflect.simulate import simulate as run_simulation
     from deflect.train import Callbacks
     from deflect.train import train as run_training
 
+    if n < 2:
+        fail(f"--n must be at least 2, got {n}")
+    parse_attacks(attack, False)
     store = open_store(db)
-    out = Console()
-    ids = {}
+    ids: dict[str, str] = {}
     for method in ("independent", "disjoint"):
         cfg = make_config(n=n, dataset="digits", method=method)
         with training_progress(err_console) as progress:
@@ -405,18 +577,41 @@ def demo(
                                 losses=f"L {event.losses['total']:.3f}", rate=f"{event.images_per_s:.0f} img/s")
 
             ids[method] = run_training(cfg, store, Callbacks(on_batch=on_batch))
-    results = {}
+    transfer = {}
     for method, run_id in ids.items():
-        ev = RunEvaluator(store, run_id)
-        results[method], _ = ev.transfer(attack)
-    lines = [f"{'set':<12} {'clean %':>8} {'white-box %':>12} {'black-box %':>12} {'whole set %':>12}"]
-    for method, res in results.items():
-        lines.append(f"{method:<12} {sum(res.clean) / len(res.clean):>8.1f} {res.whitebox_mean:>12.1f} "
-                     f"{res.blackbox_mean:>12.1f} {res.whole_set_mean:>12.1f}")
-    out.print("\n".join(lines))
-    out.print(f"{attack} crafted on one model of the set, accuracy of the others: independent "
-              f"{results['independent'].blackbox_mean:.1f}% vs disjoint {results['disjoint'].blackbox_mean:.1f}%")
-    out.print(f"runs: {ids['independent']} {ids['disjoint']} (see 'deflect runs', 'deflect compare')")
+        err_console.print(f"[dim]{method}: {attack} transfer matrix[/]")
+        transfer[method], _ = RunEvaluator(store, run_id).transfer(attack)
+    adversaries = ("static", "skilled", "oracle")
+    sims: dict[str, dict[str, Any]] = {}
+    for method, run_id in ids.items():
+        for adversary in adversaries:
+            sc = with_overrides(Scenario(name=f"demo-{adversary}"), adversary=adversary, run=run_id,
+                                clients=clients, rounds=rounds)
+            display = _SimDisplay(err_console, title=f"{method} · {adversary}: ")
+            try:
+                sims.setdefault(method, {})[adversary] = run_simulation(store, sc, callbacks=display.callbacks())
+            finally:
+                display.close()
+    if as_json:
+        typer.echo(json.dumps({"runs": ids, "transfer": {m: r.to_dict() for m, r in transfer.items()},
+                               "simulations": {m: {a: s.to_dict() for a, s in per.items()}
+                                               for m, per in sims.items()}}))
+        return
+    out = Console()
+    table = Table(title=f"digits, n={n}: deflection rate % [95% CI] (expected from transfer matrices)",
+                  header_style="bold")
+    for col in ("set", "clean %", f"{attack} black-box acc. %", "static", "skilled", "oracle k=2"):
+        table.add_column(col, justify="left" if col == "set" else "right")
+    for method, res in transfer.items():
+        cells = [f"{_rate_ci(s)} ({_pct(s.expected_rate)})" for s in sims[method].values()]
+        table.add_row(method, f"{sum(res.clean) / len(res.clean):.1f}", f"{res.blackbox_mean:.1f}", *cells)
+    out.print(table)
+    out.print(f"attacks: static {sims['disjoint']['static'].attack} on its own model, skilled "
+              f"{sims['disjoint']['skilled'].attack} on one model of the set, oracle "
+              f"{sims['disjoint']['oracle'].attack} on 2 models' averaged logits; each sent to "
+              f"{rounds * 100} random clients of {clients}", highlight=False)
+    out.print(f"runs: {ids['independent']} {ids['disjoint']} (see 'deflect runs', 'deflect compare', "
+              f"'deflect simulate --run RUN --adversary ...')", highlight=False)
 
 
 def main() -> None:

@@ -23,6 +23,9 @@ from deflect.errors import DeflectError
 DEFAULT_DB = "deflect.db"
 SCHEMA_VERSION = 1
 STATUSES = ("running", "finished", "failed", "interrupted")
+#: Run.config["role"] of runs deflect trains for its own use (the static adversary's model):
+#: listed like any run, but never what 'latest' means.
+HELPER_ROLE_KEY = "role"
 
 
 def utcnow() -> datetime:
@@ -94,6 +97,30 @@ class Evaluation(SQLModel, table=True):
     success_rate: float | None = None
     n_examples: int = 0
     extra: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    seconds: float = 0.0
+
+
+class Simulation(SQLModel, table=True):
+    """One `deflect simulate`: the scenario played against a run, per-round and total outcomes."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="run.id", index=True)
+    created: datetime = Field(default_factory=utcnow)
+    adversary: str
+    k: int = 0  # models of the set the attacker owns
+    attack: str
+    scenario: str | None = None
+    params: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    rounds: list = Field(default_factory=list, sa_column=Column(JSON))
+    sent: int = 0
+    counted: int = 0  # sent to a victim whose model was right on the clean image
+    succeeded: int = 0
+    deflected: int = 0
+    deflection_rate: float | None = None  # deflected / counted
+    ci_low: float | None = None  # Wilson 95% interval of the deflection rate
+    ci_high: float | None = None
+    expected_rate: float | None = None  # from transfer matrices
+    hits: list = Field(default_factory=list, sa_column=Column(JSON))  # successful attacks per model
     seconds: float = 0.0
 
 
@@ -180,7 +207,8 @@ class Store:
         self.mark_stale_runs()
         with self.session() as s:
             if ref == "latest":
-                run = s.exec(select(Run).order_by(Run.created.desc())).first()  # type: ignore[attr-defined]
+                ordered = s.exec(select(Run).order_by(Run.created.desc())).all()  # type: ignore[attr-defined]
+                run = next((r for r in ordered if not is_helper_run(r)), None)
                 if run is None:
                     raise DeflectError(f"no runs in {self.path} yet; create one with 'deflect train'")
                 return run
@@ -193,6 +221,17 @@ class Store:
         if len(matches) > 1:
             raise DeflectError(f"run {ref!r} is ambiguous: matches {', '.join(r.id for r in matches[:5])}")
         raise DeflectError(f"no run {ref!r} in {self.path} ('deflect runs' lists them)")
+
+    def latest_run(self, method: str | None = None, status: str | None = "finished",
+                   dataset: str | None = None) -> Run | None:
+        """The newest run with this method/status/dataset, deflect's own helper runs left out."""
+        for run in reversed(self.list_runs()):
+            if is_helper_run(run) or (method and run.method != method) or (status and run.status != status):
+                continue
+            if dataset and run.dataset != dataset:
+                continue
+            return run
+        return None
 
     def list_runs(self) -> list[Run]:
         self.mark_stale_runs()
@@ -249,6 +288,24 @@ class Store:
             if kind is not None:
                 q = q.where(Evaluation.kind == kind)
             return list(s.exec(q.order_by(Evaluation.id)).all())  # type: ignore[arg-type]
+
+
+    # simulations ------------------------------------------------------------------------------
+    def add_simulation(self, simulation: Simulation) -> Simulation:
+        self._write(simulation)
+        return simulation
+
+    def simulations(self, run_id: str | None = None) -> list[Simulation]:
+        with self.session() as s:
+            q = select(Simulation)
+            if run_id is not None:
+                q = q.where(Simulation.run_id == run_id)
+            return list(s.exec(q.order_by(Simulation.id)).all())  # type: ignore[arg-type]
+
+
+def is_helper_run(run: Run) -> bool:
+    """A run deflect trained for itself (e.g. the static adversary's own model)."""
+    return bool((run.config or {}).get(HELPER_ROLE_KEY))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,0 +1,162 @@
+"""Threat-model simulations on the default digits sets: ordering, expected figure, storage, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deflect.cli import app
+from deflect.scenario import Scenario, load_scenario, with_overrides
+from deflect.simulate import SimulationResult, simulate, wilson_interval
+from deflect.store import Store
+
+runner = CliRunner()
+ADVERSARIES = ("static", "skilled", "oracle")
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fixed deployment key, so that every client's model (and so each result) is reproducible."""
+    path = tmp_path_factory.mktemp("key") / "deflect.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("5e" * 32 + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def played(digits_runs: tuple[Store, dict[str, str]], key_file: Path) -> dict[str, dict[str, SimulationResult]]:
+    """The three adversaries (oracle k=2) against the disjoint and the independent set, 800 attacks each."""
+    store, ids = digits_runs
+    return {
+        method: {
+            adv: simulate(store, with_overrides(Scenario(), adversary=adv, run=run_id, rounds=8), key_path=key_file)
+            for adv in ADVERSARIES
+        }
+        for method, run_id in ids.items()
+    }
+
+
+def test_deflection_follows_the_threat_models(played: dict[str, dict[str, SimulationResult]]) -> None:
+    """Paper §3: static ≥ skilled ≥ oracle (k=2), and a disjoint set deflects far more than an independent one."""
+    rates = {m: {a: r.rate for a, r in per.items()} for m, per in played.items()}
+    for method in rates:
+        assert rates[method]["static"] >= rates[method]["skilled"] >= rates[method]["oracle"], rates
+    for adv in ADVERSARIES:
+        assert rates["disjoint"][adv] >= rates["independent"][adv] + 0.15, rates
+    skilled = played["disjoint"]["skilled"]
+    assert skilled.owned and skilled.k == 1 and skilled.attack == "mifgsm2"
+    assert played["disjoint"]["oracle"].k == 2 and len(played["disjoint"]["oracle"].owned) == 2
+    assert played["disjoint"]["static"].owned == [] and played["disjoint"]["static"].static_run
+
+
+def test_simulated_rate_agrees_with_the_expected_figure(played: dict[str, dict[str, SimulationResult]]) -> None:
+    """The transfer matrices predict the deflection rate: it lies inside the simulation's Wilson 95% interval.
+
+    Six independent 95% intervals miss now and then by chance (1 - 0.95^6 ≈ 26% for at least one miss),
+    so one miss is tolerated if it stays inside the 99.9% interval; a wrong formula misses in most of them.
+    """
+    misses = []
+    for method, per in played.items():
+        for adv, res in per.items():
+            assert res.sent == 800 and res.counted + res.void == res.sent
+            assert res.counted == res.succeeded + res.deflected and sum(res.hits) == res.succeeded
+            lo, hi = res.ci
+            wide = wilson_interval(res.deflected, res.counted, z=3.2905)
+            assert wide[0] <= res.expected_rate <= wide[1], (method, adv, wide, res.rate, res.expected_rate)
+            if not lo <= res.expected_rate <= hi:
+                misses.append((method, adv, lo, res.rate, hi, res.expected_rate))
+    assert len(misses) <= 1, misses
+
+
+def test_simulation_is_stored_reused_and_reproducible(digits_runs: tuple[Store, dict[str, str]],
+                                                      played: dict[str, dict[str, SimulationResult]],
+                                                      key_file: Path) -> None:
+    store, ids = digits_runs
+    res = played["disjoint"]["oracle"]
+    row = next(s for s in store.simulations(ids["disjoint"]) if s.id == res.simulation_id)
+    assert (row.adversary, row.k, row.attack, row.sent, row.deflected) == ("oracle", 2, "pgd2", 800, res.deflected)
+    assert row.ci_low <= row.deflection_rate <= row.ci_high and row.expected_rate == pytest.approx(res.expected_rate)
+    assert len(row.rounds) == 8 and row.hits == res.hits and row.params["owned"] == res.owned
+    assert "5e5e" not in json.dumps(row.params)  # the key is never stored
+    runs_before = len(store.list_runs())
+    evals_before = len(store.evaluations())
+    again = [simulate(store, with_overrides(Scenario(), adversary="static", run=ids["disjoint"], rounds=2,
+                                            per_round=50, seed=3), key_path=key_file, save=False) for _ in range(2)]
+    assert len(store.list_runs()) == runs_before  # the static adversary's model is cached
+    assert len(store.evaluations()) == evals_before  # and so is the expected figure's evaluation
+    assert [r.to_dict() for r in again[0].rounds] == [r.to_dict() for r in again[1].rounds]
+    assert store.get_run("latest").id != res.static_run and played["disjoint"]["static"].static_run != ids["disjoint"]
+
+
+def test_zero_day_release_retires_the_attacked_model(digits_runs: tuple[Store, dict[str, str]],
+                                                     key_file: Path) -> None:
+    store, ids = digits_runs
+    scenario = with_overrides(load_scenario("zero-day"), run=ids["disjoint"], rounds=4)
+    res = simulate(store, scenario, key_path=key_file, save=False)
+    first = res.rounds[0]
+    assert len(first.released) == 2 and res.owned[0] in first.released
+    (rotation,) = first.rotations  # the skilled adversary's white-box hits retire its own model at once
+    assert rotation["retired"] == res.owned[0] and rotation["hits"] >= 25
+    later = res.rounds[1:]
+    assert all(res.owned[0] not in r.released and rotation["released"] in r.released for r in later)
+    assert sum(r.deflected for r in later) / sum(r.counted for r in later) > first.rate + 0.2
+
+
+def test_cli_simulate_with_no_other_flag(digits_runs: tuple[Store, dict[str, str]],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """After `deflect train`: `deflect simulate --adversary oracle --k 2` alone prints rate, interval, expected."""
+    store, ids = digits_runs
+    monkeypatch.setenv("DEFLECT_DB", str(store.path))
+    result = runner.invoke(app, ["simulate", "--adversary", "oracle", "--k", "2"])
+    assert result.exit_code == 0, result.output
+    assert ids["disjoint"] in result.stdout  # the latest finished disjoint run by default
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("deflection rate"))
+    assert "(Wilson 95% CI)" in line and "expected" in line
+    key = store.path.parent / "deflect.key"
+    assert (key.stat().st_mode & 0o777) == 0o600  # created on first use, beside the database
+    out = runner.invoke(app, ["simulate", "--adversary", "skilled", "--rounds", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["adversary"] == "skilled" and data["sent"] == 200 and len(data["rounds"]) == 2
+    assert data["ci_low"] <= data["deflection_rate"] <= data["ci_high"] and data["expected_rate"] is not None
+
+
+def _one_line_error(args: list[str], *needles: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_cli_simulate_errors(tmp_path: Path, digits_runs: tuple[Store, dict[str, str]]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('adversary = "oracle"\nk = "two"\n')
+    _one_line_error(["simulate", "--scenario", str(bad)], str(bad), "key 'k'", "expected an integer")
+    bad.write_text('adversary = "static"\n[release]\ntreshold = 5\n')
+    _one_line_error(["simulate", "--scenario", str(bad)], str(bad), "key 'release.treshold'", "unknown key")
+    _one_line_error(["simulate"], "no adversary")
+    _one_line_error(["simulate", "--adversary", "static"], "no finished disjoint run")
+    _one_line_error(["simulate", "--adversary", "oracle", "--clients", "0"], "--clients: must be at least 1")
+    store, ids = digits_runs
+    shared = tmp_path / "shared.key"
+    shared.write_text("ab" * 32)
+    shared.chmod(0o644)
+    _one_line_error(["simulate", "--adversary", "oracle", "--db", str(store.path), "--key", str(shared)],
+                    "accessible by group or others")
+    _one_line_error(["simulate", "--adversary", "oracle", "--k", "4", "--db", str(store.path)],
+                    "more than the 3 released models")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--json"])
+    assert result.exit_code == 0, result.output
+    sims = json.loads(result.stdout)["simulations"]
+    for adv in ADVERSARIES:
+        assert sims["disjoint"][adv]["deflection_rate"] > sims["independent"][adv]["deflection_rate"]
