@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,29 +54,56 @@ def atomic_write(path: Path, data: bytes) -> str:
     return sha256_bytes(data)
 
 
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> str:
-    """Save tensors (contiguous CPU copies) with JSON metadata; returns the file's sha256."""
+def encode_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> bytes:
+    """Safetensors bytes of tensors (contiguous CPU copies) with JSON metadata, not yet written.
+
+    Encoding apart from writing lets the trainer record a file's sha256 before the file replaces
+    the previous one, so the file on disk always matches a recorded digest.
+    """
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"deflect": json.dumps(dict(meta or {}), sort_keys=True)}
-    return atomic_write(path, st_save(flat, metadata=metadata))
+    return st_save(flat, metadata=metadata)
 
 
-def load_tensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, refusing it if its sha256 differs from the recorded one."""
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> str:
+    """Save tensors with JSON metadata atomically; returns the file's sha256."""
+    return atomic_write(path, encode_tensors(tensors, meta))
+
+
+def _read_verified(path: Path, sha256: str | Collection[str] | None) -> bytes:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError as exc:
         raise DeflectError(f"checkpoint {path} is missing") from exc
     except OSError as exc:
         raise DeflectError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
-    if sha256 is not None and sha256_bytes(data) != sha256:
+    allowed = {sha256} if isinstance(sha256, str) else set(sha256) if sha256 is not None else None
+    if allowed is not None and sha256_bytes(data) not in allowed:
         raise DeflectError(
             f"checkpoint {path} fails its sha256 check (the file was changed or damaged); refusing to load it"
         )
+    return data
+
+
+def load_tensors(path: Path, sha256: str | Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, refusing it unless its sha256 is the recorded one (or one of them)."""
+    return load_tensors_meta(path, sha256)[0]
+
+
+def load_tensors_meta(path: Path, sha256: str | Collection[str] | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                       dict[str, Any]]:
+    """Tensors and deflect's JSON metadata of a verified safetensors file (the header is data: JSON only)."""
+    data = _read_verified(path, sha256)
     try:
-        return st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
+        tensors = st_load(data)
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + size])
+        meta = json.loads((header.get("__metadata__") or {}).get("deflect", "{}"))
+    except (SafetensorError, ValueError, RuntimeError, struct.error, AttributeError) as exc:
         raise DeflectError(f"checkpoint {path} is not a valid safetensors file: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise DeflectError(f"checkpoint {path} has malformed deflect metadata")
+    return tensors, meta
 
 
 def write_json(path: Path, obj: Any) -> str:

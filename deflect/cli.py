@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -55,6 +56,15 @@ def handle_errors(fn: F) -> F:
             if exc.errno is None:
                 raise
             fail(f"{exc.strerror}: {exc.filename or ''}".rstrip(": "))
+        except Exception as exc:
+            # A database that breaks mid-command (disk full, locked past the busy timeout, damaged)
+            # is the user's environment, not a deflect bug: name it in one line.
+            from sqlalchemy.exc import SQLAlchemyError
+
+            if not isinstance(exc, SQLAlchemyError):
+                raise
+            orig = getattr(exc, "orig", None) or exc
+            fail(f"database error: {str(orig).splitlines()[0]}")
 
     return wrapper  # type: ignore[return-value]
 
@@ -235,8 +245,8 @@ def evaluate(
     from deflect.pipeline import RunEvaluator, parse_attacks
 
     for name, value in (("--eps", eps), ("--alpha", alpha)):
-        if value is not None and value < 0:
-            fail(f"{name} must be non-negative, got {value}")
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            fail(f"{name} must be a finite non-negative number, got {value}")
     if steps is not None and steps < 1:
         fail(f"--steps must be at least 1, got {steps}")
     if batch_size < 1:
@@ -361,7 +371,9 @@ def export(
         typer.echo(text, nl=False)
         return
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{record.id}.{fmt}").write_text(text)
+    from deflect.checkpoint import atomic_write
+
+    atomic_write(out / f"{record.id}.{fmt}", text.encode())  # a full disk leaves no half-written export
     for ev in evals:
         if ev.kind in ("transfer", "ensemble") and ev.matrix:
             heatmap_png(ev.matrix, out / f"{record.id}-{ev.kind}-{ev.attack}-{ev.id}.png",

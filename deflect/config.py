@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,8 +102,9 @@ class TrainConfig:
         if self.cosine not in ("channel", "sample"):
             raise DeflectError(f"cosine must be 'channel' or 'sample', got {self.cosine!r}")
         for name in ("lr_max", "eps1", "eps2", "w_class", "w_angle", "w_transfer1", "w_transfer2"):
-            if getattr(self, name) < 0:
-                raise DeflectError(f"{name} must be non-negative, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise DeflectError(f"{name} must be a finite non-negative number, got {value}")
         if self.sample_models is not None and self.sample_models < 2:
             raise DeflectError(f"--sample must be at least 2, got {self.sample_models}")
         if self.train_limit is not None and self.train_limit < self.batch_size:

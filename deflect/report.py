@@ -24,6 +24,18 @@ def _plt() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """Render to memory, then write atomically: a killed process leaves the old PNG or the new one, never half."""
+    from deflect.checkpoint import atomic_write
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
 def heatmap_png(matrix: Sequence[Sequence[float]], path: Path, title: str,
                 row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None) -> Path:
     """Accuracy heatmap (0-100 %), white-box diagonal outlined, value in every cell."""
@@ -45,9 +57,7 @@ def heatmap_png(matrix: Sequence[Sequence[float]], path: Path, title: str,
             ax.add_patch(plt.Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -65,9 +75,7 @@ def curves_png(x: Sequence[float], series: dict[str, Sequence[float]], path: Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -83,9 +91,7 @@ def tsne_png(points: np.ndarray, owners: np.ndarray, path: Path, title: str) -> 
     ax.set_yticks([])
     ax.legend(markerscale=4, fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 

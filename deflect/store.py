@@ -190,17 +190,24 @@ class Store:
         self._write(run)
         return run
 
-    def update_run(self, run_id: str, **values: Any) -> Run:
-        with self.session() as s:
-            run = s.get(Run, run_id)
-            if run is None:
-                raise DeflectError(f"no run {run_id!r} in {self.path}")
-            for key, value in values.items():
-                setattr(run, key, value)
-            run.updated = utcnow()
-            s.add(run)
-            s.commit()
-            return run
+    def update_run(self, run_id: str, *extra: SQLModel, **values: Any) -> Run:
+        """Change a run's fields, adding `extra` rows in the same transaction (an epoch and its run
+        counters commit together, so a killed process never leaves one without the other)."""
+        try:
+            with self.session() as s:
+                run = s.get(Run, run_id)
+                if run is None:
+                    raise DeflectError(f"no run {run_id!r} in {self.path}")
+                for key, value in values.items():
+                    setattr(run, key, value)
+                run.updated = utcnow()
+                s.add(run)
+                for row in extra:
+                    s.add(row)
+                s.commit()
+                return run
+        except OperationalError as exc:
+            raise DeflectError(f"cannot write to database {self.path}: {exc.orig}") from exc
 
     def get_run(self, ref: str) -> Run:
         """A run by id, unique id prefix, or 'latest'."""
@@ -274,6 +281,25 @@ class Store:
         with self.session() as s:
             rows = s.exec(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.id)).all()  # type: ignore[arg-type]
         return {Path(r.path).name: r.sha256 for r in rows}
+
+    def checkpoint_digest_sets(self, run_id: str) -> dict[str, set[str]]:
+        """Every sha256 recorded for each file name of a run.
+
+        The trainer records a file's digest before the file replaces its predecessor, so after a
+        crash the file on disk is the previous or the new version: both are deflect's own output.
+        """
+        with self.session() as s:
+            rows = s.exec(select(Checkpoint).where(Checkpoint.run_id == run_id)).all()
+        digests: dict[str, set[str]] = {}
+        for r in rows:
+            digests.setdefault(Path(r.path).name, set()).add(r.sha256)
+        return digests
+
+    def checkpoint_digest(self, run_id: str, epoch: int, name: str) -> str | None:
+        """The sha256 recorded for file `name` of a run at `epoch`, if any."""
+        with self.session() as s:
+            rows = s.exec(select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.epoch == epoch)).all()
+        return next((r.sha256 for r in reversed(rows) if Path(r.path).name == name), None)
 
     # evaluations ------------------------------------------------------------------------------
     def add_evaluation(self, evaluation: Evaluation) -> Evaluation:

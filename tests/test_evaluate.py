@@ -140,7 +140,7 @@ def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
         (["evaluate", "no-such-run"], "no run 'no-such-run'"),
         (["evaluate", "latest"], "no runs"),
         (["evaluate", "latest", "--attack", "deepfool"], "unknown attack"),
-        (["evaluate", "latest", "--eps", "-1"], "--eps must be non-negative"),
+        (["evaluate", "latest", "--eps", "-1"], "--eps must be a finite non-negative number"),
         (["export", "latest", "--format", "xls"], "unknown --format"),
     ],
 )

@@ -27,7 +27,7 @@ def test_run_writes_rows_per_epoch_and_reloads(store: Store) -> None:
     # Schedule of the digits preset: angle in epochs 1-2, transfer terms from epoch 2.
     assert epochs[0].loss_angle > 0 and epochs[0].loss_transfer1 == 0 and epochs[2].loss_angle == 0
     assert epochs[1].loss_transfer2 > 0
-    assert store.checkpoint_digests(run_id).keys() >= {"model_0.safetensors", "state.safetensors"}
+    assert store.checkpoint_digests(run_id).keys() >= {"model_0.safetensors", "state.1.safetensors"}
 
     models = deflect.load_set(run_id, store)
     assert len(models) == 3 and all(not m.training for m in models)

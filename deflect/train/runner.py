@@ -1,9 +1,13 @@
 """A training run end to end: data, models, optimiser, epochs, checkpoints and database rows.
 
-Crash safety: each epoch writes the selected model files, then the resume state, then the
-database rows. A run killed at any point resumes from the last epoch whose state file exists,
-and because every epoch's randomness is seeded by (seed, epoch), the resumed run ends with the
-same weights as an uninterrupted one.
+Crash safety: each epoch first records the sha256 of the files it is about to write, then
+writes them atomically (the selected model files and the resume state), then commits the epoch row
+and the run's counters in one transaction: that commit is the epoch's point of no return. The
+resume state alternates between two files by epoch parity, so writing epoch e never touches the
+state of epoch e-1, the last committed one. A run killed at any point (SIGKILL included) therefore
+resumes from its last committed epoch with at most one epoch of work lost, every file it reads
+verified by hash, and because every epoch's randomness is seeded by (seed, epoch), the resumed run
+ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import torch
 from torch import nn
 
 from deflect.checkpoint import (
-    load_tensors,
-    read_json,
-    save_models,
-    save_tensors,
+    atomic_write,
+    encode_tensors,
+    load_tensors_meta,
+    model_file,
+    sha256_bytes,
     update_manifest,
     write_json,
 )
@@ -39,9 +44,12 @@ from deflect.runtime import fast_cpu_math
 from deflect.store import EpochMetric, Run, Store
 from deflect.train.disjoint import BatchEvent, clean_accuracy, train_epoch, validation_loss
 
-STATE_FILE = "state.safetensors"
-STATE_JSON = "state.json"
 CONFIG_JSON = "config.json"
+
+
+def state_file(epoch: int) -> str:
+    """Resume state of `epoch`: two files by parity, so a new state never overwrites the last committed one."""
+    return f"state.{epoch % 2}.safetensors"
 
 
 @dataclass
@@ -164,15 +172,14 @@ def train(
     """Train a set (or resume run `resume`) and return its run id."""
     store = store or Store()
     callbacks = callbacks or Callbacks()
-    state: dict[str, Any] | None = None
     if resume is not None:
         run = store.get_run(resume)
         if run.status == "finished":
             raise DeflectError(f"run {run.id} already finished; nothing to resume")
+        if run.status == "running":
+            raise DeflectError(f"run {run.id} is still running (pid {run.pid} on {run.host}); stop it first")
         cfg = TrainConfig.from_dict(run.config)
         run_dir = Path(run.run_dir)
-        if (run_dir / STATE_JSON).exists():
-            state = read_json(run_dir / STATE_JSON)
     elif cfg is None:
         raise DeflectError("train() needs a TrainConfig or a run to resume")
     cfg.validate()
@@ -202,9 +209,14 @@ def train(
     batches = (len(train_set) // cfg.batch_size)
     opt, sched = _optimizer(models, cfg, cfg.epochs * batches)
     first_epoch, best_val, best_epoch, seconds = 1, math.inf, None, 0.0
-    if state is not None:
-        digests = store.checkpoint_digests(run.id)
-        tensors = load_tensors(run_dir / STATE_FILE, digests.get(STATE_FILE))
+    if resume is not None and run.epochs_done:
+        name = state_file(run.epochs_done)
+        digest = store.checkpoint_digest(run.id, run.epochs_done, name)
+        if digest is None:
+            raise DeflectError(f"run {run.id} has no recorded state for epoch {run.epochs_done}; cannot resume")
+        tensors, state = load_tensors_meta(run_dir / name, digest)
+        if state.get("epoch") != run.epochs_done:
+            raise DeflectError(f"{run_dir / name} holds epoch {state.get('epoch')}, not {run.epochs_done}")
         _restore_state(models, opt, tensors, device)
         sched.load_state_dict(state["scheduler"])
         for group, saved in zip(opt.param_groups, state["param_groups"], strict=True):
@@ -222,34 +234,33 @@ def train(
             accs = clean_accuracy(models, test_set, device, eval_bs)
             val = validation_loss(models, val_set, cfg, device, eval_bs)
             seconds += stats.seconds + (time.perf_counter() - t0)
-            digests: dict[str, str] = {}
+            blobs: dict[str, bytes] = {}
             if cfg.select == "last" or val < best_val or best_epoch is None:
                 best_val, best_epoch = val, epoch
-                digests.update(save_models(run_dir, list(models), {"run": run.id, "epoch": epoch}))
-            digests[STATE_FILE] = save_tensors(run_dir / STATE_FILE, _state_tensors(models, opt), {"epoch": epoch})
-            write_json(
-                run_dir / STATE_JSON,
-                {
-                    "epoch": epoch,
-                    "scheduler": _jsonable(sched.state_dict()),
-                    "param_groups": [
-                        _jsonable({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups
-                    ],
-                    "best_val": best_val,
-                    "best_epoch": best_epoch,
-                    "seconds": seconds,
-                },
-            )
+                for i, model in enumerate(models):
+                    meta = {"run": run.id, "epoch": epoch, "index": i}
+                    blobs[model_file(run_dir, i).name] = encode_tensors(model.state_dict(), meta)
+            state_meta = {
+                "epoch": epoch,
+                "scheduler": _jsonable(sched.state_dict()),
+                "param_groups": [_jsonable({k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups],
+                "best_val": best_val,
+                "best_epoch": best_epoch,
+                "seconds": seconds,
+            }
+            blobs[state_file(epoch)] = encode_tensors(_state_tensors(models, opt), state_meta)
+            digests = {name: sha256_bytes(blob) for name, blob in blobs.items()}
+            store.add_checkpoints(run.id, epoch, digests, run_dir)  # recorded before the files change
+            for name, blob in blobs.items():
+                atomic_write(run_dir / name, blob)
             update_manifest(run_dir, digests)
-            store.add_checkpoints(run.id, epoch, digests, run_dir)
             metric = EpochMetric(
                 run_id=run.id, epoch=epoch, loss_total=stats.losses["total"], loss_class=stats.losses["class"],
                 loss_angle=stats.losses["angle"], loss_transfer1=stats.losses["transfer1"],
                 loss_transfer2=stats.losses["transfer2"], val_loss=val, clean_acc=accs, lr=stats.lr,
                 seconds=stats.seconds,
             )
-            store.add_epoch(metric)
-            store.update_run(run.id, epochs_done=epoch, seconds=seconds, best_epoch=best_epoch)
+            store.update_run(run.id, metric, epochs_done=epoch, seconds=seconds, best_epoch=best_epoch)
             if callbacks.on_epoch:
                 callbacks.on_epoch(metric)
     except KeyboardInterrupt:

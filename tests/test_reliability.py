@@ -1,0 +1,424 @@
+"""Issue 7: bad input, interrupted work, concurrent access and untrusted files.
+
+Every check here drives the real CLI (in-process or as a subprocess) and asserts the contract: one
+line on stderr, exit code 2, and stored data left intact and readable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+import deflect
+from deflect.checkpoint import model_file, sha256_file
+from deflect.cli import app
+from deflect.errors import DeflectError
+from deflect.store import Store
+from deflect.train import Callbacks, train
+from deflect.train.runner import state_file
+from tests.conftest import tiny_config
+
+runner = CliRunner()
+TINY = ["--n", "2", "--epochs", "1", "--limit", "256"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _one_line_error(args: list[str], *needles: str, strict: bool = False) -> str:
+    """Exactly one error line, last on stderr; with `strict`, nothing else on stderr at all."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()  # progress lines of work done so far may come first
+    errors = [line for line in lines if line.startswith("deflect: error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1] and (len(lines) == 1 or not strict), result.stderr
+    assert all(n in errors[0] for n in needles), result.stderr
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+def _train_tiny() -> str:
+    result = runner.invoke(app, ["train", *TINY])
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip().splitlines()[-1]
+
+
+def _env(db: Path) -> dict[str, str]:
+    return {**os.environ, "DEFLECT_DB": str(db), "OMP_NUM_THREADS": "1"}
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def test_must_show_one_line_errors(digits_runs: tuple[Store, dict[str, str]]) -> None:
+    """The issue's three examples, each naming the value and what is allowed."""
+    store, _ = digits_runs
+    _one_line_error(["evaluate", "no-such-run"], "no run 'no-such-run'", "deflect runs", strict=True)
+    _one_line_error(["train", "--n", "1"], "--n must be at least 2", "got 1", strict=True)
+    _one_line_error(["simulate", "--k", "9", "--adversary", "oracle", "--db", str(store.path)],
+                    "--k 9", "more than the 3 released models", strict=True)
+
+
+def test_unreadable_databases_give_one_line(tmp_path: Path) -> None:
+    (tmp_path / "folder.db").mkdir()
+    _one_line_error(["runs", "--db", str(tmp_path / "folder.db")], "is a directory")
+    _one_line_error(["evaluate", "latest", "--db", str(tmp_path / "nowhere" / "x.db")], "does not exist")
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"SQLite format 3\x00" + os.urandom(3000))
+    before = corrupt.read_bytes()
+    _one_line_error(["train", *TINY, "--db", str(corrupt)], str(corrupt))
+    assert corrupt.read_bytes() == before  # never "repaired" or overwritten
+    _one_line_error(["evaluate", "latest", "--eps", "nan"], "--eps", "finite non-negative")
+    _one_line_error(["train", "--lr", "inf"], "lr_max", "finite non-negative")
+
+
+@pytest.mark.parametrize(("code", "text"), [(errno.ENOSPC, "No space left on device"),
+                                            (errno.EROFS, "Read-only file system")])
+def test_disk_full_or_read_only_when_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int,
+                                            text: str) -> None:
+    """A save that fails mid-run: one line, exit 2, earlier rows intact, the failed run marked failed."""
+    first = _train_tiny()
+    db = tmp_path / "deflect.db"
+    real_replace = os.replace
+
+    def no_space(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if str(dst).endswith((".safetensors", ".png")):
+            raise OSError(code, os.strerror(code), str(dst))
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", no_space)
+    _one_line_error(["train", *TINY], "cannot write", text)
+    _one_line_error(["evaluate", first, "--attack", "fgsm", "--limit", "20"], text)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not list((tmp_path / "runs").rglob(".*.safetensors.*"))  # no temp files left behind
+    store = Store(db)
+    runs = {r.id: r for r in store.list_runs()}
+    assert runs[first].status == "finished" and [m.epoch for m in store.epochs(first)] == [1]
+    (failed,) = [r for r in runs.values() if r.id != first]
+    assert failed.status == "failed" and text in (failed.message or "")
+    assert len(deflect.load_set(first, store)) == 2  # the earlier run's checkpoints still verify
+    ev = store.evaluations(first)
+    assert len(ev) <= 1 and all(len(e.matrix) == 2 for e in ev)  # stored rows are complete
+
+
+def test_database_write_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's own 'disk full' mid-command is named in one line, not a traceback."""
+    first = _train_tiny()
+    from sqlalchemy.exc import OperationalError
+    from sqlmodel import Session
+
+    def full(self: Session) -> None:
+        raise OperationalError("COMMIT", None, sqlite3.OperationalError("database or disk is full"))
+
+    monkeypatch.setattr(Session, "commit", full)
+    _one_line_error(["train", *TINY], "database or disk is full")
+    monkeypatch.undo()
+    assert [r.id for r in Store(tmp_path / "deflect.db").list_runs()] == [first]
+
+
+# --- property-based: no traceback, exit 0 or 2 ---------------------------------------------------
+
+#: DEFLECT_FUZZ_EXAMPLES=500 for a longer hunt; the default keeps the suite fast.
+FUZZ = settings(max_examples=int(os.environ.get("DEFLECT_FUZZ_EXAMPLES", "30")), deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+_ints = st.one_of(st.integers(-3, 12), st.integers(-(2**63), 2**63), st.sampled_from(["x", "1.5", "", "-"]))
+# No subnormals: training turns on flush-to-zero process-wide (deflect.runtime), which hypothesis refuses.
+_floats = st.one_of(st.floats(allow_subnormal=False).map(repr), st.sampled_from(["abc", "-0", "1e999"]))
+_words = st.one_of(
+    st.sampled_from(["digits", "cifar10", "paper-cifar10", "pgd1", "cw2,fgsm", "oracle", "skilled", "static",
+                     "latest", "val", "test", "cpu", "cuda", "auto", "csv", "whole-set", "last", "independent"]),
+    st.text(max_size=12),
+)
+_OPTIONS: dict[str, dict[str, st.SearchStrategy[str]]] = {
+    "train": {"--n": _ints, "--epochs": _ints, "--batch-size": _ints, "--limit": _ints, "--lr": _floats,
+              "--eps1": _floats, "--eps2": _floats, "--w-angle": _floats, "--sample": _ints, "--dataset": _words,
+              "--method": _words, "--preset": _words, "--arch": _words, "--select": _words, "--device": _words,
+              "--resume": _words, "--angle-epochs": _ints, "--seed": _ints},
+    "evaluate": {"--attack": _words, "--ensemble": _ints, "--limit": _ints, "--eps": _floats, "--alpha": _floats,
+                 "--steps": _ints, "--batch-size": _ints, "--split": _words, "--device": _words, "--seed": _ints},
+    "simulate": {"--adversary": _words, "--k": _ints, "--run": _words, "--attack": _words, "--clients": _ints,
+                 "--rounds": _ints, "--per-round": _ints, "--seed": _ints, "--limit": _ints, "--device": _words},
+    "compare": {"--metric": _words},
+    "export": {"--format": _words},
+}
+
+
+@st.composite
+def _command(draw: st.DrawFn) -> list[str]:
+    cmd = draw(st.sampled_from(sorted(_OPTIONS)))
+    options = _OPTIONS[cmd]
+    chosen = draw(st.lists(st.sampled_from(sorted(options)), max_size=5, unique=True))
+    args = [cmd]
+    if cmd in ("evaluate", "export", "compare"):
+        args.append(draw(_words))
+    for name in chosen:
+        args += [name, draw(options[name])]
+    return args
+
+
+def _no_traceback(result: Any) -> None:
+    assert result.exit_code in (0, 2), (result.exit_code, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+
+
+@FUZZ
+@given(args=_command())
+def test_cli_option_values_never_crash(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random option values on an empty database: each is rejected in one line or accepted.
+
+    Training itself is replaced by its validation (a valid config would start minutes of work);
+    evaluations and simulations stop at 'no runs' once their values pass.
+    """
+    from deflect.train.runner import resolve_device
+
+    train_pkg = sys.modules["deflect.train"]  # the package; `deflect.train` the attribute is the function
+    real_train = train_pkg.train
+
+    def validate_only(cfg: Any, store: Any, callbacks: Any = None, resume: str | None = None) -> str:
+        if resume is not None:
+            return real_train(cfg, store, callbacks, resume=resume)
+        cfg.validate()
+        resolve_device(cfg.device)
+        raise DeflectError("valid configuration (training skipped in this test)")
+
+    monkeypatch.setattr(train_pkg, "train", validate_only)
+    result = runner.invoke(app, args)
+    _no_traceback(result)
+    if result.exit_code == 2:
+        assert result.stderr.strip(), args
+
+
+_KEYS = ["adversary", "k", "attack", "clients", "rounds", "per_round", "seed", "run", "limit", "name",
+         "description", "release", "bogus"]
+_toml_values = st.one_of(
+    st.integers(-(2**70), 2**70).map(str), st.floats(allow_subnormal=False).map(repr),
+    st.booleans().map(lambda b: str(b).lower()),
+    st.sampled_from(['"oracle"', '"static"', '"skilled"', '"pgd1"', '"cw2"', '"zero"', "[1, 2]", "{initial = 2}",
+                     "1979-05-27T07:32:00Z", '"""multi"""', "'lit'", "", "=", "[", '"\\u0000"']),
+    st.text(max_size=10).map(lambda t: '"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"'),
+)
+_toml_lines = st.one_of(
+    st.tuples(st.sampled_from(_KEYS), _toml_values).map(lambda kv: f"{kv[0]} = {kv[1]}"),
+    st.sampled_from(["[release]", "initial = 1", "threshold = 0", "threshold = 3", "[[release]]", "[k]"]),
+    st.text(max_size=20),
+)
+
+
+@FUZZ
+@given(lines=st.lists(_toml_lines, max_size=8), raw=st.binary(max_size=20))
+def test_scenario_file_contents_never_crash(lines: list[str], raw: bytes, tmp_path: Path) -> None:
+    """Random (often malformed) scenario files: parsed as data only, exit 0 or 2, no traceback."""
+    path = tmp_path / "fuzz.toml"
+    path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass") + (b"\n" + raw if raw[:1] == b"#" else b""))
+    result = runner.invoke(app, ["simulate", "--scenario", str(path)])
+    _no_traceback(result)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr  # empty database
+
+
+# --- interrupted work --------------------------------------------------------------------------
+
+def test_crash_between_writing_files_and_committing_epoch_resumes_exactly(store: Store) -> None:
+    """Killed after epoch 2's files are written but before its rows commit: the files still verify,
+    resume redoes epoch 2 only, and the result equals an uninterrupted run."""
+    cfg = tiny_config(epochs=3, select="last")
+    full = train(cfg, store)
+    real_update = store.update_run
+
+    def die_at_epoch_2(run_id: str, *extra: Any, **values: Any) -> Any:
+        if values.get("epochs_done") == 2:
+            raise KeyboardInterrupt  # as if SIGKILL arrived just before the commit
+        return real_update(run_id, *extra, **values)
+
+    store.update_run = die_at_epoch_2  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, store)
+    store.update_run = real_update  # type: ignore[method-assign]
+    run = store.list_runs()[-1]
+    assert run.status == "interrupted" and run.epochs_done == 1 and [m.epoch for m in store.epochs(run.id)] == [1]
+    assert (Path(run.run_dir) / state_file(2)).exists()  # epoch 2's state was written, never committed
+    assert len(deflect.load_set(run.id, store)) == 2  # model files (epoch 2's) match a recorded digest
+    starts: list[int] = []
+    train(store=store, resume=run.id, callbacks=Callbacks(on_start=lambda _r, first: starts.append(first)))
+    assert starts == [2] and [m.epoch for m in store.epochs(run.id)] == [1, 2, 3]
+    for a, b in zip(deflect.load_set(full, store), deflect.load_set(run.id, store), strict=True):
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_tampered_resume_state_and_model_are_refused_by_the_cli(tmp_path: Path, store: Store) -> None:
+    run_id = _train_tiny()
+    run = store.get_run(run_id)
+    store.update_run(run_id, status="interrupted")
+    state = Path(run.run_dir) / state_file(1)
+    state.write_bytes(state.read_bytes()[:-1] + b"\x00")
+    _one_line_error(["train", "--resume", run_id], "sha256", "refusing")
+    model = model_file(Path(run.run_dir), 1)
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    _one_line_error(["evaluate", run_id, "--attack", "fgsm", "--limit", "10"], "sha256", str(model))
+    assert store.evaluations(run_id) == []
+
+
+def test_killed_train_keeps_a_verified_checkpoint_and_loses_at_most_one_epoch(tmp_path: Path) -> None:
+    db = tmp_path / "deflect.db"
+    cmd = [sys.executable, "-m", "deflect", "train", "--n", "2", "--epochs", "5", "--limit", "512"]
+    proc = subprocess.Popen(cmd, env=_env(db), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            time.sleep(0.2)
+            runs = Store(db).list_runs() if db.exists() else []
+            if runs and runs[0].epochs_done >= 2:
+                break
+        time.sleep(0.3)  # land somewhere inside the next epoch
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    store = Store(db)  # "the next start": the dead pid's row is marked interrupted
+    run = store.list_runs()[0]
+    done = run.epochs_done
+    assert run.status == "interrupted" and 2 <= done < 5, (run.status, done)
+    name = state_file(done)
+    assert sha256_file(Path(run.run_dir) / name) == store.checkpoint_digest(run.id, done, name)
+    assert len(deflect.load_set(run.id, store)) == 2
+    starts: list[int] = []
+    train(store=store, resume=run.id[:20], callbacks=Callbacks(on_start=lambda _r, first: starts.append(first)))
+    assert starts == [done + 1]  # only the epoch in progress at the kill is redone
+    assert store.get_run(run.id).status == "finished"
+    assert [m.epoch for m in store.epochs(run.id)] == [1, 2, 3, 4, 5]
+
+
+def test_killed_evaluate_leaves_complete_rows_or_none(tmp_path: Path) -> None:
+    run_id = _train_tiny()
+    db = tmp_path / "deflect.db"
+    cmd = [sys.executable, "-m", "deflect", "evaluate", run_id, "--all", "--limit", "120"]
+    proc = subprocess.Popen(cmd, env=_env(db), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            if Store(db).evaluations(run_id):
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = Store(db).evaluations(run_id)
+    assert 1 <= len(rows) < 11, len(rows)  # killed part-way through the eleven attacks
+    for ev in rows:
+        assert ev.n_examples == 120 and len(ev.matrix) == 2 and all(len(r) == 2 for r in ev.matrix)
+        assert len(ev.clean_acc) == 2 and ev.blackbox_mean is not None and ev.success_rate is not None
+    for png in (tmp_path / "runs" / run_id / "figures").glob("*.png"):  # figures are whole or absent
+        data = png.read_bytes()
+        assert data.startswith(b"\x89PNG") and data.rstrip().endswith(b"IEND\xaeB`\x82"), png
+    again = runner.invoke(app, ["evaluate", run_id, "--attack", "fgsm", "--limit", "20"])
+    assert again.exit_code == 0, again.output
+
+
+# --- concurrency -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seconds", [pytest.param(32.0, marks=pytest.mark.slow, id="32s"),
+                                     pytest.param(8.0, id="8s")])
+def test_train_evaluate_and_reader_share_the_database(tmp_path: Path, seconds: float) -> None:
+    """One process trains, another evaluates over and over, this one reads like a dashboard, with
+    no 'database is locked' anywhere and every read answered quickly. The 32 s run is the issue's
+    30+ s check (`-m slow`, it would add ~40 s to the default suite); the default suite runs 8 s."""
+    run_id = _train_tiny()
+    db = tmp_path / "deflect.db"
+    env = _env(db)
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "deflect", "train", "--n", "2", "--epochs", "500", "--limit", "256"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop = threading.Event()
+    evaluations: list[subprocess.CompletedProcess[str]] = []
+
+    def evaluate_loop() -> None:
+        while not stop.is_set():
+            evaluations.append(subprocess.run(
+                [sys.executable, "-m", "deflect", "evaluate", run_id, "--attack", "fgsm", "--limit", "64"],
+                env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120))
+
+    worker = threading.Thread(target=evaluate_loop)
+    worker.start()
+    reader, reads, slowest = Store(db), 0, 0.0
+    start = time.time()
+    try:
+        while time.time() - start < seconds:
+            t0 = time.perf_counter()
+            for run in reader.list_runs():
+                reader.epochs(run.id)
+                reader.checkpoint_digests(run.id)
+            reader.evaluations()
+            reader.simulations()
+            slowest = max(slowest, time.perf_counter() - t0)
+            reads += 1
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        worker.join(timeout=180)
+        trainer.send_signal(signal.SIGINT)
+        try:
+            _, train_err = trainer.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            trainer.kill()
+            _, train_err = trainer.communicate()
+    assert time.time() - start >= seconds
+    assert trainer.returncode == 130, train_err
+    assert "locked" not in train_err and "Traceback" not in train_err, train_err
+    assert len(evaluations) >= (2 if seconds >= 30 else 1)
+    for done in evaluations:
+        assert done.returncode == 0 and "locked" not in done.stderr, done.stderr
+    store = Store(db)
+    trained = next(r for r in store.list_runs() if r.id != run_id)
+    assert trained.status == "interrupted" and trained.epochs_done >= (2 if seconds >= 30 else 0)
+    assert len(store.epochs(trained.id)) == trained.epochs_done
+    assert len(store.evaluations(run_id)) == len(evaluations)
+    assert reads > 3 * seconds and slowest < 5.0, (reads, slowest)
+
+
+# --- untrusted files and secrets -----------------------------------------------------------------
+
+def test_no_pickle_anywhere() -> None:
+    """Checkpoints load only through safetensors: no pickle import, no unsafe torch.load."""
+    for path in (ROOT / "deflect").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(pickle|cPickle|dill|joblib|shelve)\b", text, re.M), path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+        assert "yaml.load(" not in text and "eval(" not in text.replace(".eval(", ""), path
+
+
+def test_key_never_logged_or_stored(digits_runs: tuple[Store, dict[str, str]], tmp_path: Path) -> None:
+    store, ids = digits_runs
+    key = tmp_path / "private.key"
+    result = runner.invoke(app, ["simulate", "--adversary", "skilled", "--rounds", "1", "--per-round", "20",
+                                 "--run", ids["disjoint"], "--db", str(store.path), "--key", str(key), "--json"])
+    assert result.exit_code == 0, result.output
+    assert (key.stat().st_mode & 0o777) == 0o600
+    secret = key.read_text().strip()
+    assert secret not in result.output
+    for path in store.path.parent.glob(store.path.name + "*"):  # database, -wal, -shm
+        data = path.read_bytes()
+        assert secret.encode() not in data and bytes.fromhex(secret) not in data, path
+    key.chmod(0o604)
+    _one_line_error(["simulate", "--adversary", "skilled", "--db", str(store.path), "--key", str(key)],
+                    "accessible by group or others", "chmod 600")
