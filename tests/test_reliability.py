@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,20 @@ def _train_tiny() -> str:
 
 def _env(db: Path) -> dict[str, str]:
     return {**os.environ, "DEFLECT_DB": str(db), "OMP_NUM_THREADS": "1"}
+
+
+def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float, settle: float = 0.0) -> None:
+    """SIGKILL `proc` once `ready()` holds (or at `timeout`), `settle` seconds later; always reap it."""
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.1)
+        time.sleep(settle)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -277,19 +292,12 @@ def test_killed_train_keeps_a_verified_checkpoint_and_loses_at_most_one_epoch(tm
     db = tmp_path / "deflect.db"
     cmd = [sys.executable, "-m", "deflect", "train", "--n", "2", "--epochs", "5", "--limit", "512"]
     proc = subprocess.Popen(cmd, env=_env(db), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            time.sleep(0.2)
-            runs = Store(db).list_runs() if db.exists() else []
-            if runs and runs[0].epochs_done >= 2:
-                break
-        time.sleep(0.3)  # land somewhere inside the next epoch
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def two_epochs_done() -> bool:
+        runs = Store(db).list_runs() if db.exists() else []
+        return bool(runs) and runs[0].epochs_done >= 2
+
+    _kill_when(proc, two_epochs_done, timeout=180, settle=0.3)  # settle: land inside the next epoch
     store = Store(db)  # "the next start": the dead pid's row is marked interrupted
     run = store.list_runs()[0]
     done = run.epochs_done
@@ -309,17 +317,7 @@ def test_killed_evaluate_leaves_complete_rows_or_none(tmp_path: Path) -> None:
     db = tmp_path / "deflect.db"
     cmd = [sys.executable, "-m", "deflect", "evaluate", run_id, "--all", "--limit", "120"]
     proc = subprocess.Popen(cmd, env=_env(db), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            if Store(db).evaluations(run_id):
-                break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _kill_when(proc, lambda: bool(Store(db).evaluations(run_id)), timeout=120)
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     rows = Store(db).evaluations(run_id)
