@@ -65,11 +65,6 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] 
     return st_save(flat, metadata=metadata)
 
 
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> str:
-    """Save tensors with JSON metadata atomically; returns the file's sha256."""
-    return atomic_write(path, encode_tensors(tensors, meta))
-
-
 def _read_verified(path: Path, sha256: str | Collection[str] | None) -> bytes:
     try:
         data = Path(path).read_bytes()
@@ -129,12 +124,3 @@ def update_manifest(run_dir: Path, digests: Mapping[str, str]) -> None:
 
 def model_file(run_dir: Path, index: int) -> Path:
     return run_dir / f"model_{index}.safetensors"
-
-
-def save_models(run_dir: Path, models: list[torch.nn.Module], meta: Mapping[str, Any]) -> dict[str, str]:
-    """Write every model's state dict; returns {file name: sha256}."""
-    digests = {}
-    for i, model in enumerate(models):
-        path = model_file(run_dir, i)
-        digests[path.name] = save_tensors(path, model.state_dict(), {**meta, "index": i})
-    return digests
