@@ -381,6 +381,19 @@ def export(
     typer.echo(str(out / f"{record.id}.{fmt}"))
 
 
+@app.command()
+@handle_errors
+def dashboard(db: DbOption = None) -> None:
+    """Live, read-only dashboard: runs, training curves and transfer matrices (q quits, ? keys).
+
+    Example: deflect dashboard
+    """
+    from deflect.tui.app import DeflectApp
+
+    store = open_store(db)
+    DeflectApp(store).run()
+
+
 class _SimDisplay:
     """One Rich display at a time on stderr, switched as `simulate` moves through its phases:
     training the static adversary's model, crafting for the expected figure, then the live rounds."""

@@ -263,9 +263,6 @@ class Store:
         return changed
 
     # epochs and checkpoints -------------------------------------------------------------------
-    def add_epoch(self, metric: EpochMetric) -> None:
-        self._write(metric)
-
     def epochs(self, run_id: str) -> list[EpochMetric]:
         with self.session() as s:
             q = select(EpochMetric).where(EpochMetric.run_id == run_id).order_by(EpochMetric.epoch)
@@ -314,6 +311,46 @@ class Store:
             if kind is not None:
                 q = q.where(Evaluation.kind == kind)
             return list(s.exec(q.order_by(Evaluation.id)).all())  # type: ignore[arg-type]
+
+    # read-only views (the dashboard polls these; they never write) -----------------------------
+    def runs_readonly(self) -> list[Run]:
+        """Every run, oldest first, without `mark_stale_runs`'s write: a run left 'running' by a dead
+        process on this host is shown as 'interrupted' in the returned (detached) rows only."""
+        host = socket.gethostname()
+        with self.session() as s:
+            rows = list(s.exec(select(Run).order_by(Run.created)).all())  # type: ignore[arg-type]
+        for run in rows:
+            if run.status == "running" and run.host == host and run.pid is not None and not _pid_alive(run.pid):
+                run.status = "interrupted"
+        return rows
+
+    def run_readonly(self, run_id: str) -> Run | None:
+        """One run by exact id, as `runs_readonly` shows it (no write), or None."""
+        return next((run for run in self.runs_readonly() if run.id == run_id), None)
+
+    def latest_epochs(self, run_ids: list[str] | None = None) -> dict[str, EpochMetric]:
+        """The newest epoch row of each run (of `run_ids`, or of every run)."""
+        with self.session() as s:
+            q = select(EpochMetric)
+            if run_ids is not None:
+                q = q.where(EpochMetric.run_id.in_(run_ids))  # type: ignore[attr-defined]
+            rows = s.exec(q.order_by(EpochMetric.epoch, EpochMetric.id)).all()  # type: ignore[arg-type]
+        return {row.run_id: row for row in rows}
+
+    def best_blackbox(self) -> dict[str, float]:
+        """Highest black-box mean accuracy of each run's transfer evaluations."""
+        best: dict[str, float] = {}
+        for ev in self.evaluations(kind="transfer"):
+            if ev.blackbox_mean is not None:
+                best[ev.run_id] = max(best.get(ev.run_id, ev.blackbox_mean), ev.blackbox_mean)
+        return best
+
+    def newest_transfer(self, run_id: str) -> dict[str, Evaluation]:
+        """Attack name -> newest transfer evaluation of a run, attacks in the order first evaluated."""
+        newest: dict[str, Evaluation] = {}
+        for ev in self.evaluations(run_id, kind="transfer"):
+            newest[ev.attack] = ev
+        return newest
 
 
     # simulations ------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The Textual dashboard (`deflect dashboard`): a read-only live view of the database."""

@@ -1,0 +1,1 @@
+"""Dashboard screens: welcome (empty database), runs, transfer matrix, help."""
