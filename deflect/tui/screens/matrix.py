@@ -10,12 +10,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, get_current_worker
 
 from deflect.store import Evaluation, Run
 from deflect.tui.data import MatrixData, load_matrix
+from deflect.tui.screens.polling import PollingScreen
 from deflect.tui.widgets.heatmap import Heatmap
 from deflect.tui.widgets.titlebar import TitleBar
 
@@ -35,7 +35,7 @@ def summary_text(ev: Evaluation) -> str:
             f"clean {clean} %  ·  {ev.n_examples} images  ·  {ev.created:%Y-%m-%d %H:%M}")
 
 
-class MatrixScreen(Screen):
+class MatrixScreen(PollingScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("left_square_bracket", "switch_attack(-1)", "Prev attack", key_display="["),
@@ -55,7 +55,6 @@ class MatrixScreen(Screen):
         self.run: Run | None = None
         self.evaluations: dict[str, Evaluation] = {}
         self.attack: str | None = None
-        self._worker: Worker[None] | None = None
 
     def compose(self) -> ComposeResult:
         yield TitleBar(str(self.app.store.path))  # type: ignore[attr-defined]
@@ -66,13 +65,10 @@ class MatrixScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self._worker = self.poll()
-        self.set_interval(self.app.poll_interval, self.tick)  # type: ignore[attr-defined]
+        self.start_polling()
 
-    def tick(self) -> None:
-        """A timer tick polls unless the last poll is still reading (a slow or busy database)."""
-        if self._worker is None or self._worker.is_finished:
-            self._worker = self.poll()
+    def start_poll(self) -> Worker[None]:
+        return self.poll()
 
     @work(thread=True, exclusive=True, group="matrix-poll")
     def poll(self) -> None:

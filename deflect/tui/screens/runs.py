@@ -9,11 +9,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Sparkline, Static
 from textual.worker import Worker, get_current_worker
 
 from deflect.tui.data import RunDetail, RunRow, load_detail, load_runs
+from deflect.tui.screens.polling import PollingScreen
 from deflect.tui.widgets.titlebar import TitleBar
 
 # The numbers first, so that they stay in view at 80 columns; the rest scrolls horizontally.
@@ -34,7 +34,7 @@ def row_cells(row: RunRow) -> dict[str, str]:
     }
 
 
-class RunsScreen(Screen):
+class RunsScreen(PollingScreen):
     BINDINGS = [
         Binding("enter", "open_matrix", "Matrix", priority=True),
         Binding("r", "poll", "Refresh"),
@@ -50,7 +50,6 @@ class RunsScreen(Screen):
         super().__init__()
         self.selected: str | None = None
         self.rows: dict[str, RunRow] = {}
-        self._worker: Worker[None] | None = None
 
     def compose(self) -> ComposeResult:
         yield TitleBar(str(self.app.store.path))  # type: ignore[attr-defined]
@@ -65,16 +64,13 @@ class RunsScreen(Screen):
         table = self.query_one("#runs", DataTable)
         for key, label in COLUMNS:
             table.add_column(label, key=key)
-        self.action_poll()
-        self.set_interval(self.app.poll_interval, self.tick)  # type: ignore[attr-defined]
+        self.start_polling()
 
-    def tick(self) -> None:
-        """A timer tick polls unless the last poll is still reading (a slow or busy database)."""
-        if self._worker is None or self._worker.is_finished:
-            self.action_poll()
+    def start_poll(self) -> Worker[None]:
+        return self.poll(self.selected)
 
     def action_poll(self) -> None:
-        self._worker = self.poll(self.selected)
+        self.refresh_data()
 
     @work(thread=True, exclusive=True, group="runs-poll")
     def poll(self, selected: str | None) -> None:

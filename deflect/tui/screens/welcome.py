@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from textual import work
 from textual.app import ComposeResult
 from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, get_current_worker
 
+from deflect.tui.screens.polling import PollingScreen
 from deflect.tui.widgets.titlebar import TitleBar
 
 WELCOME = """[b]Welcome to deflect[/b]
@@ -23,7 +23,7 @@ This database has no runs yet. Create a first one in another terminal:
 This screen switches to the runs table as soon as a run appears."""
 
 
-class WelcomeScreen(Screen):
+class WelcomeScreen(PollingScreen):
     @dataclass
     class Checked(Message):
         has_runs: bool
@@ -36,13 +36,10 @@ class WelcomeScreen(Screen):
 
     def on_mount(self) -> None:
         # The app looked just before showing this screen: the first poll waits one interval.
-        self._worker: Worker[None] | None = None
-        self.set_interval(self.app.poll_interval, self.tick)  # type: ignore[attr-defined]
+        self.start_polling(now=False)
 
-    def tick(self) -> None:
-        """A timer tick polls unless the last poll is still reading (a slow or busy database)."""
-        if self._worker is None or self._worker.is_finished:
-            self._worker = self.poll()
+    def start_poll(self) -> Worker[None]:
+        return self.poll()
 
     @work(thread=True, exclusive=True, group="welcome-poll")
     def poll(self) -> None:
