@@ -91,6 +91,8 @@ class TrainConfig:
             raise DeflectError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.arch not in ARCHS:
             raise DeflectError(f"unknown architecture {self.arch!r}; choose one of: {', '.join(ARCHS)}")
+        if self.width < 1:
+            raise DeflectError(f"--width must be at least 1, got {self.width}")
         if self.epochs < 1:
             raise DeflectError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 2:

@@ -50,6 +50,8 @@ from deflect.train import Callbacks, resolve_device, train
 STATIC_ROLE = "static-adversary"
 STATIC_SEED = 1000  # the static adversary's model: an independent run with this seed
 Z95 = 1.959963984540054
+VOID, DEFLECTED, SUCCEEDED = 0, 1, 2  # outcome codes of RoundResult.attacks
+GRID_CLIENTS = 512  # clients whose slot is stored with a simulation, for the dashboard's client grid
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
@@ -85,6 +87,9 @@ class RoundResult:
     expected_counted: float  # expected number of counted attacks ...
     expected_succeeded: float  # ... and of successes, from the transfer matrices
     rotations: list[dict[str, int]] = field(default_factory=list)
+    # one [client index, model, outcome] per attack, in sending order (VOID / DEFLECTED / SUCCEEDED):
+    # what `deflect dashboard` replays client by client
+    attacks: list[list[int]] = field(default_factory=list)
 
     @property
     def counted(self) -> int:
@@ -129,6 +134,7 @@ class SimulationResult:
     rounds: list[RoundResult] = field(default_factory=list)
     seconds: float = 0.0
     simulation_id: int | None = None
+    client_slots: list[int] = field(default_factory=list)  # slot of each of the first GRID_CLIENTS clients
 
     def _sum(self, name: str) -> int:
         return int(sum(getattr(r, name) for r in self.rounds))
@@ -403,6 +409,7 @@ def simulate(
     if cb.on_phase:
         cb.on_phase(f"{scenario.rounds} rounds of {scenario.per_round} attacks on {scenario.clients} clients")
     ids = client_ids(scenario.clients)
+    result.client_slots = [deployment.slot(c) for c in ids[:GRID_CLIENTS]]
     for r in range(1, scenario.rounds + 1):
         result.rounds.append(_play_round(r, scenario, deployment, ids, rng, pool, models, surrogate, attack,
                                          s_row, c_row, dev, batch_size))
@@ -414,7 +421,8 @@ def simulate(
         row = store.add_simulation(Simulation(
             run_id=run.id, adversary=result.adversary, k=k, attack=attack.name, scenario=scenario.name,
             params={**result.scenario, "owned": owned, "static_run": result.static_run,
-                    "attack_params": result.attack_params, "expected_source": source, "pool": len(pool)},
+                    "attack_params": result.attack_params, "expected_source": source, "pool": len(pool),
+                    "client_slots": result.client_slots},
             rounds=[rd.to_dict() for rd in result.rounds], sent=result.sent, counted=result.counted,
             succeeded=result.succeeded, deflected=result.deflected, deflection_rate=result.rate,
             ci_low=_finite(lo), ci_high=_finite(hi), expected_rate=result.expected_rate, hits=result.hits,
@@ -443,6 +451,7 @@ def _play_round(
         x_adv = _craft(attack, surrogate, x, y, batch_size)
     sent_to, hits, void = [0] * n, [0] * n, 0
     deflected = 0
+    outcome = np.zeros(m, dtype=np.int64)
     for v in np.unique(victims).tolist():
         mask = torch.as_tensor(victims == v, device=dev)
         clean_ok = _answers(models[v], x[mask], batch_size) == y[mask]
@@ -451,6 +460,8 @@ def _play_round(
         hits[v] = int((clean_ok & ~adv_ok).sum())
         void += int((~clean_ok).sum())
         deflected += int((clean_ok & adv_ok).sum())
+        codes = torch.where(clean_ok, torch.where(adv_ok, DEFLECTED, SUCCEEDED), VOID)
+        outcome[victims == v] = codes.cpu().numpy()
     exp_counted = m * sum(shares[v] * c_row[v] / 100 for v in range(n))
     exp_succ = m * sum(shares[v] * c_row[v] / 100 * s_row[v] / 100 for v in range(n))
     for v in range(n):
@@ -461,4 +472,5 @@ def _play_round(
         round=r, sent=m, void=void, succeeded=sum(hits), deflected=deflected, released=released,
         sent_to=sent_to, hits=hits, expected_counted=exp_counted, expected_succeeded=exp_succ,
         rotations=[dataclasses.asdict(e) for e in events],
+        attacks=[[int(c), int(v), int(o)] for c, v, o in zip(victims_of, victims, outcome, strict=True)],
     )

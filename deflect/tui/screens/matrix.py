@@ -42,6 +42,7 @@ class MatrixScreen(PollingScreen):
         Binding("right_square_bracket", "switch_attack(1)", "Next attack", key_display="]"),
         Binding("a", "switch_attack(1)", "Next attack", show=False),
         Binding("e", "export", "Export PNG"),
+        Binding("g", "game", "Attacker game"),
     ]
 
     @dataclass
@@ -126,6 +127,11 @@ class MatrixScreen(PollingScreen):
         title.update(f"[b]{self.run_id}[/] · accuracy % under attack · {attacks}")
         heatmap.show(ev.matrix, clean=ev.clean_acc, row_labels=(ev.extra or {}).get("row_labels"))
         summary.update(summary_text(ev))
+
+    def action_game(self) -> None:
+        from deflect.tui.screens.game import GameScreen
+
+        self.app.push_screen(GameScreen(self.run_id))
 
     def action_export(self) -> None:
         if self.run is None or self.current is None or not self.current.matrix:

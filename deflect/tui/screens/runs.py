@@ -37,6 +37,8 @@ def row_cells(row: RunRow) -> dict[str, str]:
 class RunsScreen(PollingScreen):
     BINDINGS = [
         Binding("enter", "open_matrix", "Matrix", priority=True),
+        Binding("g", "game", "Attacker game"),
+        Binding("s", "replay", "Replay"),
         Binding("r", "poll", "Refresh"),
     ]
 
@@ -140,3 +142,16 @@ class RunsScreen(PollingScreen):
         from deflect.tui.screens.matrix import MatrixScreen
 
         self.app.push_screen(MatrixScreen(run_id))
+
+    def action_game(self) -> None:
+        run_id = self._cursor_run()
+        if run_id is None:
+            return
+        from deflect.tui.screens.game import GameScreen
+
+        self.app.push_screen(GameScreen(run_id))
+
+    def action_replay(self) -> None:
+        from deflect.tui.screens.replay import ReplayScreen
+
+        self.app.push_screen(ReplayScreen())
