@@ -20,6 +20,7 @@ class DeflectApp(App):
     TITLE = "deflect"
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
+        Binding("s", "replay", "Replay"),
         Binding("q", "quit", "Quit"),
         Binding("question_mark", "help", "Help", key_display="?"),
     ]
@@ -52,6 +53,12 @@ class DeflectApp(App):
         from deflect.tui.screens.runs import RunsScreen
 
         self.push_screen(RunsScreen() if message.has_runs else WelcomeScreen())
+
+    def action_replay(self) -> None:
+        from deflect.tui.screens.replay import ReplayScreen
+
+        if not isinstance(self.screen, ReplayScreen | HelpScreen):
+            self.push_screen(ReplayScreen())
 
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):

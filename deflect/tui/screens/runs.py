@@ -38,7 +38,6 @@ class RunsScreen(PollingScreen):
     BINDINGS = [
         Binding("enter", "open_matrix", "Matrix", priority=True),
         Binding("g", "game", "Attacker game"),
-        Binding("s", "replay", "Replay"),
         Binding("r", "poll", "Refresh"),
     ]
 
@@ -150,8 +149,3 @@ class RunsScreen(PollingScreen):
         from deflect.tui.screens.game import GameScreen
 
         self.app.push_screen(GameScreen(run_id))
-
-    def action_replay(self) -> None:
-        from deflect.tui.screens.replay import ReplayScreen
-
-        self.app.push_screen(ReplayScreen())
