@@ -66,10 +66,6 @@ def test_replay_a_stored_simulation_step_by_step(tmp_path: Path) -> None:
             assert screen.replay.sent == 1 and screen.marks == {0: SUCCEEDED}
             grid = screen.query_one(ClientGrid)
             assert grid.models == [0, 1, 0, 1] and "✗✗" in text_of(grid)
-            await pilot.press("space")
-            assert screen.playing
-            await pilot.press("space")
-            assert not screen.playing
             await pilot.press("r")  # the rest of round 1: model 0 is rotated out
             assert screen.replay.round_index == 1 and screen.replay.released == [2, 1]
             assert "model 0 retired after 2 hits, model 2 released" in text_of(screen.query_one("#replay-log", Static))
@@ -80,6 +76,10 @@ def test_replay_a_stored_simulation_step_by_step(tmp_path: Path) -> None:
             assert "60.0 %" in gauge and "of 5" in gauge
             assert "m0 2" in text_of(screen.query_one("#replay-hits", Static))
             assert "finished" in text_of(screen.query_one("#replay-title", Static))
+            await pilot.press("space")
+            assert screen.playing
+            await pilot.press("space")
+            assert not screen.playing
             await pilot.press("plus", "plus")
             assert screen.speed == 4
             await pilot.press("escape")  # back to the list, then out
