@@ -6,6 +6,7 @@ stderr so that `--json` output on stdout stays machine-readable.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -80,9 +81,10 @@ def open_store(db: Path | None) -> Any:
 def train(
     n: Annotated[int, typer.Option("--n", help="Number of models in the set (≥ 2).")] = 3,
     dataset: Annotated[str, typer.Option(help="digits | fashion-mnist | mnist | cifar10.")] = "digits",
-    method: Annotated[str, typer.Option(help="disjoint | independent.")] = "disjoint",
+    method: Annotated[str, typer.Option(help="disjoint | independent | fast-at | adp.")] = "disjoint",
     preset: Annotated[str | None, typer.Option(help="digits | fashion-mnist | paper-cifar10.")] = None,
     arch: Annotated[str | None, typer.Option(help="cnn | preact-resnet18.")] = None,
+    width: Annotated[int | None, typer.Option(help="Channels of the small CNN's first stage (preset default).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (preset default).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (preset default).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate of the cyclic schedule.")] = None,
@@ -96,6 +98,10 @@ def train(
     no_angle: Annotated[bool, typer.Option("--no-angle", help="Ablation: drop the angular loss.")] = False,
     no_transfer: Annotated[bool, typer.Option("--no-transfer", help="Ablation: drop both transfer losses.")] = False,
     eps1_per_sample: Annotated[bool, typer.Option(help="Scale ε1 by the batch size (batch-size independent).")] = False,
+    at_eps: Annotated[float | None, typer.Option(help="fast-at: L∞ budget (default: the dataset's ε).")] = None,
+    step: Annotated[str, typer.Option(help="reference | fast: same objective, faster layout.")] = "reference",
+    transfer_batch: Annotated[int | None, typer.Option(
+        help="Images per batch for the transfer terms (changes the objective; default all).")] = None,
     select: Annotated[str | None, typer.Option(help="Kept checkpoint: val-loss | last.")] = None,
     limit: Annotated[int | None, typer.Option(help="Train on a seeded subset of N images.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -120,11 +126,11 @@ def train(
     cfg = None
     if resume is None:
         overrides: dict[str, Any] = dict(
-            method=method, arch=arch, epochs=epochs, batch_size=batch_size, lr_max=lr, eps1=eps1,
+            method=method, arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr_max=lr, eps1=eps1,
             eps2=eps2, w_angle=w_angle, w_transfer1=w_transfer1, w_transfer2=w_transfer2,
             sample_models=sample, select=select, train_limit=limit, seed=seed, device=device,
             bf16=bf16, data_dir=str(data_dir) if data_dir else None, download=download,
-            eps1_per_sample=eps1_per_sample or None,
+            eps1_per_sample=eps1_per_sample or None, step=step, transfer_batch=transfer_batch, at_eps=at_eps,
         )
         if angle_epochs is not None:
             overrides["angle_window"] = TermWindow(1, angle_epochs)
@@ -175,6 +181,94 @@ def train(
 
 @app.command()
 @handle_errors
+def grow(
+    run: Annotated[str, typer.Argument(help="Finished run to grow: id, unique prefix, or 'latest'.")],
+    add: Annotated[int | None, typer.Option("--add", help="New models to train, one after another (default 1).")]
+    = None,
+    pool: Annotated[bool, typer.Option("--pool", help="Keep the new models as the set's unreleased pool.")] = False,
+    refill: Annotated[int | None, typer.Option(
+        help="Top the pool up to N models in a background process and return at once (implies --pool).")] = None,
+    sample: Annotated[int | None, typer.Option(help="Frozen models sampled per step (default 2).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per new model (default: the parent's).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the new models (default: the parent's).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Add K models to a finished set without retraining it; prints the new run id.
+
+    Each new model trains against the frozen models before it (transfer terms both ways and the
+    angular term, with the parent's weights and schedule). The grown set is a new run that records
+    its parent. Example: deflect grow latest --add 3 ; deflect grow RUN --refill 4
+    """
+    from deflect.console import err_console, format_losses, grow_progress
+    from deflect.store import run_to_dict
+    from deflect.train.grow_run import GrowCallbacks
+    from deflect.train.grow_run import grow as run_grow
+
+    if add is not None and add < 1:
+        fail(f"--add must be at least 1, got {add}")
+    store = open_store(db)
+    if refill is not None:
+        from dataclasses import asdict
+
+        from deflect.pool import pool_base, spawn_refill
+
+        if add is not None:
+            fail("--refill works out how many models to add; drop --add")
+        base = pool_base(store, store.get_run(run))
+        if base.status != "finished":
+            fail(f"run {base.id} is {base.status}; only a finished set can be grown")
+        passed = [(f"--{name}", value) for name, value in (("sample", sample), ("epochs", epochs), ("seed", seed))
+                  if value is not None]
+        args = [str(a) for pair in passed for a in pair] + ["--device", device]
+        job = spawn_refill(store, base, refill, args)
+        if as_json:
+            typer.echo(json.dumps({**asdict(job), "log": str(job.log) if job.log else None}))
+        elif job.add == 0:
+            typer.echo(f"the pool of {base.id} already holds {job.size} model(s) (target {refill})")
+        else:
+            typer.echo(f"growing {job.add} pool model(s) for {base.id} in the background (pid {job.pid}); "
+                       f"log: {job.log}")
+        return
+
+    progress = grow_progress(err_console)
+    task: dict[str, Any] = {}
+
+    def on_start(new: Any, parent: Any) -> None:
+        role = "pool of " + new.config["pool_of"] if new.config.get("pool_of") else "set"
+        err_console.print(f"[bold]run[/] {new.id}  ({role}: {parent.id} n={parent.n} + {new.n - parent.n} new, "
+                          f"{new.device})")
+        task["run"], task["parent"] = new.id, parent.id
+
+    def on_batch(event: Any) -> None:
+        if "id" not in task:
+            task["id"] = progress.add_task("grow", total=event.batches * event.epochs * event.models, model="",
+                                           epoch="", losses="", rate="")
+        progress.update(task["id"], advance=1, model=f"{event.model}/{event.models}",
+                        epoch=f"epoch {event.epoch}/{event.epochs} batch {event.batch}/{event.batches}",
+                        losses=format_losses(event), rate=f"{event.images_per_s:.0f} img/s")
+
+    def on_model(done: Any) -> None:
+        progress.console.print(f"m{done.index} (new {done.position}): clean {done.clean_acc:.1f}% "
+                               f"(epoch {done.best_epoch}) in {done.seconds:.1f} s")
+
+    try:
+        with progress:
+            run_id = run_grow(store, run, add or 1, sample=sample, epochs=epochs, seed=seed, device=device,
+                              pool=pool, callbacks=GrowCallbacks(on_start, on_batch, None, on_model))
+    except KeyboardInterrupt:
+        typer.echo(f"deflect: interrupted; run {task.get('run', '?')} is marked interrupted and "
+                   f"{task.get('parent', run)} is unchanged", err=True)
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps(run_to_dict(store.get_run(run_id))))
+    else:
+        typer.echo(run_id)
+
+
+@app.command()
+@handle_errors
 def runs(db: DbOption = None, as_json: JsonOption = False) -> None:
     """List the runs in the database.
 
@@ -214,6 +308,33 @@ def _progress_callback(progress: Any, description: str, unit: str) -> Callable[[
     return update
 
 
+def _evaluate_adaptive(store: Any, run: str, settings: Any, device: str, as_json: bool) -> None:
+    """`evaluate --adaptive`: every adaptive attacker, one progress task per attack, then the table."""
+    from rich.console import Console
+
+    from deflect.adaptive import evaluate_adaptive, rich_table
+    from deflect.console import err_console, work_progress
+
+    with work_progress(err_console) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = (progress.add_task(what, total=total, rate=""), time.perf_counter())
+            task, t0 = tasks[what]
+            progress.update(task, completed=done, total=total,
+                            rate=f"{done / max(time.perf_counter() - t0, 1e-9):.2f}/s")
+
+        report = evaluate_adaptive(store, run, settings, device=device, progress=on_progress)
+    if as_json:
+        typer.echo(json.dumps({"run": report.run_id, "split": settings.split, "kind": "adaptive",
+                               **{k: v for k, v in report.to_dict().items() if k != "run"}}))
+        return
+    out = Console()
+    out.print(rich_table(report))
+    out.print(f"stored {len(report.rows)} adaptive evaluation(s) for {report.run_id}", highlight=False)
+
+
 @app.command()
 @handle_errors
 def evaluate(
@@ -224,6 +345,19 @@ def evaluate(
     max_subsets: Annotated[int | None, typer.Option(help="Cap the number of M-model subsets.")] = None,
     eps_sweep: Annotated[bool, typer.Option("--eps-sweep", help="PGD-100 over the Figure 5 ε list.")] = False,
     tsne: Annotated[bool, typer.Option("--tsne", help="t-SNE of input-gradient signs (PNG).")] = False,
+    adaptive: Annotated[bool, typer.Option("--adaptive", help=(
+        "Adaptive attackers: DI-TI-MI-FGSM on k owned models, a query-trained surrogate, a method-aware "
+        "attacker, Square against one client."))] = False,
+    k: Annotated[int | None, typer.Option("--k", help="--adaptive: models the attacker owns (default 2, "
+                                          "at most n-1).")] = None,
+    attackers: Annotated[str | None, typer.Option(help="--adaptive: comma list of transfer, surrogate, "
+                                                  "method-aware, query (default all).")] = None,
+    queries: Annotated[int, typer.Option(help="--adaptive: the surrogate's label-query budget.")] = 1000,
+    max_queries: Annotated[int, typer.Option(help="--adaptive: Square's queries per image at most.")] = 5000,
+    square_limit: Annotated[int, typer.Option(help="--adaptive: images Square attacks.")] = 100,
+    restarts: Annotated[int | None, typer.Option(help="--adaptive: DI-TI-MI-FGSM restarts (default 3).")] = None,
+    aware_epochs: Annotated[int | None, typer.Option(help="--adaptive: epochs of the method-aware attacker's "
+                                                     "own set (default: the run's).")] = None,
     limit: Annotated[int | None, typer.Option(help="Fixed, seeded subset of N test images.")] = None,
     eps: Annotated[float | None, typer.Option(help="Override ε.")] = None,
     alpha: Annotated[float | None, typer.Option(help="Override the step size α.")] = None,
@@ -237,7 +371,8 @@ def evaluate(
 ) -> None:
     """Transfer matrices of attacks across a set, stored in the database.
 
-    Example: deflect evaluate latest --attack pgd1 ; deflect evaluate RUN --all --limit 500
+    Example: deflect evaluate latest --attack pgd1 ; deflect evaluate RUN --all --limit 500 ;
+    deflect evaluate RUN --adaptive --k 2
     """
     from rich.console import Console
 
@@ -251,6 +386,17 @@ def evaluate(
         fail(f"--steps must be at least 1, got {steps}")
     if batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
+    if adaptive:
+        if attack or all_attacks or ensemble is not None or eps_sweep or tsne or alpha is not None:
+            fail("--adaptive runs on its own: drop --attack/--all/--ensemble/--eps-sweep/--tsne/--alpha")
+        from deflect.adaptive import FAMILIES, AdaptiveSettings
+
+        families = tuple(a.strip() for a in (attackers or ",".join(FAMILIES)).split(",") if a.strip())
+        settings = AdaptiveSettings(k=k, limit=limit, eps=eps, steps=steps, restarts=restarts, queries=queries,
+                                    max_queries=max_queries, square_limit=square_limit, aware_epochs=aware_epochs,
+                                    families=families, seed=seed, batch_size=batch_size, split=split)
+        _evaluate_adaptive(open_store(db), run, settings, device, as_json)
+        return
     names = parse_attacks(attack, all_attacks) if (attack or all_attacks or not (eps_sweep or tsne)) else []
     overrides = {"eps": eps, "alpha": alpha, "steps": steps}
     store = open_store(db)
@@ -499,6 +645,9 @@ def _simulation_summary(result: Any) -> str:
     for e in result.rotations:
         lines.append(f"after round {e['round']}: m{e['retired']} retired after {e['hits']} observed successes, "
                      f"m{e['released']} released to its clients")
+    if getattr(result, "pool_of", None):
+        pool = " ".join(f"m{i}" for i in result.pool_models)
+        lines.append(f"pool of {result.pool_of}: {pool} (run {result.run_id}), released after the set's own models")
     if result.static_run:
         lines.append(f"static adversary's model: {result.static_run} (model 0)")
     if result.simulation_id is not None:
@@ -637,6 +786,110 @@ def demo(
               f"{rounds * 100} random clients of {clients}", highlight=False)
     out.print(f"runs: {ids['independent']} {ids['disjoint']} (see 'deflect runs', 'deflect compare', "
               f"'deflect simulate --run RUN --adversary ...')", highlight=False)
+
+
+@app.command()
+@handle_errors
+def reproduce(
+    preset: Annotated[str, typer.Option(help="fashion-mnist | digits | paper-cifar10 (GPU).")] = "fashion-mnist",
+    quick: Annotated[bool, typer.Option("--quick", help="n=3 sets, 20k training images, 3 epochs.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for the Markdown report and its figures.")] = Path("results"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    data_dir: Annotated[Path | None, typer.Option(help="Dataset root for torchvision datasets.")] = None,
+    db: DbOption = None,
+) -> None:
+    """Train the comparison sets, evaluate them and write results/<dataset>.md; resumes if stopped.
+
+    Example: deflect reproduce --preset fashion-mnist --quick
+    """
+    from deflect.console import err_console, format_losses, training_progress
+    from deflect.reproduce import reproduce as run_reproduction
+    from deflect.train import Callbacks
+
+    store = open_store(db)
+    progress = training_progress(err_console)
+    state: dict[str, Any] = {}
+
+    def on_start(run: Any, first_epoch: int) -> None:
+        state.pop("task", None)
+        state["run"] = run.id
+
+    def on_batch(event: Any) -> None:
+        if "task" not in state:
+            total = event.batches * event.epochs
+            state["task"] = progress.add_task("train", total=total, completed=event.batches * (event.epoch - 1),
+                                              epoch="", losses="", rate="")
+        progress.update(state["task"], advance=1, epoch=f"{event.epoch}/{event.epochs} batch {event.batch}",
+                        losses=format_losses(event), rate=f"{event.images_per_s:.0f} img/s")
+
+    try:
+        with progress:
+            path = run_reproduction(store, preset, quick=quick, out=out, device=device,
+                                    data_dir=str(data_dir) if data_dir else None,
+                                    callbacks=Callbacks(on_start=on_start, on_batch=on_batch),
+                                    say=lambda text: progress.console.print(f"[bold]reproduce[/] {text}"))
+    except KeyboardInterrupt:
+        typer.echo("deflect: interrupted; run the same command again to continue", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(str(path))
+
+
+@app.command()
+@handle_errors
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="Small models and batches: a smoke check in seconds.")] = False,
+    steps: Annotated[int | None, typer.Option(help="Timed steps per figure (after one warm-up).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Time training steps and a transfer matrix here, with ratios against in-process baselines.
+
+    Example: deflect bench ; deflect bench --quick --json
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from deflect.bench import BenchSettings, run_bench
+    from deflect.console import err_console
+    from deflect.train import resolve_device
+
+    settings = BenchSettings(device=str(resolve_device(device)))
+    if quick:
+        settings = dataclasses.replace(settings, width=8, batch_size=64, ns=(3,), steps=1, matrix_images=128)
+    if steps is not None:
+        if steps < 1:
+            fail(f"--steps must be at least 1, got {steps}")
+        settings = dataclasses.replace(settings, steps=steps)
+    phases = len(settings.ns) + 2
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err_console)
+    with progress:
+        task = progress.add_task("starting", total=phases)
+
+        def on_phase(text: str) -> None:
+            started = progress.tasks[0].description != "starting"
+            progress.update(task, advance=1 if started else 0, description=text)
+
+        result = run_bench(settings, on_phase)
+        progress.update(task, completed=phases)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    table = Table(title=f"steps/s ({result.device}, {result.threads} threads, batch {settings.batch_size}, "
+                        f"width {settings.width})")
+    table.add_column("n")
+    recipes = list(next(iter(result.steps_per_s.values())))
+    for name in recipes:
+        table.add_column(name, justify="right")
+    for n, rates in result.steps_per_s.items():
+        table.add_row(n, *(f"{rates[r]:.2f}" for r in recipes))
+    console = Console()
+    console.print(table)
+    console.print("reference step by phase (s): " + "  ".join(f"{k} {v:.3f}" for k, v in result.phases.items()))
+    console.print("transfer matrix (images/s): " + "  ".join(f"{k} {v:.1f}" for k, v in result.matrix.items()))
+    console.print("ratios: " + "  ".join(f"{k} {v:.2f}" for k, v in result.ratios.items()))
+    console.print(f"peak memory: {result.peak_memory_mb:.0f} MiB")
 
 
 def main() -> None:

@@ -17,9 +17,10 @@ from deflect.data import DATASETS
 from deflect.errors import DeflectError
 from deflect.models import ARCHS
 
-METHODS = ("disjoint", "independent")
+METHODS = ("disjoint", "independent", "fast-at", "adp")
 PRESETS = ("digits", "fashion-mnist", "paper-cifar10")
 SELECTIONS = ("val-loss", "last")
+STEPS = ("reference", "fast")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,13 @@ class TrainConfig:
     transfer1_window: TermWindow = field(default_factory=lambda: TermWindow(2, None))
     transfer2_window: TermWindow = field(default_factory=lambda: TermWindow(3, None))
     sample_models: int | None = None  # None: 3 models per iteration when n >= 5, else all
+    # "fast": same objective, faster layout (deflect.train.fast); transfer_batch changes the objective
+    # baselines: fast-AT's L∞ budget (None: the dataset's evaluation ε); ADP's α and β
+    at_eps: float | None = None
+    adp_alpha: float = 2.0
+    adp_beta: float = 0.5
+    step: str = "reference"
+    transfer_batch: int | None = None  # images per batch used by the transfer terms (None: all)
     augment: bool = False  # random crop (pad 4) + horizontal flip, as for CIFAR-10
     select: str = "val-loss"  # checkpoint kept for load_set: lowest validation loss, or last
     train_limit: int | None = None  # use only the first N (seeded) training images
@@ -91,6 +99,12 @@ class TrainConfig:
             raise DeflectError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         if self.arch not in ARCHS:
             raise DeflectError(f"unknown architecture {self.arch!r}; choose one of: {', '.join(ARCHS)}")
+        if self.at_eps is not None and not 0 < self.at_eps <= 1:
+            raise DeflectError(f"--at-eps must be in (0, 1], got {self.at_eps}")
+        if self.step not in STEPS:
+            raise DeflectError(f"unknown step {self.step!r}; choose one of: {', '.join(STEPS)}")
+        if self.transfer_batch is not None and self.transfer_batch < 2:
+            raise DeflectError(f"--transfer-batch must be at least 2, got {self.transfer_batch}")
         if self.width < 1:
             raise DeflectError(f"--width must be at least 1, got {self.width}")
         if self.epochs < 1:
@@ -187,7 +201,13 @@ def make_config(
         raise DeflectError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     values: dict[str, Any] = {"n": n, "dataset": dataset, "preset": name}
     values.update(PRESET_BUILDERS[name](max(n, 2)))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("method") == "fast-at":
+        # Wong et al. keep the last epoch (early-stopped on catastrophic overfitting), 50 epochs on CIFAR-10
+        values["select"] = "last"
+        if name == "paper-cifar10":
+            values["epochs"] = 50
+    values.update(given)
     cfg = TrainConfig.from_dict(values)
     cfg.validate()
     return cfg

@@ -38,6 +38,23 @@ def training_progress(console: Console = err_console) -> Progress:
     )
 
 
+def grow_progress(console: Console = err_console) -> Progress:
+    """Model i of K, its epoch and batch, losses, throughput and ETA while a set grows."""
+    return Progress(
+        TextColumn("[bold]model {task.fields[model]}"),
+        TextColumn("{task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[losses]}"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
 def work_progress(console: Console = err_console) -> Progress:
     """A generic bar with items/s and ETA for evaluation work."""
     return Progress(

@@ -89,6 +89,7 @@ class ReleasePolicy:
 
     initial: int | None = None
     threshold: int | None = None
+    pool: bool = True  # once the set's own fresh models are used up, release its pool (`deflect grow --pool`)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Deployment:
     key: bytes = field(repr=False)
     n_models: int
     policy: ReleasePolicy = field(default_factory=ReleasePolicy)
+    pool: int = 0  # the last `pool` models are a pool: released in index order after the set's own
     released: list[int] = field(init=False)  # slot -> model
     unreleased: list[int] = field(init=False)  # fresh models, next first
     retired: list[int] = field(init=False, default_factory=list)
@@ -116,9 +118,12 @@ class Deployment:
     _slots: dict[str, int] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        m = self.n_models if self.policy.initial is None else self.policy.initial
-        if not 1 <= m <= self.n_models:
-            raise DeflectError(f"release.initial must be between 1 and the set size {self.n_models}, got {m}")
+        own = self.n_models - self.pool
+        if not 0 <= self.pool < self.n_models:
+            raise DeflectError(f"a pool of {self.pool} models leaves no set of its own among {self.n_models}")
+        m = own if self.policy.initial is None else self.policy.initial
+        if not 1 <= m <= own:
+            raise DeflectError(f"release.initial must be between 1 and the set size {own}, got {m}")
         if self.policy.threshold is not None and self.policy.threshold < 1:
             raise DeflectError(f"release.threshold must be at least 1, got {self.policy.threshold}")
         order = self.release_order()
@@ -127,11 +132,16 @@ class Deployment:
         self.since_release = [0] * self.n_models
 
     def release_order(self) -> list[int]:
-        """The keyed order in which models are released: which models are held back is secret too."""
-        if self.policy.initial is None or self.policy.initial >= self.n_models:
-            return list(range(self.n_models))
-        tag = [hmac.new(self.key, f"release:{i}".encode(), hashlib.sha256).digest() for i in range(self.n_models)]
-        return sorted(range(self.n_models), key=lambda i: tag[i])
+        """The keyed order in which models are released: which models are held back is secret too.
+
+        Pool models come last, oldest first: they exist to replace models once the set's own run out.
+        """
+        own = self.n_models - self.pool
+        pool = list(range(own, self.n_models))
+        if self.policy.initial is None or self.policy.initial >= own:
+            return list(range(own)) + pool
+        tag = [hmac.new(self.key, f"release:{i}".encode(), hashlib.sha256).digest() for i in range(own)]
+        return sorted(range(own), key=lambda i: tag[i]) + pool
 
     def slot(self, client_id: str) -> int:
         if client_id not in self._slots:

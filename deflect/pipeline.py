@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from deflect.attacks import attack_names, make_attack
+from deflect.attacks import adaptive_attack_names, attack_names, make_attack
 from deflect.data import load_dataset
 from deflect.errors import DeflectError
 from deflect.evaluate import (
@@ -33,14 +33,15 @@ Progress = Callable[[int, int], None]
 
 
 def parse_attacks(spec: str | None, use_all: bool) -> list[str]:
-    """`pgd1`, `pgd1,fgsm` or --all → attack keys, validated against Table 1."""
+    """`pgd1`, `pgd1,fgsm` or --all (Table 1) → attack keys; the adaptive attacks may be named too."""
     names = attack_names()
     if use_all:
         return names
     chosen = [a.strip().lower() for a in (spec or "pgd1").split(",") if a.strip()]
+    known = [*names, *adaptive_attack_names()]
     for a in chosen:
-        if a not in names:
-            raise DeflectError(f"unknown attack {a!r}; choose from: {', '.join(names)}")
+        if a not in known:
+            raise DeflectError(f"unknown attack {a!r}; choose from: {', '.join(known)}")
     return chosen
 
 

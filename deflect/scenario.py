@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deflect.attacks import attack_names
+from deflect.attacks import adaptive_attack_names, attack_names
 from deflect.deploy import ReleasePolicy
 from deflect.errors import DeflectError
 
@@ -63,7 +63,7 @@ class Scenario:
 _INT_MIN = {"k": 1, "clients": 1, "rounds": 1, "per_round": 1, "seed": 0, "limit": 1}
 _INT_MAX = {"clients": 1_000_000, "rounds": 100_000, "per_round": 100_000, "seed": 2**32 - 1}
 _STRINGS = ("adversary", "attack", "run", "name", "description")
-_RELEASE_KEYS = ("initial", "threshold")
+_RELEASE_KEYS = ("initial", "threshold", "pool")
 
 
 def _problem(key: str, value: Any) -> str | None:
@@ -74,9 +74,11 @@ def _problem(key: str, value: Any) -> str | None:
             return f"expected a string, got {type(value).__name__} {value!r}"
         if key == "adversary" and value not in ADVERSARIES:
             return f"unknown adversary {value!r}; choose one of: {', '.join(ADVERSARIES)}"
-        if key == "attack" and value.strip().lower() not in attack_names():
-            return f"unknown attack {value!r}; choose one of: {', '.join(attack_names())}"
+        if key == "attack" and value.strip().lower() not in [*attack_names(), *adaptive_attack_names()]:
+            return f"unknown attack {value!r}; choose one of: {', '.join([*attack_names(), *adaptive_attack_names()])}"
         return None
+    if key == "release.pool":
+        return None if isinstance(value, bool) else f"expected true or false, got {type(value).__name__} {value!r}"
     if isinstance(value, bool) or not isinstance(value, int):
         return f"expected an integer, got {type(value).__name__} {value!r}"
     low = 1 if key.startswith("release.") else _INT_MIN[base]
@@ -119,7 +121,7 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
 
     fields = {f.name for f in dataclasses.fields(Scenario)}
     values: dict[str, Any] = {}
-    release: dict[str, int] = {}
+    release: dict[str, int | bool] = {}
     for key, value in data.items():
         if key == "release":
             if not isinstance(value, dict):

@@ -41,6 +41,7 @@ from deflect.deploy import Deployment, Rotation, client_ids, default_key_path, l
 from deflect.errors import DeflectError
 from deflect.evaluate import craft_and_score, select_subset, transfer_matrix
 from deflect.pipeline import store_transfer
+from deflect.pool import current_pool
 from deflect.runtime import fast_cpu_math
 from deflect.scenario import Scenario
 from deflect.sets import load_set
@@ -135,6 +136,8 @@ class SimulationResult:
     seconds: float = 0.0
     simulation_id: int | None = None
     client_slots: list[int] = field(default_factory=list)  # slot of each of the first GRID_CLIENTS clients
+    pool_of: str | None = None  # set when run_id is this set's pool run (staged release with a pool)
+    pool_models: list[int] = field(default_factory=list)  # the pool's indices, released after the set's own
 
     def _sum(self, name: str) -> int:
         return int(sum(getattr(r, name) for r in self.rounds))
@@ -308,7 +311,9 @@ def _craft_passes(
     point or more off, and every simulation of the run would repeat the same error. A pool of more
     than max_images / 2 images is crafted once.
     """
-    randomised = bool(attack.params().get("random_start")) or isinstance(attack, RFGSM)
+    params = attack.params()
+    randomised = (bool(params.get("random_start")) or isinstance(attack, RFGSM) or params.get("restarts", 1) > 1
+                  or params.get("diversity_prob", 0) > 0)
     limit = min(max_passes, max_images // max(len(pool), 1)) if randomised and 2 * len(pool) <= max_images else 1
     adv = flipped = clean = 0
     count, means = 0, []
@@ -340,6 +345,18 @@ def resolve_run(store: Store, ref: str | None) -> Run:
     return run
 
 
+def deployed_set(store: Store, run: Run, scenario: Scenario) -> Run:
+    """The run whose models are deployed: `run`, or its pool run when a staged release may need fresh
+    models beyond the set's own (a threshold is set, the scenario allows the pool, and one exists).
+
+    A pool run holds the set's models first, so every index means the same model; the simulation
+    and its expected-figure evaluations are stored under the pool run, whose size they match.
+    """
+    if scenario.release.threshold is None or not scenario.release.pool:
+        return run
+    return current_pool(store, run.id) or run
+
+
 @torch.no_grad()
 def _answers(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
@@ -368,12 +385,13 @@ def simulate(
         raise DeflectError("no adversary: choose static, skilled or oracle")
     run = resolve_run(store, scenario.run)
     key = load_or_create_key(key_path or default_key_path(store.path))
-    n = run.n
     where = f"scenario {scenario.name}: " if scenario.name else ""
     initial = scenario.release.initial
-    if initial is not None and initial > n:
-        raise DeflectError(f"{where}release.initial={initial} but run {run.id} has only {n} models")
-    deployment = Deployment(key, n, scenario.release)
+    if initial is not None and initial > run.n:
+        raise DeflectError(f"{where}release.initial={initial} but run {run.id} has only {run.n} models")
+    base, run = run, deployed_set(store, run, scenario)
+    n = run.n
+    deployment = Deployment(key, n, scenario.release, pool=n - base.n)
     k = scenario.owned
     if k > len(deployment.released):
         raise DeflectError(f"{where}--k {k} is more than the {len(deployment.released)} released models "
@@ -388,7 +406,7 @@ def simulate(
     if scenario.adversary == "static":
         if cb.on_phase:
             cb.on_phase("static adversary: its own model (an independent run, trained once and cached)")
-        static = static_adversary(store, run, device, cb.training)
+        static = static_adversary(store, base, device, cb.training)
         surrogate: nn.Module | list[nn.Module] = static[0].to(dev).eval()
     else:
         surrogate = models[owned[0]] if k == 1 else [models[i] for i in owned]
@@ -405,6 +423,7 @@ def simulate(
         attack_params=_jsonable(attack.params()), scenario=_jsonable(scenario.to_dict()), owned=owned,
         static_run=static[1] if static else None, n_models=n, pool=len(pool), source_success=list(s_row),
         source_clean=list(c_row), expected_source=source,
+        pool_of=base.id if run is not base else None, pool_models=list(range(base.n, n)),
     )
     if cb.on_phase:
         cb.on_phase(f"{scenario.rounds} rounds of {scenario.per_round} attacks on {scenario.clients} clients")
@@ -422,7 +441,8 @@ def simulate(
             run_id=run.id, adversary=result.adversary, k=k, attack=attack.name, scenario=scenario.name,
             params={**result.scenario, "owned": owned, "static_run": result.static_run,
                     "attack_params": result.attack_params, "expected_source": source, "pool": len(pool),
-                    "client_slots": result.client_slots},
+                    "client_slots": result.client_slots, "pool_of": result.pool_of,
+                    "pool_models": result.pool_models},
             rounds=[rd.to_dict() for rd in result.rounds], sent=result.sent, counted=result.counted,
             succeeded=result.succeeded, deflected=result.deflected, deflection_rate=result.rate,
             ci_low=_finite(lo), ci_high=_finite(hi), expected_rate=result.expected_rate, hits=result.hits,

@@ -21,7 +21,7 @@ from sqlmodel import JSON, Field, Session, SQLModel, create_engine, select
 from deflect.errors import DeflectError
 
 DEFAULT_DB = "deflect.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: EpochMetric.terms
 STATUSES = ("running", "finished", "failed", "interrupted")
 #: Run.config["role"] of runs deflect trains for its own use (the static adversary's model):
 #: listed like any run, but never what 'latest' means.
@@ -69,6 +69,8 @@ class EpochMetric(SQLModel, table=True):
     clean_acc: list = Field(default_factory=list, sa_column=Column(JSON))
     lr: float
     seconds: float
+    # every loss term of the run's method by name (baselines have their own), plus per-epoch extras
+    terms: dict | None = Field(default=None, sa_column=Column(JSON))
 
 
 class Checkpoint(SQLModel, table=True):
@@ -157,6 +159,8 @@ class Store:
                 if version == 0:
                     conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
                     conn.commit()
+                elif version < SCHEMA_VERSION:
+                    _migrate(conn, version)
                 elif version > SCHEMA_VERSION:
                     raise DeflectError(
                         f"database {self.path} was written by a newer deflect (schema {version})"
@@ -364,6 +368,16 @@ class Store:
             if run_id is not None:
                 q = q.where(Simulation.run_id == run_id)
             return list(s.exec(q.order_by(Simulation.id)).all())  # type: ignore[arg-type]
+
+
+def _migrate(conn: Any, version: int) -> None:
+    """Bring a database written by an older deflect up to SCHEMA_VERSION, keeping every row."""
+    if version < 2:
+        columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(epochmetric)")}
+        if "terms" not in columns:
+            conn.exec_driver_sql("ALTER TABLE epochmetric ADD COLUMN terms JSON")
+    conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
+    conn.commit()
 
 
 def is_helper_run(run: Run) -> bool:

@@ -38,10 +38,24 @@ def filled_store(tmp_path: Path) -> Store:
     return store
 
 
+def _sized(pilot: Pilot) -> bool:
+    """The runs table holds both runs and has measured its columns (a loaded machine can lag)."""
+    from textual.widgets import DataTable
+
+    screen = pilot.app.screen
+    if screen.__class__.__name__ != "RunsScreen" or len(getattr(screen, "rows", {})) < 2:
+        return False
+    table = screen.query_one(DataTable)
+    return table.columns["id"].get_render_width(table) > len("digits-disjoint-n3-aaaaaa")
+
+
 async def settle(pilot: Pilot) -> None:
-    await until(pilot, lambda: pilot.app.screen.__class__.__name__ == "RunsScreen"
-                and pilot.app.screen.rows)
+    from textual.widgets import DataTable
+
+    await until(pilot, lambda: _sized(pilot))
+    pilot.app.screen.query_one(DataTable).refresh()  # paint the measured widths before the picture
     await pilot.pause(0.3)
+    await pilot.wait_for_scheduled_animations()
 
 
 def test_runs_screen(snap_compare, tmp_path: Path) -> None:

@@ -123,6 +123,23 @@ def margin_loss(logits: Tensor, y: Tensor, kappa: float) -> Tensor:
     return torch.clamp(real - other, min=-kappa)
 
 
+def checked_inputs(model: ModelLike, x: Tensor, y: Tensor) -> tuple[nn.Module, Tensor, Tensor]:
+    """The attack contract's input checks, shared by every entry point (``__call__``, ``Square.run``):
+    a model (or ensemble), a batched float ``x`` in [0, 1] (detached) and one long label per sample."""
+    net = as_model(model)
+    check(isinstance(x, Tensor) and x.is_floating_point(), "x must be a float tensor")
+    check(x.dim() >= 2, f"x must be batched (N×...), got shape {tuple(x.shape)}")
+    y = torch.as_tensor(y).to(device=x.device, dtype=torch.long).reshape(-1)
+    check(y.shape[0] == x.shape[0], f"x has {x.shape[0]} samples but y has {y.shape[0]} labels")
+    x = x.detach()
+    if x.numel():
+        check(
+            bool(x.min() >= 0) and bool(x.max() <= 1),
+            "x must hold images in [0, 1] (the models normalise internally)",
+        )
+    return net, x, y
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, bool | int | str) or value is None:
         return value
@@ -161,21 +178,8 @@ class Attack(ABC):
         ``x`` is an ``N×C×H×W`` float batch in [0, 1], ``y`` the true labels; neither is
         modified. Runs with gradients enabled even inside a caller's ``torch.no_grad()``.
         """
-        net = as_model(model)
-        check(isinstance(x, Tensor) and x.is_floating_point(), "x must be a float tensor")
-        check(x.dim() >= 2, f"x must be batched (N×...), got shape {tuple(x.shape)}")
-        y = torch.as_tensor(y).to(device=x.device, dtype=torch.long).reshape(-1)
-        check(
-            y.shape[0] == x.shape[0],
-            f"x has {x.shape[0]} samples but y has {y.shape[0]} labels",
-        )
-        x = x.detach()
-        if x.numel():
-            check(
-                bool(x.min() >= 0) and bool(x.max() <= 1),
-                "x must hold images in [0, 1] (the models normalise internally)",
-            )
-        else:
+        net, x, y = checked_inputs(model, x, y)
+        if not x.numel():
             return x.clone()
         with eval_mode(net), torch.enable_grad():
             x_adv = self.perturb(net, x, y)

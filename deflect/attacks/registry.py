@@ -10,6 +10,10 @@ through one table, :data:`DATASET_BUDGETS`, with these rules:
   same per-pixel RMS perturbation relative to the L∞ budget as on CIFAR-10;
 * CW/EAD's ``c``, ``kappa``, ``lr`` and ``beta`` are unchanged (they are budget-free).
 
+Beside Table 1, :data:`_ADAPTIVE` holds the adaptive attacks (``adaptive_attack_names()``): DI-TI-MI-FGSM
+with CE or CW loss at the preset ε and at twice it, and the Square query attack. They scale the same
+way; their TI kernel follows the image size (:data:`TI_KERNELS`).
+
 Keyword overrides passed to :func:`make_attack` are applied last and taken literally.
 """
 
@@ -25,6 +29,8 @@ from deflect.attacks.ead import EAD
 from deflect.attacks.fgsm import FGM, FGSM, RFGSM
 from deflect.attacks.mifgsm import MIFGSM
 from deflect.attacks.pgd import PGD
+from deflect.attacks.square import Square
+from deflect.attacks.transfer import DiTiMIFGSM
 from deflect.errors import DeflectError
 
 #: Table 1's L∞ budget on CIFAR-10; the reference for ``linf_scale``.
@@ -86,9 +92,39 @@ _TABLE1: dict[str, _Setting] = {
 }
 
 
+def _di_ti(eps: float, loss: str) -> _Setting:
+    """Adaptive DI-TI-MI-FGSM: 50 steps of ε/20 (2ε of travel, so momentum can turn) and 3 restarts."""
+    return _Setting(DiTiMIFGSM, {"eps": eps, "alpha": eps / 20, "steps": 50, "restarts": 3, "decay": 1.0,
+                                 "loss": loss}, linf=_LINF)
+
+
+#: Adaptive attacks against random deployment (not part of Table 1, so not in ``--all``).
+_ADAPTIVE: dict[str, _Setting] = {
+    "di-ti-mifgsm": _di_ti(0.031, "ce"),
+    "di-ti-mifgsm-cw": _di_ti(0.031, "cw"),
+    "di-ti-mifgsm-2eps": _di_ti(0.062, "ce"),
+    "di-ti-mifgsm-cw-2eps": _di_ti(0.062, "cw"),
+    "square": _Setting(Square, {"eps": 0.031, "max_queries": 5000, "p_init": 0.8}, linf=("eps",)),
+}
+
+#: TI's Gaussian (size, σ in pixels) per dataset: about a sixth of the image side, at least 3×3, so
+#: the smoothing spans a stroke's width on 8×8 digits and on 28×28/32×32 images alike.
+TI_KERNELS: dict[str, tuple[int, float]] = {
+    "cifar10": (5, 1.0),
+    "mnist": (5, 1.0),
+    "fashion-mnist": (5, 1.0),
+    "digits": (3, 0.75),
+}
+
+
 def attack_names() -> list[str]:
     """The eleven Table 1 keys, in the paper's order."""
     return list(_TABLE1)
+
+
+def adaptive_attack_names() -> list[str]:
+    """The adaptive attacks' keys (DI-TI-MI-FGSM variants and Square), beside Table 1's."""
+    return list(_ADAPTIVE)
 
 
 def dataset_names() -> list[str]:
@@ -101,29 +137,36 @@ def budget_for(dataset: str | None) -> Budget:
 
     Names are matched case-insensitively, with ``_`` accepted for ``-``.
     """
+    return DATASET_BUDGETS[_dataset_key(dataset)]
+
+
+def _dataset_key(dataset: str | None) -> str:
     if dataset is None:
-        return DATASET_BUDGETS["cifar10"]
+        return "cifar10"
     key = dataset.strip().lower().replace("_", "-")
     if key not in DATASET_BUDGETS:
         raise DeflectError(
             f"unknown dataset {dataset!r} for attack budgets; "
             f"choose one of: {', '.join(DATASET_BUDGETS)}"
         )
-    return DATASET_BUDGETS[key]
+    return key
 
 
 def make_attack(name: str, dataset: str | None = None, **overrides: Any) -> Attack:
-    """Build the Table 1 attack ``name``, budgets scaled to ``dataset``, then ``overrides``.
+    """Build the Table 1 (or adaptive) attack ``name``, budgets scaled to ``dataset``, then ``overrides``.
 
     Example: ``make_attack("pgd1", dataset="digits", steps=50)``. Unknown names, datasets or
     override keys, and invalid values (negative ε, ``steps < 1``…) raise ``DeflectError``.
     """
     key = name.strip().lower() if isinstance(name, str) else name
-    if key not in _TABLE1:
-        raise DeflectError(f"unknown attack {name!r}; choose one of: {', '.join(_TABLE1)}")
-    setting = _TABLE1[key]
+    settings = {**_TABLE1, **_ADAPTIVE}
+    if key not in settings:
+        raise DeflectError(f"unknown attack {name!r}; choose one of: {', '.join(settings)}")
+    setting = settings[key]
     budget = budget_for(dataset)
     params = dict(setting.params)
+    if setting.cls is DiTiMIFGSM:
+        params["ti_size"], params["ti_sigma"] = TI_KERNELS[_dataset_key(dataset)]
     for p in setting.linf:
         if p in params:
             params[p] = params[p] * budget.linf_scale

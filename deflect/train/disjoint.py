@@ -77,8 +77,11 @@ def train_epoch(
     epoch: int,
     device: torch.device,
     on_batch: Callable[[BatchEvent], None] | None = None,
+    frozen: Sequence[int] = (),
 ) -> EpochStats:
-    """Train every model of the set for one epoch on the joint loss of Eq. 5."""
+    """Train every model of the set for one epoch on its method's loss (Eq. 5 for disjoint sets).
+
+    `frozen` models (fast-AT models stopped early) get no gradient and so no update."""
     gen = epoch_generator(cfg.seed, epoch)
     active = ActiveTerms.for_epoch(cfg, epoch)
     k = cfg.pair_sample_size()
@@ -96,15 +99,15 @@ def train_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         sample = torch.randperm(len(models), generator=gen)[:k].sort().values.tolist()
         with autocast(device, cfg.bf16):
-            parts: LossParts = disjoint_loss(models, x, y, cfg, active, sample)
+            total, values = method_loss(models, x, y, cfg, active, sample, device, gen, frozen)
         optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
+        total.backward()
         optimizer.step()
         stats.lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        values = parts.as_floats()
-        for key in LOSS_KEYS:
-            stats.losses[key] += values[key] / batches
+        values = {**dict.fromkeys(LOSS_KEYS, 0.0), **values}
+        for key, value in values.items():
+            stats.losses[key] = stats.losses.get(key, 0.0) + value / batches
         if on_batch is not None:
             elapsed = time.perf_counter() - start
             on_batch(
@@ -112,6 +115,39 @@ def train_epoch(
             )
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def method_loss(
+    models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, active: ActiveTerms,
+    sample: Sequence[int], device: torch.device, gen: torch.Generator, frozen: Sequence[int] = (),
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The batch loss of the run's method and its terms by name."""
+    if cfg.method == "fast-at":
+        from deflect.train.baselines import dataset_eps, fast_at_loss
+
+        return fast_at_loss(models, x, y, cfg.at_eps or dataset_eps(cfg.dataset), gen, frozen)
+    if cfg.method == "adp":
+        from deflect.train.baselines import adp_loss
+
+        return adp_loss(models, x, y, cfg.adp_alpha, cfg.adp_beta)
+    parts: LossParts = step_loss(models, x, y, cfg, active, sample, device)
+    return parts.total, parts.as_floats()
+
+
+def step_loss(
+    models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, active: ActiveTerms,
+    sample: Sequence[int], device: torch.device,
+) -> LossParts:
+    """The configured step: the per-pair reference, or the fast layout (batched forwards on CUDA,
+    channels-last inputs on CPU) of the same objective."""
+    if cfg.step == "reference" and cfg.transfer_batch is None:
+        return disjoint_loss(models, x, y, cfg, active, sample)
+    from deflect.train.fast import fast_disjoint_loss
+
+    fast = cfg.step == "fast"
+    if fast and device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return fast_disjoint_loss(models, x, y, cfg, active, sample, batched=fast and device.type == "cuda")
 
 
 @torch.no_grad()

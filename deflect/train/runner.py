@@ -12,6 +12,7 @@ ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -80,6 +81,27 @@ def build_set(cfg: TrainConfig) -> list[nn.Module]:
             torch.manual_seed(cfg.seed * 1000 + i)
             models.append(build_model(cfg.arch, info, cfg.normalize, cfg.width))
     return models
+
+
+def _fast_at_check(models: list[nn.Module], train_set: Any, cfg: TrainConfig, device: torch.device,
+                   at_state: dict[str, Any], last_good: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """After a fast-AT epoch: roll a model that overfit catastrophically back to its last good weights
+    and freeze it; remember the good weights of the others."""
+    from deflect.train.baselines import catastrophic, dataset_eps, robust_first_batch
+
+    x, y = train_set.batch(torch.arange(min(cfg.batch_size, len(train_set))))
+    robust = robust_first_batch(models, x.to(device), y.to(device), cfg.at_eps or dataset_eps(cfg.dataset), cfg.seed)
+    previous = at_state["robust"]
+    collapsed = [i for i in catastrophic(previous, robust) if i not in at_state["frozen"]]
+    for i in collapsed:
+        models[i].load_state_dict(last_good[i])
+    at_state["frozen"] = sorted({*at_state["frozen"], *collapsed})
+    frozen = set(at_state["frozen"])
+    at_state["robust"] = [previous[i] if previous and i in frozen else r for i, r in enumerate(robust)]
+    for i, m in enumerate(models):
+        if i not in frozen:
+            last_good[i] = copy.deepcopy(m.state_dict())
+    return {"robust_first_batch": robust, "frozen": list(at_state["frozen"]), "rolled_back": collapsed}
 
 
 def new_run_id(cfg: TrainConfig) -> str:
@@ -178,6 +200,9 @@ def train(
             raise DeflectError(f"run {run.id} already finished; nothing to resume")
         if run.status == "running":
             raise DeflectError(f"run {run.id} is still running (pid {run.pid} on {run.host}); stop it first")
+        if run.config.get("parent"):
+            raise DeflectError(f"run {run.id} was grown from {run.config['parent']} by 'deflect grow' and cannot be "
+                               f"resumed; grow the parent again")
         cfg = TrainConfig.from_dict(run.config)
         run_dir = Path(run.run_dir)
     elif cfg is None:
@@ -206,6 +231,8 @@ def train(
         )
 
     models = [m.to(device) for m in build_set(cfg)]
+    if cfg.step == "fast" and device.type == "cpu":  # oneDNN prefers NHWC (deflect.train.fast)
+        models = [m.to(memory_format=torch.channels_last) for m in models]
     batches = (len(train_set) // cfg.batch_size)
     opt, sched = _optimizer(models, cfg, cfg.epochs * batches)
     first_epoch, best_val, best_epoch, seconds = 1, math.inf, None, 0.0
@@ -224,12 +251,23 @@ def train(
         first_epoch = state["epoch"] + 1
         best_val, best_epoch, seconds = state["best_val"], state["best_epoch"], state["seconds"]
 
+    # fast-AT's early stop: per-model first-batch PGD accuracy, models frozen after a collapse, and the
+    # weights of the last good epoch (after a resume: the resumed ones, which are that epoch's)
+    at_state: dict[str, Any] = {"robust": None, "frozen": []}
+    if resume is not None and run.epochs_done:
+        at_state.update(state.get("fast_at") or {})
+    last_good = [copy.deepcopy(m.state_dict()) for m in models] if cfg.method == "fast-at" else []
+
     if callbacks.on_start:
         callbacks.on_start(run, first_epoch)
     eval_bs = max(cfg.batch_size, 256)
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
-            stats = train_epoch(models, opt, sched, train_set, cfg, epoch, device, callbacks.on_batch)
+            stats = train_epoch(models, opt, sched, train_set, cfg, epoch, device, callbacks.on_batch,
+                                at_state["frozen"])
+            extras: dict[str, Any] = {}
+            if cfg.method == "fast-at":
+                extras = _fast_at_check(models, train_set, cfg, device, at_state, last_good)
             t0 = time.perf_counter()
             accs = clean_accuracy(models, test_set, device, eval_bs)
             val = validation_loss(models, val_set, cfg, device, eval_bs)
@@ -247,6 +285,7 @@ def train(
                 "best_val": best_val,
                 "best_epoch": best_epoch,
                 "seconds": seconds,
+                "fast_at": at_state if cfg.method == "fast-at" else None,
             }
             blobs[state_file(epoch)] = encode_tensors(_state_tensors(models, opt), state_meta)
             digests = {name: sha256_bytes(blob) for name, blob in blobs.items()}
@@ -258,11 +297,14 @@ def train(
                 run_id=run.id, epoch=epoch, loss_total=stats.losses["total"], loss_class=stats.losses["class"],
                 loss_angle=stats.losses["angle"], loss_transfer1=stats.losses["transfer1"],
                 loss_transfer2=stats.losses["transfer2"], val_loss=val, clean_acc=accs, lr=stats.lr,
-                seconds=stats.seconds,
+                seconds=stats.seconds, terms={**stats.losses, **extras},
             )
             store.update_run(run.id, metric, epochs_done=epoch, seconds=seconds, best_epoch=best_epoch)
             if callbacks.on_epoch:
                 callbacks.on_epoch(metric)
+            if cfg.method == "fast-at" and len(at_state["frozen"]) == len(models):
+                store.update_run(run.id, message=f"fast-AT: every model stopped early by epoch {epoch}")
+                break
     except KeyboardInterrupt:
         store.update_run(run.id, status="interrupted", message="stopped by the user (Ctrl-C)")
         raise

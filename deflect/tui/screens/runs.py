@@ -96,6 +96,7 @@ class RunsScreen(PollingScreen):
         self.query_one(TitleBar).show_error(None)
         table = self.query_one("#runs", DataTable)
         fresh = {row.id: row for row in message.rows}
+        added = False
         for run_id in [key.value for key in table.rows if key.value not in fresh]:
             table.remove_row(run_id)
         for row in message.rows:
@@ -106,6 +107,9 @@ class RunsScreen(PollingScreen):
                         table.update_cell(row.id, key, value)
             else:
                 table.add_row(*(cells[key] for key, _ in COLUMNS), key=row.id)
+                added = True
+        if added:  # new rows can widen columns: redraw the rows already shown with the new widths
+            table.refresh(layout=True)
         self.rows = fresh
         if message.detail is not None and message.detail.run_id == self._cursor_run():
             self.show_detail(message.detail)

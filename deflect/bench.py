@@ -1,0 +1,232 @@
+"""`deflect bench`: what a training step and a transfer matrix cost on this machine, in one process.
+
+Every figure is a rate measured here, next to a baseline measured in the same process on the same
+inputs, so ratios are comparable across machines while absolute numbers are not. Inputs are
+synthetic (Fashion-MNIST-shaped by default): the cost of a step does not depend on pixel values.
+
+Step figures (small CNN, batch 128 by default):
+- `independent`: n models on cross-entropy only, the cost floor;
+- `reference`: the per-pair disjoint loss (`deflect.train.losses.disjoint_loss`);
+- `fast`: the same objective in the fast layout (`deflect.train.fast`, as `--step fast` runs it here);
+- `cheap`: an objective-changing recipe: only the ε2·tanh transfer term, on 32 images per batch.
+The reference step is also timed by phase: input gradients with their graph, the perturbed forwards
+of the transfer terms, and the backward pass (where the double backward lives).
+
+Matrix figure: a PGD transfer matrix over the same images by `deflect.evaluate.transfer_matrix`
+and by a model-by-model torchattacks loop (craft on each source, score on every target).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deflect.config import make_config
+from deflect.data import ImageTensorDataset, dataset_info
+from deflect.models import build_model
+from deflect.runtime import fast_cpu_math
+from deflect.train.disjoint import step_loss
+from deflect.train.losses import ActiveTerms, angular_loss, input_gradients, loss_increase
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BenchSettings:
+    dataset: str = "fashion-mnist"
+    width: int = 16
+    batch_size: int = 128
+    ns: tuple[int, ...] = (3, 6)
+    steps: int = 3  # timed steps per figure, after one warm-up step
+    matrix_images: int = 512
+    matrix_n: int = 3
+    device: str = "cpu"
+
+
+@dataclass
+class BenchResult:
+    settings: dict[str, Any]
+    device: str
+    threads: int
+    steps_per_s: dict[str, dict[str, float]] = field(default_factory=dict)  # n -> recipe -> steps/s
+    phases: dict[str, float] = field(default_factory=dict)  # reference step at the first n, seconds
+    matrix: dict[str, float] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _models(settings: BenchSettings, n: int, device: torch.device) -> list[nn.Module]:
+    info = dataset_info(settings.dataset)
+    torch.manual_seed(0)
+    return [build_model("cnn", info, width=settings.width).to(device) for _ in range(n)]
+
+
+def _batch(settings: BenchSettings, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    info = dataset_info(settings.dataset)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(size, info.channels, info.size, info.size, generator=gen)
+    y = torch.randint(0, info.num_classes, (size,), generator=gen)
+    return x.to(device), y.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rate(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    step()  # warm-up: allocator, oneDNN primitive cache, cuDNN autotune
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps / (time.perf_counter() - start)
+
+
+def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[str, float]:
+    """Steps per second of each recipe for a set of n (one SGD step = loss, backward, update)."""
+    x, y = _batch(settings, settings.batch_size, device)
+    rates: dict[str, float] = {}
+    recipes: dict[str, dict[str, Any]] = {
+        "independent": {"method": "independent"},
+        "reference": {},
+        "fast": {"step": "fast"},
+        "cheap": {"step": "fast", "transfer_batch": 32, "w_transfer1": 0.0, "w_angle": 0.0},
+    }
+    for name, overrides in recipes.items():
+        cfg = make_config(n, settings.dataset, width=settings.width, batch_size=settings.batch_size, **overrides)
+        models = _models(settings, n, device)
+        xs = x
+        if cfg.step == "fast" and device.type == "cpu":
+            models = [m.to(memory_format=torch.channels_last) for m in models]
+        active = ActiveTerms.all_enabled(cfg)
+        sample = list(range(cfg.pair_sample_size()))
+        opt = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.01, momentum=0.9)
+
+        def one(models: list[nn.Module] = models, cfg: Any = cfg, active: ActiveTerms = active,
+                sample: list[int] = sample, opt: torch.optim.Optimizer = opt, xs: torch.Tensor = xs) -> None:
+            if cfg.method == "independent":
+                loss = sum(F.cross_entropy(m(xs), y) for m in models)
+            else:
+                loss = step_loss(models, xs, y, cfg, active, sample, device).total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[union-attr]
+            opt.step()
+
+        rates[name] = _rate(one, settings.steps, device)
+    return rates
+
+
+def step_phases(settings: BenchSettings, n: int, device: torch.device) -> dict[str, float]:
+    """Seconds per reference step spent in each phase (means over the timed steps)."""
+    cfg = make_config(n, settings.dataset, width=settings.width, batch_size=settings.batch_size)
+    models = _models(settings, n, device)
+    x, y = _batch(settings, settings.batch_size, device)
+    totals = {"input_gradients": 0.0, "perturbed_forwards": 0.0, "backward": 0.0}
+    for rep in range(settings.steps + 1):
+        t0 = time.perf_counter()
+        losses, grads = input_gradients(models, x, y, create_graph=True)
+        angle = angular_loss(grads, cfg.cosine)
+        _sync(device)
+        t1 = time.perf_counter()
+        terms = []
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    terms.append(loss_increase(models[i], x, y, losses[i], cfg.eps1 * grads[j]))
+                    terms.append(loss_increase(models[i], x, y, losses[i],
+                                               cfg.eps2 * torch.tanh(cfg.tanh_scale * grads[j])))
+        total = torch.stack(losses).sum() + cfg.w_angle * angle + torch.stack(terms).mean()
+        _sync(device)
+        t2 = time.perf_counter()
+        total.backward()
+        _sync(device)
+        t3 = time.perf_counter()
+        if rep:  # the first round warms up
+            totals["input_gradients"] += (t1 - t0) / settings.steps
+            totals["perturbed_forwards"] += (t2 - t1) / settings.steps
+            totals["backward"] += (t3 - t2) / settings.steps
+        for m in models:
+            m.zero_grad(set_to_none=True)
+    return totals
+
+
+def matrix_rates(settings: BenchSettings, device: torch.device) -> dict[str, float]:
+    """Images per second through a full PGD transfer matrix: deflect vs a torchattacks loop."""
+    from deflect.attacks import make_attack
+    from deflect.evaluate import transfer_matrix
+
+    models = [m.eval() for m in _models(settings, settings.matrix_n, device)]
+    x, y = _batch(settings, settings.matrix_images, device)
+    data = ImageTensorDataset(x.cpu(), y.cpu(), dataset_info(settings.dataset))
+    attack = make_attack("pgd1", settings.dataset)
+    batch = 256
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    transfer_matrix(models, data, attack, batch_size=batch, device=device)
+    _sync(device)
+    out["deflect_images_per_s"] = len(x) / (time.perf_counter() - start)
+    try:
+        import torchattacks
+    except ImportError:  # the comparison needs the oracle library; deflect's own figure stands alone
+        return out
+    p = attack.params()
+    start = time.perf_counter()
+    for src in models:
+        craft = torchattacks.PGD(src, eps=p["eps"], alpha=p["alpha"], steps=p["steps"], random_start=True)
+        for i in range(0, len(x), batch):
+            adv = craft(x[i:i + batch], y[i:i + batch])
+            with torch.no_grad():
+                for target in models:
+                    target(adv).argmax(1)
+    _sync(device)
+    out["torchattacks_images_per_s"] = len(x) / (time.perf_counter() - start)
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def run_bench(settings: BenchSettings, progress: Progress | None = None) -> BenchResult:
+    """All figures, in this process, one after another."""
+    device = torch.device(settings.device)
+    fast_cpu_math()
+    result = BenchResult(dataclasses.asdict(settings), str(device), torch.get_num_threads())
+    for n in settings.ns:
+        if progress:
+            progress(f"training steps, n={n}")
+        result.steps_per_s[str(n)] = step_rates(settings, n, device)
+    first = settings.ns[0]
+    if progress:
+        progress(f"phases of the reference step, n={first}")
+    result.phases = step_phases(settings, first, device)
+    if progress:
+        progress("PGD transfer matrix: deflect and torchattacks")
+    result.matrix = matrix_rates(settings, device)
+    for n, rates in result.steps_per_s.items():
+        result.ratios[f"reference_cost_vs_independent_n{n}"] = rates["independent"] / rates["reference"]
+        result.ratios[f"fast_vs_reference_n{n}"] = rates["fast"] / rates["reference"]
+        result.ratios[f"cheap_vs_reference_n{n}"] = rates["cheap"] / rates["reference"]
+    if "torchattacks_images_per_s" in result.matrix:
+        result.ratios["matrix_vs_torchattacks"] = (result.matrix["deflect_images_per_s"]
+                                                   / result.matrix["torchattacks_images_per_s"])
+    result.peak_memory_mb = peak_memory_mb(device)
+    return result
+

@@ -1,0 +1,170 @@
+"""Growing a set: the loss and the loop that train one new model against frozen ones.
+
+The paper leaves open how to add models without retraining the set (§6). Here a new model is
+trained alone, on its own classification loss plus the transfer terms of Eqs. 3/4 in both
+directions and the angular term of Eq. 2, each over the pairs (new, frozen) of S frozen models
+sampled per step. Frozen models stay in eval mode with frozen parameters: their input gradients
+are plain first-order gradients (no graph), so each step costs 1 + S model passes and a few
+perturbed forwards, whatever the size of the set. Weights, ε and the term schedule are the parent
+run's (`TrainConfig`), so a grown model is held to the same recipe as the models it joins.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deflect.config import TrainConfig
+from deflect.data import ImageTensorDataset
+from deflect.train.disjoint import LOSS_KEYS, BatchEvent, EpochStats, augment, autocast, epoch_generator
+from deflect.train.losses import ActiveTerms, LossParts, angular_loss, input_gradients, loss_increase
+
+DEFAULT_SAMPLE = 2  # frozen models per step: 2·S ordered pairs per transfer term, S angular pairs
+
+
+@dataclass
+class GrowEvent(BatchEvent):
+    """A batch of new model `model` (1-based) of `models` being grown."""
+
+    model: int = 1
+    models: int = 1
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (BN running statistics stay as trained) and no parameter gradients: bit-identical forever."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _frozen_increase(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor, deltas: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """loss_increase of a frozen (eval-mode) model under several perturbations in one forward.
+
+    Eval mode makes every example independent of the others, so stacking the perturbed batches
+    gives exactly the per-batch results with one call instead of one per term.
+    """
+    logits = model(torch.cat([x + d for d in deltas])).chunk(len(deltas))
+    return [torch.clamp(F.cross_entropy(z, y) - clean_loss, min=0.0) for z in logits]
+
+
+def growth_loss(
+    new: nn.Module, frozen: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+    active: ActiveTerms,
+) -> LossParts:
+    """w1·CE(new) + w2·angle(new, f) + w3·T1 + w4·T2 over the pairs (new, f) of the `frozen` models given.
+
+    T1/T2 average 2·S terms: the new model under each frozen model's perturbation (frozen → new) and
+    each frozen model under the new model's perturbation (new → frozen); the latter reaches the new
+    model through its input gradient (double backprop), exactly as in the joint loss.
+    """
+    zero = x.new_zeros(())
+    transfer = active.transfer1 or active.transfer2
+    if active.angle or transfer:
+        (loss_new,), (g_new,) = input_gradients([new], x, y, create_graph=True)
+        losses_f, grads_f = input_gradients(frozen, x, y, create_graph=False)
+        losses_f = [loss.detach() for loss in losses_f]
+    else:
+        loss_new, g_new, losses_f, grads_f = F.cross_entropy(new(x), y), None, [], []
+    angle = zero
+    if active.angle:
+        angle = torch.stack([angular_loss([g_new, g], cfg.cosine) for g in grads_f]).mean()
+    t1_terms: list[torch.Tensor] = []
+    t2_terms: list[torch.Tensor] = []
+    if transfer:
+        assert g_new is not None
+        scale = x.shape[0] if cfg.eps1_per_sample else 1.0
+
+        def deltas(g: torch.Tensor) -> list[torch.Tensor]:
+            out = [cfg.eps1 * scale * g] if active.transfer1 else []
+            return out + ([cfg.eps2 * torch.tanh(cfg.tanh_scale * g)] if active.transfer2 else [])
+
+        mine = deltas(g_new)
+        kinds = ([t1_terms] if active.transfer1 else []) + ([t2_terms] if active.transfer2 else [])
+        for model, loss_f, g_f in zip(frozen, losses_f, grads_f, strict=True):
+            into_new = [loss_increase(new, x, y, loss_new, d) for d in deltas(g_f)]  # frozen → new
+            into_frozen = _frozen_increase(model, x, y, loss_f, mine)  # new → frozen
+            for terms, a, b in zip(kinds, into_new, into_frozen, strict=True):
+                terms.extend((a, b))
+    transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero
+    transfer2 = torch.stack(t2_terms).mean() if t2_terms else zero
+    total = cfg.w_class * loss_new + cfg.w_angle * angle + cfg.w_transfer1 * transfer1 + cfg.w_transfer2 * transfer2
+    return LossParts(total, loss_new, angle, transfer1, transfer2)
+
+
+def sample_frozen(count: int, sample: int, gen: torch.Generator) -> list[int]:
+    """`sample` of the `count` frozen models, drawn from the epoch's generator (all when fewer)."""
+    return torch.randperm(count, generator=gen)[: min(sample, count)].sort().values.tolist()
+
+
+def grow_epoch(
+    new: nn.Module,
+    frozen: Sequence[nn.Module],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data: ImageTensorDataset,
+    cfg: TrainConfig,
+    epoch: int,
+    seed: int,
+    sample: int,
+    device: torch.device,
+    on_batch: Callable[[BatchEvent], None] | None = None,
+) -> EpochStats:
+    """One epoch of the new model; batch order, augmentation and frozen samples seeded by (seed, epoch)."""
+    gen = epoch_generator(seed, epoch)
+    active = ActiveTerms.for_epoch(cfg, epoch)
+    order = torch.randperm(len(data), generator=gen)
+    batches = len(order) // cfg.batch_size  # drop the ragged last batch (BN needs >1 sample)
+    new.train()
+    stats = EpochStats()
+    start = time.perf_counter()
+    for b in range(batches):
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        x, y = data.batch(idx)
+        if cfg.augment:
+            x = augment(x, gen)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        chosen = [frozen[i] for i in sample_frozen(len(frozen), sample, gen)]
+        with autocast(device, cfg.bf16):
+            parts = growth_loss(new, chosen, x, y, cfg, active)
+        optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        optimizer.step()
+        stats.lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        values = parts.as_floats()
+        for key in LOSS_KEYS:
+            stats.losses[key] += values[key] / batches
+        if on_batch is not None:
+            rate = (b + 1) * len(idx) / max(time.perf_counter() - start, 1e-9)
+            on_batch(BatchEvent(epoch, cfg.epochs, b + 1, batches, rate, values))
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def growth_validation_loss(
+    new: nn.Module, frozen: Sequence[nn.Module], data: ImageTensorDataset, cfg: TrainConfig,
+    device: torch.device, batch_size: int,
+) -> float:
+    """The growth objective on the validation split, eval mode, every configured term on.
+
+    `frozen` is a fixed sample chosen once per new model, so epochs compare on the same pairs and
+    validation, like training, costs the same for a set of 3 or of 30.
+    """
+    active = ActiveTerms.all_enabled(cfg)
+    new.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data) - 1, batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        x, y = data.batch(idx)
+        x, y = x.to(device), y.to(device)
+        parts = growth_loss(new, frozen, x, y, cfg, active)
+        total += float(parts.total.detach()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)

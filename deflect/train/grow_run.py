@@ -1,0 +1,270 @@
+"""`deflect grow`: a finished set plus K new models, as a new run with its lineage.
+
+The grown set is a new run, never a change to its parent: its folder holds copies of the parent's
+model files (read through the sha-checked loader, written atomically, digests recorded) followed
+by the new ones, so `load_set`, `deflect evaluate` and simulations treat it like any set. Lineage
+lives in the run's config JSON (no schema change): `parent` (run id), `inherited` (indices that are
+the parent's models, same order), `new` (indices trained here) and `grow` (sample size, epochs,
+seed and seconds per new model). New models are trained one after another, each against every
+model before it (the parent's and the new ones already grown), frozen.
+
+Crash safety: the parent is only read. Each epoch's checkpoint digests are recorded before the
+files change and the epoch row commits with the run's counters, as in `train`; an interrupted or
+failed grow marks only its own run (a run killed outright is marked interrupted by the store).
+A grow cannot be resumed: grow the parent again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deflect.checkpoint import (
+    atomic_write,
+    encode_tensors,
+    load_tensors_meta,
+    model_file,
+    sha256_bytes,
+    update_manifest,
+    write_json,
+)
+from deflect.config import TrainConfig
+from deflect.data import ImageTensorDataset, dataset_info
+from deflect.errors import DeflectError
+from deflect.models import build_model
+from deflect.pool import current_pool, pool_base, pool_config, pool_lock
+from deflect.runtime import fast_cpu_math
+from deflect.store import EpochMetric, Run, Store
+from deflect.train.disjoint import BatchEvent, clean_accuracy
+from deflect.train.grow import DEFAULT_SAMPLE, GrowEvent, freeze, grow_epoch, growth_validation_loss, sample_frozen
+from deflect.train.runner import CONFIG_JSON, _git_hash, _load_splits, _optimizer, new_run_id, resolve_device
+
+
+@dataclass
+class NewModel:
+    """One grown model: its index in the set, 1-based position among the K, time and clean accuracy."""
+
+    index: int
+    position: int
+    seconds: float
+    clean_acc: float
+    best_epoch: int
+
+
+@dataclass
+class GrowCallbacks:
+    """Hooks a front end uses to follow a grow: start, batches, epochs, each finished model."""
+
+    on_start: Callable[[Run, Run], None] | None = None  # (new run, parent run)
+    on_batch: Callable[[GrowEvent], None] | None = None
+    on_epoch: Callable[[EpochMetric], None] | None = None
+    on_model: Callable[[NewModel], None] | None = None
+
+
+def lineage(store: Store, ref: str) -> list[Run]:
+    """The run and its ancestors through `config["parent"]`, newest first."""
+    chain = [store.get_run(ref)]
+    while (parent := (chain[-1].config or {}).get("parent")) and len(chain) < 1000:
+        chain.append(store.get_run(parent))
+    return chain
+
+
+def _load_parent(store: Store, parent: Run, run_id: str, run_dir: Path, device: torch.device
+                 ) -> tuple[list[nn.Module], dict[str, str]]:
+    """The parent's models, frozen, and their files re-encoded for the new run (sha-checked first)."""
+    cfg = TrainConfig.from_dict(parent.config)
+    info = dataset_info(cfg.dataset)
+    digests = store.checkpoint_digest_sets(parent.id)
+    models, blobs = [], {}
+    for i in range(parent.n):
+        file = model_file(Path(parent.run_dir), i)
+        if file.name not in digests:
+            raise DeflectError(f"{file} has no recorded checkpoint; run {parent.id} cannot be grown")
+        tensors, meta = load_tensors_meta(file, digests[file.name])
+        model = build_model(cfg.arch, info, cfg.normalize, cfg.width)
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise DeflectError(f"{file} does not match architecture {cfg.arch}: {exc}") from exc
+        models.append(freeze(model.to(device)))
+        inherited = {**meta, "run": run_id, "index": i, "inherited_from": parent.id, "parent_index": i}
+        blobs[model_file(run_dir, i).name] = encode_tensors(tensors, inherited)
+    return models, blobs
+
+
+def _commit_files(store: Store, run_id: str, epoch: int, run_dir: Path, blobs: dict[str, bytes]) -> None:
+    """Record digests, then write atomically, then the manifest (the order `train` uses)."""
+    digests = {name: sha256_bytes(blob) for name, blob in blobs.items()}
+    store.add_checkpoints(run_id, epoch, digests, run_dir)
+    for name, blob in blobs.items():
+        atomic_write(run_dir / name, blob)
+    update_manifest(run_dir, digests)
+
+
+def grow(
+    store: Store,
+    parent_ref: str,
+    add: int,
+    *,
+    sample: int | None = None,
+    epochs: int | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    pool: bool = False,
+    callbacks: GrowCallbacks | None = None,
+) -> str:
+    """Train `add` new models against the frozen models of `parent_ref`; return the new run's id.
+
+    With `pool`, the new models become the pool of the set (see `deflect.pool`): the run grown is
+    the set's newest pool run (or the set itself), and the new run is marked as its pool.
+    """
+    if add < 1:
+        raise DeflectError(f"--add must be at least 1, got {add}")
+    if sample is not None and sample < 1:
+        raise DeflectError(f"--sample must be at least 1, got {sample}")
+    if epochs is not None and epochs < 1:
+        raise DeflectError(f"--epochs must be at least 1, got {epochs}")
+    parent = store.get_run(parent_ref)
+    lock: contextlib.AbstractContextManager = contextlib.nullcontext()
+    extra: dict[str, Any] = {}
+    if pool:
+        base = pool_base(store, parent)
+        lock, extra = pool_lock(store, base.id), pool_config(base.id)
+    with lock:
+        if pool:
+            parent = current_pool(store, base.id) or base
+        return _grow(store, parent, add, sample, epochs, seed, device, extra, callbacks or GrowCallbacks())
+
+
+def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int | None, seed: int | None,
+          device_name: str, extra: dict[str, Any], cb: GrowCallbacks) -> str:
+    if parent.status != "finished":
+        raise DeflectError(f"run {parent.id} is {parent.status}; only a finished set can be grown")
+    base_cfg = TrainConfig.from_dict(parent.config)
+    n = parent.n
+    cfg = dataclasses.replace(base_cfg, n=n + add, epochs=epochs or base_cfg.epochs, device=device_name)
+    cfg.validate()
+    seed = base_cfg.seed if seed is None else seed
+    sample = DEFAULT_SAMPLE if sample is None else sample
+    device = resolve_device(device_name)
+    fast_cpu_math()
+    train_set, val_set, test_set = _load_splits(cfg)
+
+    run_id = new_run_id(cfg)
+    run_dir = store.runs_root / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    grow_info: dict[str, Any] = {"parent_n": n, "sample": sample, "epochs": cfg.epochs, "seed": seed, "seconds": []}
+    config = {**json.loads(cfg.to_json()), "parent": parent.id, "inherited": list(range(n)),
+              "new": list(range(n, n + add)), "grow": grow_info, **extra}
+    write_json(run_dir / CONFIG_JSON, config)
+    run = store.add_run(Run(
+        id=run_id, method=cfg.method, dataset=cfg.dataset, arch=cfg.arch, preset=cfg.preset, n=cfg.n,
+        config=config, device=str(device), git_hash=_git_hash(), run_dir=str(run_dir.resolve()),
+        epochs_total=add * cfg.epochs, message=f"grown from {parent.id} by {add} model(s)",
+    ))
+    ctx = _Context(store, run_id, run_dir, parent.id, cfg, sample, device, train_set, val_set, test_set, add, cb)
+    try:
+        if cb.on_start:
+            cb.on_start(run, parent)
+        frozen, blobs = _load_parent(store, parent, run_id, run_dir, device)
+        _commit_files(store, run_id, 0, run_dir, blobs)
+        clean = list(parent.clean_acc or [])
+        if len(clean) != n:
+            clean = clean_accuracy(frozen, test_set, device, ctx.eval_bs)
+        for k in range(add):
+            done = _train_new_model(ctx, frozen, n + k, k + 1, seed * 1000 + n + k)
+            clean.append(done.clean_acc)
+            grow_info["seconds"].append(done.seconds)
+            config = {**config, "grow": grow_info}
+            store.update_run(run_id, config=config)
+            if cb.on_model:
+                cb.on_model(done)
+        write_json(run_dir / CONFIG_JSON, config)
+    except KeyboardInterrupt:
+        store.update_run(run_id, status="interrupted", message="grow stopped by the user (Ctrl-C)")
+        raise
+    except Exception as exc:
+        message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+        store.update_run(run_id, status="failed", message=message)
+        raise
+    store.update_run(run_id, status="finished", clean_acc=clean, seconds=ctx.seconds)
+    return run_id
+
+
+@dataclass
+class _Context:
+    """What every new model of one grow shares, and the run's running epoch count and seconds."""
+
+    store: Store
+    run_id: str
+    run_dir: Path
+    parent_id: str
+    cfg: TrainConfig
+    sample: int
+    device: torch.device
+    train_set: ImageTensorDataset
+    val_set: ImageTensorDataset
+    test_set: ImageTensorDataset
+    add: int
+    cb: GrowCallbacks
+    done: int = 0  # epochs over all new models: the run's epoch rows are numbered 1..K·E
+    seconds: float = 0.0
+
+    @property
+    def eval_bs(self) -> int:
+        return max(self.cfg.batch_size, 256)
+
+
+def _train_new_model(ctx: _Context, frozen: list[nn.Module], index: int, position: int, seed: int) -> NewModel:
+    """Train model `index` against `frozen`, keep its best epoch (files and rows as `train` writes them),
+    and append it, frozen, to `frozen` for the models after it."""
+    cfg, device = ctx.cfg, ctx.device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = build_model(cfg.arch, dataset_info(cfg.dataset), cfg.normalize, cfg.width).to(device)
+    opt, sched = _optimizer([new], cfg, cfg.epochs * (len(ctx.train_set) // cfg.batch_size))
+    pick = sample_frozen(len(frozen), ctx.sample, torch.Generator().manual_seed(seed))
+    val_frozen = [frozen[i] for i in pick]  # fixed per model: its epochs compare on the same pairs
+    best_val, best_epoch, best_acc, best_state = math.inf, 0, 0.0, None
+    start = time.perf_counter()
+
+    def on_batch(event: BatchEvent) -> None:
+        if ctx.cb.on_batch:
+            ctx.cb.on_batch(GrowEvent(**dataclasses.asdict(event), model=position, models=ctx.add))
+
+    for epoch in range(1, cfg.epochs + 1):
+        stats = grow_epoch(new, frozen, opt, sched, ctx.train_set, cfg, epoch, seed, ctx.sample, device, on_batch)
+        t0 = time.perf_counter()
+        acc = clean_accuracy([new], ctx.test_set, device, ctx.eval_bs)[0]
+        val = growth_validation_loss(new, val_frozen, ctx.val_set, cfg, device, ctx.eval_bs)
+        ctx.seconds += stats.seconds + time.perf_counter() - t0
+        ctx.done += 1
+        if cfg.select == "last" or val < best_val or best_state is None:
+            best_val, best_epoch, best_acc = val, epoch, acc
+            best_state = {key: v.detach().clone() for key, v in new.state_dict().items()}
+            meta = {"run": ctx.run_id, "epoch": epoch, "index": index, "grown_from": ctx.parent_id}
+            _commit_files(ctx.store, ctx.run_id, ctx.done, ctx.run_dir,
+                          {model_file(ctx.run_dir, index).name: encode_tensors(best_state, meta)})
+        metric = EpochMetric(
+            run_id=ctx.run_id, epoch=ctx.done, loss_total=stats.losses["total"], loss_class=stats.losses["class"],
+            loss_angle=stats.losses["angle"], loss_transfer1=stats.losses["transfer1"],
+            loss_transfer2=stats.losses["transfer2"], val_loss=val, clean_acc=[acc], lr=stats.lr,
+            seconds=stats.seconds,
+        )
+        ctx.store.update_run(ctx.run_id, metric, epochs_done=ctx.done, seconds=ctx.seconds)
+        if ctx.cb.on_epoch:
+            ctx.cb.on_epoch(metric)
+    assert best_state is not None
+    new.load_state_dict(best_state)
+    frozen.append(freeze(new))
+    return NewModel(index, position, time.perf_counter() - start, best_acc, best_epoch)

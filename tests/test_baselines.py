@@ -1,0 +1,140 @@
+"""The peers' objectives (deflect.train.baselines) against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deflect.train.baselines import adp_terms, dataset_eps, fast_at_loss, fgsm_rs
+
+
+def test_dataset_budgets() -> None:
+    assert dataset_eps("fashion-mnist") == pytest.approx(0.1)
+    assert dataset_eps("digits") == pytest.approx(0.15)
+    assert dataset_eps("cifar10") == pytest.approx(8 / 255, abs=5e-4)
+
+
+def test_fgsm_rs_stays_in_budget_and_box_and_climbs_the_loss() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 3, (64,))
+    x[0] = 0.0  # pixels at the box edge
+    gen = torch.Generator().manual_seed(1)
+    adv = fgsm_rs(model, x, y, eps=0.1, alpha=0.125, gen=gen)
+    assert float((adv - x).abs().max()) <= 0.1 + 1e-6
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    loss = nn.functional.cross_entropy
+    assert float(loss(model(adv), y)) > float(loss(model(x), y))
+    again = fgsm_rs(model, x, y, eps=0.1, alpha=0.125, gen=torch.Generator().manual_seed(1))
+    assert torch.equal(adv, again)  # the random start comes from the epoch's generator
+
+
+def test_fast_at_loss_skips_frozen_models() -> None:
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(16, 3)) for _ in range(3)]
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    total, parts = fast_at_loss(models, x, y, 0.1, torch.Generator().manual_seed(0), frozen=[1])
+    total.backward()
+    assert models[1][1].weight.grad is None and models[0][1].weight.grad is not None
+    assert parts["adv"] == pytest.approx(float(total)) and math.isfinite(parts["total"])
+
+
+def test_adp_terms_match_a_hand_computation() -> None:
+    logits = [torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]]), torch.tensor([[0.0, 1.0, 2.0], [1.5, -0.5, 0.0]])]
+    y = torch.tensor([0, 2])
+    ce, entropy, log_det = adp_terms(logits, y)
+    p = [np.exp(z.numpy()) / np.exp(z.numpy()).sum(1, keepdims=True) for z in logits]
+    want_ce = sum(-np.log(pi[np.arange(2), y.numpy()]).mean() for pi in p)
+    mean = (p[0] + p[1]) / 2
+    want_entropy = -(mean * np.log(mean + 1e-20)).sum(1).mean()
+    dets = []
+    for b in range(2):
+        rows = []
+        for pi in p:
+            v = pi[b].copy()
+            v[y[b]] = 0.0
+            rows.append(v / np.linalg.norm(v))
+        m = np.stack(rows)
+        dets.append(np.log(np.linalg.det(m @ m.T + 1e-6 * np.eye(2))))
+    assert float(ce) == pytest.approx(want_ce, rel=1e-5)
+    assert float(entropy) == pytest.approx(want_entropy, rel=1e-5)
+    assert float(log_det) == pytest.approx(np.mean(dets), rel=1e-4)
+
+
+@pytest.mark.parametrize("method, terms", [
+    ("disjoint", ["class", "angle"]),
+    ("independent", ["class"]),
+    ("fast-at", ["adv", "robust_first_batch"]),
+    ("adp", ["class", "entropy", "log_det"]),
+])
+def test_each_method_stores_its_loss_terms(method: str, terms: list[str], store) -> None:
+    from deflect.train import train
+    from tests.conftest import tiny_config
+
+    run_id = train(tiny_config(method=method, epochs=1), store)
+    run = store.get_run(run_id)
+    assert run.status == "finished" and run.method == method
+    (row,) = store.epochs(run_id)
+    assert row.terms is not None
+    for name in terms:
+        values = row.terms[name] if isinstance(row.terms[name], list) else [row.terms[name]]
+        assert values and all(math.isfinite(v) for v in values), (name, row.terms)
+    assert row.terms["total"] == pytest.approx(row.loss_total)
+    if method == "adp":  # the regularisers are live: entropy of 10 classes is positive, log det below 0
+        assert 0 < row.terms["entropy"] <= math.log(10) + 1e-6 and row.terms["log_det"] < 0
+        assert row.terms["total"] == pytest.approx(row.terms["class"] - 2 * row.terms["entropy"]
+                                                   - 0.5 * row.terms["log_det"], rel=1e-4)
+
+
+def test_fast_at_rolls_back_a_collapsed_model_and_freezes_it(store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deflect.sets import load_set
+    from deflect.train import baselines, train
+    from tests.conftest import tiny_config
+
+    accs = iter([[0.6, 0.6], [0.1, 0.6], [0.1, 0.7]])  # model 0 collapses after epoch 2
+    monkeypatch.setattr(baselines, "robust_first_batch", lambda *a, **k: next(accs))
+    snapshots = []
+    from deflect.train import runner
+
+    real = runner._fast_at_check
+
+    def spy(models, *args):
+        out = real(models, *args)
+        snapshots.append([{k: v.clone() for k, v in m.state_dict().items()} for m in models])
+        return out
+
+    monkeypatch.setattr(runner, "_fast_at_check", spy)
+    run_id = train(tiny_config(method="fast-at", epochs=3), store)
+    rows = store.epochs(run_id)
+    assert [r.terms["frozen"] for r in rows] == [[], [0], [0]] and rows[1].terms["rolled_back"] == [0]
+    final = load_set(run_id, store)
+    for k, v in final[0].state_dict().items():  # model 0 kept epoch 1's weights
+        assert torch.equal(v, snapshots[0][0][k]), k
+    assert any(not torch.equal(v, snapshots[0][1][k]) for k, v in final[1].state_dict().items())
+
+
+def test_old_databases_gain_the_terms_column(tmp_path) -> None:
+    import sqlite3
+
+    from deflect.store import Store
+
+    path = tmp_path / "old.db"
+    Store(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE epochmetric DROP COLUMN terms")
+        conn.execute("INSERT INTO run (id, created, updated, method, dataset, arch, preset, n, config, status, "
+                     "device, run_dir, epochs_total, epochs_done, seconds) VALUES ('r1', '2026-01-01', '2026-01-01', "
+                     "'disjoint', 'digits', 'cnn', 'digits', 2, '{}', 'finished', 'cpu', '/tmp/r1', 1, 1, 1.0)")
+        conn.execute("INSERT INTO epochmetric (run_id, epoch, loss_total, loss_class, loss_angle, loss_transfer1, "
+                     "loss_transfer2, val_loss, clean_acc, lr, seconds) VALUES ('r1', 1, 1, 1, 0, 0, 0, 1, '[90.0]', "
+                     "0.1, 1.0)")
+        conn.execute("PRAGMA user_version=1")
+    store = Store(path)
+    (row,) = store.epochs("r1")
+    assert row.terms is None and row.clean_acc == [90.0]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2

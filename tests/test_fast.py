@@ -1,0 +1,136 @@
+"""The fast step computes the reference objective: loss, gradients and BN buffers (deflect.train.fast)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deflect.cli import app
+from deflect.config import make_config
+from deflect.data import dataset_info
+from deflect.errors import DeflectError
+from deflect.models import build_model
+from deflect.store import Store
+from deflect.train.fast import chunked_batchnorm, fast_disjoint_loss
+from deflect.train.losses import ActiveTerms, disjoint_loss
+
+
+def setup(n: int, width: int = 8, batch: int = 32):
+    torch.manual_seed(0)
+    info = dataset_info("fashion-mnist")
+    models = [build_model("cnn", info, width=width) for _ in range(n)]
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    cfg = make_config(n, "fashion-mnist", width=width)
+    return models, x, y, cfg
+
+
+def step(fn, models, x, y, cfg, sample, **kw):
+    for m in models:
+        m.train()
+        m.zero_grad()
+    parts = fn(models, x, y, cfg, ActiveTerms.all_enabled(cfg), sample, **kw)
+    assert parts.total.dtype == x.dtype
+    parts.total.backward()
+    grads = [p.grad.clone() for m in models for p in m.parameters()]
+    buffers = [b.clone() for m in models for b in m.buffers()]
+    return parts, grads, buffers
+
+
+@pytest.mark.parametrize("n, sample", [(3, None), (5, [0, 2, 4])])
+# the NHWC layout sums in another order; tanh(2e4·g) magnifies that rounding in float32, so its
+# equality is checked in float64, where rounding is far below the tolerance
+@pytest.mark.parametrize("batched, channels_last, dtype", [(True, False, torch.float32), (False, True, torch.float64)])
+def test_fast_step_equals_the_reference(n: int, sample, batched: bool, channels_last: bool, dtype) -> None:
+    models, x, y, cfg = setup(n)
+    models = [m.to(dtype) for m in models]
+    x = x.to(dtype)
+    twins = copy.deepcopy(models)
+    xf = x
+    if channels_last:
+        twins = [m.to(memory_format=torch.channels_last) for m in twins]
+        xf = x.contiguous(memory_format=torch.channels_last)
+    ref, ref_grads, ref_buffers = step(disjoint_loss, models, x, y, cfg, sample)
+    fast, fast_grads, fast_buffers = step(fast_disjoint_loss, twins, xf, y, cfg, sample, batched=batched)
+    for name in ("total", "classification", "angle", "transfer1", "transfer2"):
+        assert float(getattr(fast, name).detach()) == pytest.approx(float(getattr(ref, name).detach()), abs=1e-4,
+                                                                    rel=1e-4)
+    assert float(ref.transfer1) > 0 and float(ref.transfer2) > 0  # the terms under test are live
+    for a, b in zip(ref_grads, fast_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    for a, b in zip(ref_buffers, fast_buffers, strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)  # running statistics and counters
+
+
+def test_chunked_batchnorm_normalises_each_chunk_alone() -> None:
+    bn = torch.nn.BatchNorm2d(3)
+    twin = copy.deepcopy(bn)
+    a, b = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5) * 3 + 1
+    with chunked_batchnorm(bn, 2):
+        out = bn(torch.cat([a, b]))
+    expected = torch.cat([twin(a), twin(b)])
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(bn.running_mean, twin.running_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, twin.running_var, atol=1e-6)
+    assert int(bn.num_batches_tracked) == int(twin.num_batches_tracked) == 2
+    assert "_orig_forward" not in vars(bn)  # restored after the block
+
+
+def test_transfer_batch_changes_only_the_transfer_terms() -> None:
+    models, x, y, cfg = setup(3)
+    full = fast_disjoint_loss(copy.deepcopy(models), x, y, cfg, ActiveTerms.all_enabled(cfg))
+    cfg.transfer_batch = 8
+    part = fast_disjoint_loss(copy.deepcopy(models), x, y, cfg, ActiveTerms.all_enabled(cfg))
+    assert float(part.classification) == pytest.approx(float(full.classification), rel=1e-5)
+    assert float(part.transfer1) != pytest.approx(float(full.transfer1), rel=1e-3)
+    assert torch.isfinite(part.total)
+    cfg.transfer_batch = len(x)  # the whole batch: the reference again
+    same = fast_disjoint_loss(copy.deepcopy(models), x, y, cfg, ActiveTerms.all_enabled(cfg))
+    assert float(same.total) == pytest.approx(float(full.total), rel=1e-5)
+
+
+def test_bad_step_options_are_refused() -> None:
+    with pytest.raises(DeflectError, match="unknown step 'quick'"):
+        make_config(3, "digits", step="quick")
+    with pytest.raises(DeflectError, match="--transfer-batch must be at least 2"):
+        make_config(3, "digits", transfer_batch=1)
+
+
+def test_train_with_the_fast_step_matches_the_reference_run(tmp_path) -> None:
+    accs = {}
+    for step_name, extra in (("reference", []), ("fast", []), ("fast", ["--transfer-batch", "16"])):
+        args = ["train", "--n", "2", "--step", step_name, "--epochs", "4", "--limit", "640", "--width", "8", "--json"]
+        result = CliRunner().invoke(app, args + extra)
+        assert result.exit_code == 0, result.output
+        run = Store(tmp_path / "deflect.db").latest_run()
+        assert run is not None and run.status == "finished" and run.config["step"] == step_name
+        accs[(step_name, bool(extra))] = run.clean_acc
+    assert min(accs[("reference", False)]) > 50
+    # same objective, same seed: the same models up to float rounding
+    for a, b in zip(accs[("reference", False)], accs[("fast", False)], strict=True):
+        assert abs(a - b) <= 2.0
+    assert min(accs[("fast", True)]) > 40  # fewer images in the transfer terms still trains
+
+
+def test_bench_quick_json_reports_rates_phases_and_ratios() -> None:
+    result = CliRunner().invoke(app, ["bench", "--quick", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    rates = data["steps_per_s"]["3"]
+    assert set(rates) == {"independent", "reference", "fast", "cheap"} and min(rates.values()) > 0
+    # the disjoint loss costs several independent steps (double backprop, 2(n-1) extra forwards each)
+    assert data["ratios"]["reference_cost_vs_independent_n3"] > 2
+    assert set(data["phases"]) == {"input_gradients", "perturbed_forwards", "backward"}
+    assert all(v > 0 for v in data["phases"].values())
+    assert data["matrix"]["deflect_images_per_s"] > 0 and data["peak_memory_mb"] > 0
+    if "torchattacks_images_per_s" in data["matrix"]:  # the oracle library is a test dependency
+        assert data["ratios"]["matrix_vs_torchattacks"] > 0
+
+
+def test_bench_rejects_bad_steps() -> None:
+    result = CliRunner().invoke(app, ["bench", "--quick", "--steps", "0"])
+    assert result.exit_code == 2 and "--steps must be at least 1" in result.output

@@ -1,0 +1,212 @@
+"""Growing a set (`deflect grow`): frozen parents, lineage, disjointness of new models, the pool."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import deflect
+from deflect.checkpoint import model_file, sha256_file
+from deflect.cli import app
+from deflect.data import load_dataset
+from deflect.deploy import Deployment, ReleasePolicy
+from deflect.errors import DeflectError
+from deflect.evaluate import transfer_matrix
+from deflect.pool import current_pool, pool_size
+from deflect.scenario import Scenario, load_scenario, with_overrides
+from deflect.simulate import simulate
+from deflect.store import Store
+from deflect.train import Callbacks, train
+from deflect.train.grow_run import GrowCallbacks, grow, lineage
+from tests.conftest import tiny_config
+
+runner = CliRunner()
+KEY = "5e" * 32
+
+
+def _file_digests(run_dir: str, n: int) -> list[str]:
+    return [sha256_file(model_file(Path(run_dir), i)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 2-model digits disjoint set grown by one model, and an independent pair of the same recipe."""
+    store = Store(tmp_path_factory.mktemp("grow") / "deflect.db")
+    recipe = dict(n=2, epochs=8, train_limit=1000)
+    parent = train(tiny_config(**recipe), store)
+    independent = train(tiny_config(method="independent", **recipe), store)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in deflect.load_set(parent, store)]
+    files = _file_digests(store.get_run(parent).run_dir, 2)
+    child = grow(store, parent, 1)
+    return {"store": store, "parent": parent, "independent": independent, "child": child, "before": before,
+            "files": files}
+
+
+def test_frozen_models_are_bit_identical(grown: dict) -> None:
+    store, parent, child = grown["store"], grown["parent"], grown["child"]
+    after_parent = deflect.load_set(parent, store)
+    after_child = deflect.load_set(child, store)
+    assert len(after_child) == 3
+    for saved, p_model, c_model in zip(grown["before"], after_parent, after_child[:2], strict=True):
+        for key, value in saved.items():
+            assert torch.equal(value, p_model.state_dict()[key]) and torch.equal(value, c_model.state_dict()[key])
+    assert _file_digests(store.get_run(parent).run_dir, 2) == grown["files"]  # the parent's files never change
+    new = after_child[2].state_dict()
+    assert any(not torch.equal(v, grown["before"][0][k]) for k, v in new.items() if v.is_floating_point())
+
+
+def test_lineage_is_stored(grown: dict) -> None:
+    store, parent, child = grown["store"], grown["parent"], grown["child"]
+    run, prev = store.get_run(child), store.get_run(parent)
+    assert (run.status, run.n, run.method, run.epochs_done, run.epochs_total) == ("finished", 3, "disjoint", 8, 8)
+    cfg = run.config
+    assert cfg["parent"] == parent and cfg["inherited"] == [0, 1] and cfg["new"] == [2] and cfg["n"] == 3
+    assert cfg["grow"]["parent_n"] == 2 and len(cfg["grow"]["seconds"]) == 1 and cfg["grow"]["seconds"][0] > 0
+    assert [r.id for r in lineage(store, child)] == [child, parent]
+    on_disk = json.loads((Path(run.run_dir) / "config.json").read_text())
+    assert on_disk["parent"] == parent and on_disk["grow"]["seconds"] == cfg["grow"]["seconds"]
+    assert run.clean_acc[:2] == prev.clean_acc and len(run.clean_acc) == 3
+    epochs = store.epochs(child)
+    assert [e.epoch for e in epochs] == list(range(1, 9)) and all(len(e.clean_acc) == 1 for e in epochs)
+    assert max(e.clean_acc[0] for e in epochs) >= run.clean_acc[2] > 70
+    assert len(deflect.load_set(run.run_dir)) == 3  # the folder verifies through its manifest alone
+    assert store.get_run("latest").id == child  # a grown set is an ordinary set
+
+
+def test_new_model_is_disjoint_from_the_old_ones(grown: dict) -> None:
+    """Black-box PGD between the new and the old models is far above an independent pair's."""
+    store = grown["store"]
+    test = load_dataset("digits", "test")
+    kw = dict(dataset="digits", limit=200)
+    mixed = np.array(transfer_matrix(deflect.load_set(grown["child"], store), test, "pgd1", **kw).matrix)
+    indep = transfer_matrix(deflect.load_set(grown["independent"], store), test, "pgd1", **kw)
+    new_old = [mixed[2, 0], mixed[2, 1], mixed[0, 2], mixed[1, 2]]
+    assert np.mean(new_old) >= indep.blackbox_mean + 15, (mixed.round(1).tolist(), indep.matrix)
+    assert min(new_old) > max(indep.matrix[0][1], indep.matrix[1][0])
+    assert mixed[2, 2] < 30  # white-box still works: the new model is not simply robust
+
+
+@pytest.fixture
+def small_parent(store: Store) -> str:
+    return train(tiny_config(n=2, epochs=1), store)
+
+
+def test_cli_grow_prints_the_new_run(store: Store, small_parent: str) -> None:
+    result = runner.invoke(app, ["grow", small_parent[:12], "--add", "2", "--epochs", "1", "--sample", "1",
+                                 "--db", str(store.path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["n"] == 4 and data["status"] == "finished" and data["config"]["parent"] == small_parent
+    assert data["config"]["grow"]["sample"] == 1 and len(data["config"]["grow"]["seconds"]) == 2
+    assert "m3 (new 2)" in result.stderr
+    plain = runner.invoke(app, ["grow", data["id"], "--epochs", "1", "--db", str(store.path)])
+    assert plain.exit_code == 0 and store.get_run(plain.stdout.strip()).config["parent"] == data["id"]
+
+
+def _one_line_error(args: list[str], needle: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.output, result.stderr
+
+
+def test_cli_grow_bad_input(store: Store, small_parent: str) -> None:
+    db = ["--db", str(store.path)]
+    _one_line_error(["grow", "no-such-run", *db], "no run 'no-such-run'")
+    _one_line_error(["grow", small_parent, "--add", "0", *db], "--add must be at least 1")
+    _one_line_error(["grow", small_parent, "--sample", "0", *db], "--sample must be at least 1")
+    _one_line_error(["grow", small_parent, "--refill", "2", "--add", "1", *db], "drop --add")
+
+    def stop(metric: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(n=2, epochs=2), store, Callbacks(on_epoch=stop))
+    unfinished = store.list_runs()[-1].id
+    _one_line_error(["grow", unfinished, *db], "only a finished set can be grown")
+
+
+def test_interrupted_grow_leaves_the_parent_alone(store: Store, small_parent: str) -> None:
+    parent = store.get_run(small_parent)
+    files = _file_digests(parent.run_dir, 2)
+
+    def stop(metric: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        grow(store, small_parent, 2, epochs=2, callbacks=GrowCallbacks(on_epoch=stop))
+    child = store.list_runs()[-1]
+    assert child.config["parent"] == small_parent and child.status == "interrupted" and child.epochs_done == 1
+    after = store.get_run(small_parent)
+    assert (after.status, after.n, after.clean_acc, after.updated) == ("finished", 2, parent.clean_acc, parent.updated)
+    assert _file_digests(parent.run_dir, 2) == files
+    with pytest.raises(DeflectError, match="grown from"):  # `train --resume` would retrain the inherited models
+        train(store=store, resume=child.id)
+
+
+def test_release_order_puts_the_pool_last() -> None:
+    key = bytes.fromhex(KEY)
+    dep = Deployment(key, 5, ReleasePolicy(initial=2, threshold=1), pool=2)
+    assert dep.release_order()[3:] == [3, 4] and sorted(dep.release_order()[:3]) == [0, 1, 2]
+    assert len(dep.released) == 2 and dep.unreleased[-2:] == [3, 4] and max(dep.released) < 3
+    for model in list(dep.released):
+        dep.record_hits(model)
+    dep.rotate()
+    own_fresh = dep.release_order()[2]
+    assert own_fresh in dep.released and 3 in dep.released  # the set's own fresh model first, then the pool
+    with pytest.raises(DeflectError, match="set size 3"):
+        Deployment(key, 5, ReleasePolicy(initial=4), pool=2)
+
+
+def test_pool_feeds_the_staged_release(store: Store, small_parent: str, tmp_path: Path) -> None:
+    key = tmp_path / "deflect.key"
+    key.write_text(KEY + "\n")
+    key.chmod(0o600)
+    pool_id = grow(store, small_parent, 1, epochs=1, pool=True)
+    pool_run = store.get_run(pool_id)
+    assert pool_run.config["pool_of"] == small_parent and pool_run.config["role"] == "pool" and pool_run.n == 3
+    assert current_pool(store, small_parent).id == pool_id and pool_size(store, store.get_run(small_parent)) == 1
+    assert store.get_run("latest").id == small_parent  # a pool is never 'latest'
+    scenario = with_overrides(Scenario(release=ReleasePolicy(threshold=1)), adversary="skilled", run=small_parent,
+                              rounds=3, per_round=60, limit=100, attack="pgd1")
+    res = simulate(store, scenario, key_path=key, save=True)
+    assert res.run_id == pool_id and res.pool_of == small_parent and res.pool_models == [2]
+    assert res.rounds[0].released == [0, 1]  # the pool stays unreleased until a model retires
+    first = res.rotations[0]  # a retired model's clients get the pool model: the set had no fresh model left
+    assert first["retired"] in (0, 1) and first["released"] == 2 and len(res.rotations) == 1
+    assert all(2 in r.released for r in res.rounds[first["round"]:])
+    assert store.simulations(pool_id)[-1].params["pool_of"] == small_parent
+    no_pool = Scenario(release=ReleasePolicy(threshold=1, pool=False))
+    plain = simulate(store, with_overrides(no_pool, adversary="skilled", run=small_parent, rounds=2, per_round=40,
+                                           limit=100, attack="pgd1"), key_path=key, save=False)
+    assert plain.run_id == small_parent and plain.rotations == [] and plain.pool_of is None
+
+
+def test_scenario_release_pool_key(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('adversary = "skilled"\n[release]\nthreshold = 5\npool = false\n')
+    assert load_scenario(path).release == ReleasePolicy(threshold=5, pool=False)
+    path.write_text('adversary = "skilled"\n[release]\npool = "yes"\n')
+    with pytest.raises(DeflectError, match="release.pool.*true or false"):
+        load_scenario(path)
+
+
+def test_cli_refill_grows_the_pool_in_the_background(store: Store, small_parent: str) -> None:
+    db = ["--db", str(store.path)]
+    result = runner.invoke(app, ["grow", small_parent, "--refill", "1", "--epochs", "1", "--json", *db])
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.stdout)
+    assert job["add"] == 1 and job["size"] == 0 and job["pid"] > 0
+    deadline = time.monotonic() + 120
+    while current_pool(store, small_parent) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    pool = current_pool(store, small_parent)
+    assert pool is not None and pool.n == 3, Path(job["log"]).read_text()
+    again = runner.invoke(app, ["grow", small_parent, "--refill", "1", *db])
+    assert again.exit_code == 0 and "already holds 1 model" in again.stdout
