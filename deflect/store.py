@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -153,22 +154,33 @@ class Store:
         )
         event.listen(self.engine, "connect", _pragmas)
         try:
-            SQLModel.metadata.create_all(self.engine)
-            with self.engine.connect() as conn:
-                version = conn.exec_driver_sql("PRAGMA user_version").scalar() or 0
-                if version == 0:
-                    conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
-                    conn.commit()
-                elif version < SCHEMA_VERSION:
-                    _migrate(conn, version)
-                elif version > SCHEMA_VERSION:
-                    raise DeflectError(
-                        f"database {self.path} was written by a newer deflect (schema {version})"
-                    )
+            for attempt in range(5):
+                try:
+                    self._prepare_schema()
+                    break
+                except OperationalError as exc:
+                    # two processes opening a new (or old) database at once: the other one created the
+                    # table or added the column between our check and our statement; look again
+                    racing = "already exists" in str(exc.orig) or "duplicate column" in str(exc.orig)
+                    if not racing or attempt == 4:
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
         except OperationalError as exc:
             raise DeflectError(f"cannot open database {self.path}: {exc.orig}") from exc
         except DatabaseError as exc:
             raise DeflectError(f"{self.path} is not a deflect database or is corrupt: {exc.orig}") from exc
+
+    def _prepare_schema(self) -> None:
+        SQLModel.metadata.create_all(self.engine)
+        with self.engine.connect() as conn:
+            version = conn.exec_driver_sql("PRAGMA user_version").scalar() or 0
+            if version == 0:
+                conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.commit()
+            elif version < SCHEMA_VERSION:
+                _migrate(conn, version)
+            elif version > SCHEMA_VERSION:
+                raise DeflectError(f"database {self.path} was written by a newer deflect (schema {version})")
 
     @property
     def runs_root(self) -> Path:

@@ -419,3 +419,27 @@ def test_key_never_logged_or_stored(digits_runs: tuple[Store, dict[str, str]], t
     key.chmod(0o604)
     _one_line_error(["simulate", "--adversary", "skilled", "--db", str(store.path), "--key", str(key)],
                     "accessible by group or others", "chmod 600")
+
+
+def _open_store(path: str, results: Any) -> None:
+    try:
+        Store(path)
+        results.put("ok")
+    except Exception as exc:  # reported to the parent, which asserts on it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> None:
+    """`deflect train` and a dashboard or test poller may create the same new database together."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(8):
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_open_store, args=(str(tmp_path / f"new-{round_}.db"), results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        outcomes = [results.get(timeout=5) for _ in procs]
+        assert outcomes == ["ok"] * 4, outcomes
