@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deflect.config import TrainConfig
-from deflect.train.losses import ActiveTerms, LossParts, angular_loss, input_gradients
+from deflect.train.losses import ActiveTerms, LossParts, clean_terms
 
 
 def _chunked_bn_forward(bn: nn.BatchNorm2d, chunks: int, x: torch.Tensor) -> torch.Tensor:
@@ -93,21 +93,7 @@ def fast_disjoint_loss(
     sample = list(range(n)) if sample is None else list(sample)
     zero = x.new_zeros(())
     transfer = active.transfer1 or active.transfer2
-    graph_models = set(range(n)) if active.angle else (set(sample) if transfer else set())
-    order = sorted(graph_models)
-
-    losses: list[torch.Tensor | None] = [None] * n
-    grads: list[torch.Tensor | None] = [None] * n
-    if order:
-        ls, gs = input_gradients([models[i] for i in order], x, y, create_graph=True)
-        for k, i in enumerate(order):
-            losses[i], grads[i] = ls[k], gs[k]
-    for i in range(n):
-        if losses[i] is None:
-            losses[i] = F.cross_entropy(models[i](x), y)
-    ce = torch.stack(losses)  # type: ignore[arg-type]
-    classification = ce.sum() if cfg.class_reduction == "sum" else ce.mean()
-    angle = angular_loss([grads[i] for i in range(n)], cfg.cosine) if active.angle else zero
+    losses, grads, classification, angle = clean_terms(models, x, y, cfg, active, sample)
 
     tb = cfg.transfer_batch
     xt, yt = (x[:tb], y[:tb]) if tb is not None and tb < len(x) else (x, y)

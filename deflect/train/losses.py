@@ -106,6 +106,29 @@ def loss_increase(
     return torch.clamp(F.cross_entropy(model(x + delta), y) - clean_loss, min=0.0)
 
 
+def clean_terms(
+    models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, active: ActiveTerms,
+    sample: Sequence[int],
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor, torch.Tensor]:
+    """Each model's clean loss, the input gradients (with graph) the active terms need, and the
+    classification and angular terms of Eq. 5. Models no term needs a gradient of get a plain forward."""
+    n = len(models)
+    transfer = active.transfer1 or active.transfer2
+    graph_models = set(range(n)) if active.angle else (set(sample) if transfer else set())
+    losses: list[torch.Tensor | None] = [None] * n
+    grads: list[torch.Tensor | None] = [None] * n
+    order = sorted(graph_models)
+    if order:
+        ls, gs = input_gradients([models[i] for i in order], x, y, create_graph=True)
+        for k, i in enumerate(order):
+            losses[i], grads[i] = ls[k], gs[k]
+    clean = [loss if loss is not None else F.cross_entropy(models[i](x), y) for i, loss in enumerate(losses)]
+    ce = torch.stack(clean)
+    classification = ce.sum() if cfg.class_reduction == "sum" else ce.mean()
+    angle = angular_loss(grads, cfg.cosine) if active.angle else x.new_zeros(())  # type: ignore[arg-type]
+    return clean, grads, classification, angle
+
+
 def disjoint_loss(
     models: Sequence[nn.Module],
     x: torch.Tensor,
@@ -124,22 +147,7 @@ def disjoint_loss(
     sample = list(range(n)) if sample is None else list(sample)
     zero = x.new_zeros(())
     transfer = active.transfer1 or active.transfer2
-    graph_models = set(range(n)) if active.angle else (set(sample) if transfer else set())
-
-    losses: list[torch.Tensor | None] = [None] * n
-    grads: list[torch.Tensor | None] = [None] * n
-    order = sorted(graph_models)
-    if order:
-        ls, gs = input_gradients([models[i] for i in order], x, y, create_graph=True)
-        for k, i in enumerate(order):
-            losses[i], grads[i] = ls[k], gs[k]
-    for i in range(n):
-        if losses[i] is None:
-            losses[i] = F.cross_entropy(models[i](x), y)
-    ce = torch.stack(losses)  # type: ignore[arg-type]
-    classification = ce.sum() if cfg.class_reduction == "sum" else ce.mean()
-
-    angle = angular_loss([grads[i] for i in range(n)], cfg.cosine) if active.angle else zero
+    losses, grads, classification, angle = clean_terms(models, x, y, cfg, active, sample)
     t1_terms: list[torch.Tensor] = []
     t2_terms: list[torch.Tensor] = []
     scale = x.shape[0] if cfg.eps1_per_sample else 1.0
