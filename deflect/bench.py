@@ -230,3 +230,70 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
     result.peak_memory_mb = peak_memory_mb(device)
     return result
 
+
+
+# time to quality ------------------------------------------------------------------------------------
+FAST_RECIPE: dict[str, Any] = {"step": "fast", "transfer_batch": 32, "w_transfer1": 0.0, "w_angle": 0.0}
+
+
+@dataclass
+class QualityBar:
+    """The bar a set must clear on the validation split: clean accuracy of every model and PGD
+    black-box mean accuracy (the preset's ε), both in %."""
+
+    clean: float = 88.5
+    blackbox: float = 88.0
+    val_images: int = 1000
+
+
+@dataclass
+class RecipeTrace:
+    recipe: str
+    epochs: list[dict[str, float]] = field(default_factory=list)  # per epoch: seconds so far, clean, bb
+    reached_at: float | None = None  # training seconds when the bar was first cleared
+    reached_epoch: int | None = None
+
+
+def _trace(name: str, overrides: dict[str, Any], dataset: str, n: int, epochs: int, train_limit: int | None,
+           bar: QualityBar, device: torch.device, progress: Progress | None) -> RecipeTrace:
+    from deflect.evaluate import select_subset, transfer_matrix
+    from deflect.train.disjoint import clean_accuracy, train_epoch
+    from deflect.train.runner import _load_splits, _optimizer, build_set
+
+    cfg = make_config(n, dataset, epochs=epochs, train_limit=train_limit, **overrides)
+    train, val, _ = _load_splits(cfg)
+    check = select_subset(val, bar.val_images, 0)
+    models = [m.to(device) for m in build_set(cfg)]
+    if cfg.step == "fast" and device.type == "cpu":
+        models = [m.to(memory_format=torch.channels_last) for m in models]
+    opt, sched = _optimizer(models, cfg, cfg.epochs * (len(train) // cfg.batch_size))
+    trace, trained = RecipeTrace(name), 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        if progress:
+            progress(f"time to quality: {name}, epoch {epoch}/{cfg.epochs}")
+        trained += train_epoch(models, opt, sched, train, cfg, epoch, device).seconds
+        clean = clean_accuracy(models, check, device)
+        bb = transfer_matrix(models, check, "pgd1", dataset=dataset, device=device).blackbox_mean
+        trace.epochs.append({"epoch": epoch, "seconds": trained, "clean_min": min(clean), "blackbox": bb})
+        if min(clean) >= bar.clean and bb >= bar.blackbox:
+            trace.reached_at, trace.reached_epoch = trained, epoch
+            break
+    return trace
+
+
+def time_to_quality(dataset: str = "fashion-mnist", n: int = 3, epochs: int = 8, train_limit: int | None = 20000,
+                    bar: QualityBar | None = None, device: str = "cpu",
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Train the faithful recipe (the preset, reference step) and the fast recipe (FAST_RECIPE) on the
+    same data, each epoch checking the bar on the validation split; report the training seconds each
+    needed to clear it and their ratio (None where a recipe never cleared it within `epochs`)."""
+    bar = bar or QualityBar()
+    dev = torch.device(device)
+    fast_cpu_math()
+    faithful = _trace("faithful", {}, dataset, n, epochs, train_limit, bar, dev, progress)
+    fast = _trace("fast", FAST_RECIPE, dataset, n, epochs, train_limit, bar, dev, progress)
+    ratio = (faithful.reached_at / fast.reached_at
+             if faithful.reached_at is not None and fast.reached_at is not None else None)
+    return {"dataset": dataset, "n": n, "epochs": epochs, "train_limit": train_limit, "bar": dataclasses.asdict(bar),
+            "fast_recipe": FAST_RECIPE, "faithful": dataclasses.asdict(faithful), "fast": dataclasses.asdict(fast),
+            "time_to_quality_ratio": ratio}

@@ -839,6 +839,13 @@ def reproduce(
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Small models and batches: a smoke check in seconds.")] = False,
     steps: Annotated[int | None, typer.Option(help="Timed steps per figure (after one warm-up).")] = None,
+    time_to_quality: Annotated[bool, typer.Option(
+        "--time-to-quality", help="Train the faithful and the fast recipe until each clears the val bar.")] = False,
+    dataset: Annotated[str, typer.Option(help="--time-to-quality: dataset.")] = "fashion-mnist",
+    epochs: Annotated[int, typer.Option(help="--time-to-quality: most epochs per recipe.")] = 8,
+    limit: Annotated[int | None, typer.Option(help="--time-to-quality: training images (default 20000).")] = 20000,
+    clean_bar: Annotated[float, typer.Option(help="--time-to-quality: clean % every model must reach.")] = 88.5,
+    blackbox_bar: Annotated[float, typer.Option(help="--time-to-quality: PGD black-box accuracy % to reach.")] = 88.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     as_json: JsonOption = False,
 ) -> None:
@@ -854,6 +861,26 @@ def bench(
     from deflect.console import err_console
     from deflect.train import resolve_device
 
+    if time_to_quality:
+        from deflect.bench import QualityBar
+        from deflect.bench import time_to_quality as ttq
+
+        if epochs < 1:
+            fail(f"--epochs must be at least 1, got {epochs}")
+        with err_console.status("time to quality") as status:
+            report = ttq(dataset, epochs=epochs, train_limit=limit, bar=QualityBar(clean_bar, blackbox_bar),
+                         device=str(resolve_device(device)), progress=lambda text: status.update(text))
+        if as_json:
+            typer.echo(json.dumps(report))
+            return
+        for name in ("faithful", "fast"):
+            trace = report[name]
+            when = (f"cleared the bar at epoch {trace['reached_epoch']} after {trace['reached_at']:.0f} s of training"
+                    if trace["reached_at"] is not None else f"did not clear the bar in {epochs} epochs")
+            typer.echo(f"{name}: {when}")
+        ratio = report["time_to_quality_ratio"]
+        typer.echo(f"time_to_quality_ratio: {ratio:.2f}" if ratio is not None else "time_to_quality_ratio: -")
+        return
     settings = BenchSettings(device=str(resolve_device(device)))
     if quick:
         settings = dataclasses.replace(settings, width=8, batch_size=64, ns=(3,), steps=1, matrix_images=128)

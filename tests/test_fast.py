@@ -134,3 +134,22 @@ def test_bench_quick_json_reports_rates_phases_and_ratios() -> None:
 def test_bench_rejects_bad_steps() -> None:
     result = CliRunner().invoke(app, ["bench", "--quick", "--steps", "0"])
     assert result.exit_code == 2 and "--steps must be at least 1" in result.output
+
+
+def test_time_to_quality_reports_each_recipe_and_their_ratio() -> None:
+    import json
+
+    args = ["bench", "--time-to-quality", "--dataset", "digits", "--epochs", "2", "--limit", "320", "--device", "cpu",
+            "--json"]
+    result = CliRunner().invoke(app, [*args, "--clean-bar", "0", "--blackbox-bar", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("faithful", "fast"):
+        assert report[name]["reached_epoch"] == 1 and len(report[name]["epochs"]) == 1
+    # a zero bar is cleared after the first epoch: the ratio is the cost of one epoch of each recipe,
+    # and the cheap recipe (one transfer term on a quarter of the batch, no angle) costs less
+    assert report["time_to_quality_ratio"] > 1
+    result = CliRunner().invoke(app, [*args, "--clean-bar", "101"])  # a bar no set can clear
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["faithful"]["reached_at"] is None and len(report["faithful"]["epochs"]) == 2
+    assert report["time_to_quality_ratio"] is None
