@@ -148,3 +148,13 @@ def test_cli_evaluate_errors(args: list[str], needle: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_transfer_matrices_may_use_the_adaptive_attacks() -> None:
+    from deflect.errors import DeflectError
+    from deflect.pipeline import parse_attacks
+
+    assert parse_attacks("pgd1,di-ti-mifgsm", False) == ["pgd1", "di-ti-mifgsm"]
+    assert "di-ti-mifgsm" not in parse_attacks(None, True)  # --all stays the paper's Table 1
+    with pytest.raises(DeflectError, match="unknown attack 'nope'"):
+        parse_attacks("nope", False)

@@ -160,3 +160,15 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     sims = json.loads(result.stdout)["simulations"]
     for adv in ADVERSARIES:
         assert sims["disjoint"][adv]["deflection_rate"] > sims["independent"][adv]["deflection_rate"]
+
+
+def test_scenarios_may_use_the_adaptive_attacks(tmp_path: Path) -> None:
+    from deflect.errors import DeflectError
+    from deflect.scenario import load_scenario
+
+    path = tmp_path / "adaptive.toml"
+    path.write_text('adversary = "oracle"\nk = 2\nattack = "di-ti-mifgsm-cw"\n')
+    assert load_scenario(path).attack_name == "di-ti-mifgsm-cw"
+    path.write_text('adversary = "oracle"\nk = 2\nattack = "di-ti-nope"\n')
+    with pytest.raises(DeflectError, match="unknown attack 'di-ti-nope'"):
+        load_scenario(path)
