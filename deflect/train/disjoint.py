@@ -85,10 +85,34 @@ def train_epoch(
     gen = epoch_generator(cfg.seed, epoch)
     active = ActiveTerms.for_epoch(cfg, epoch)
     k = cfg.pair_sample_size()
-    order = torch.randperm(len(data), generator=gen)
-    batches = len(order) // cfg.batch_size  # drop the ragged last batch (BN needs >1 sample)
     for m in models:
         m.train()
+
+    def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        sample = torch.randperm(len(models), generator=gen)[:k].sort().values.tolist()
+        return method_loss(models, x, y, cfg, active, sample, device, gen, frozen)
+
+    return run_epoch(batch_loss, optimizer, scheduler, data, cfg, epoch, gen, device, on_batch)
+
+
+BatchLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+def run_epoch(
+    batch_loss: BatchLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    data: ImageTensorDataset,
+    cfg: TrainConfig,
+    epoch: int,
+    gen: torch.Generator,
+    device: torch.device,
+    on_batch: Callable[[BatchEvent], None] | None = None,
+) -> EpochStats:
+    """The loop every trainer shares: seeded batch order, augmentation, one SGD step per batch on
+    `batch_loss(x, y)` (which may draw more from `gen`), per-batch LR schedule, mean loss terms."""
+    order = torch.randperm(len(data), generator=gen)
+    batches = len(order) // cfg.batch_size  # drop the ragged last batch (BN needs >1 sample)
     stats = EpochStats()
     start = time.perf_counter()
     for b in range(batches):
@@ -97,9 +121,8 @@ def train_epoch(
         if cfg.augment:
             x = augment(x, gen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        sample = torch.randperm(len(models), generator=gen)[:k].sort().values.tolist()
         with autocast(device, cfg.bf16):
-            total, values = method_loss(models, x, y, cfg, active, sample, device, gen, frozen)
+            total, values = batch_loss(x, y)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()

@@ -11,7 +11,6 @@ run's (`TrainConfig`), so a grown model is held to the same recipe as the models
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from torch import nn
 
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset
-from deflect.train.disjoint import LOSS_KEYS, BatchEvent, EpochStats, augment, autocast, epoch_generator
+from deflect.train.disjoint import BatchEvent, EpochStats, epoch_generator, run_epoch
 from deflect.train.losses import ActiveTerms, LossParts, angular_loss, input_gradients, loss_increase
 
 DEFAULT_SAMPLE = 2  # frozen models per step: 2·S ordered pairs per transfer term, S angular pairs
@@ -119,33 +118,14 @@ def grow_epoch(
     """One epoch of the new model; batch order, augmentation and frozen samples seeded by (seed, epoch)."""
     gen = epoch_generator(seed, epoch)
     active = ActiveTerms.for_epoch(cfg, epoch)
-    order = torch.randperm(len(data), generator=gen)
-    batches = len(order) // cfg.batch_size  # drop the ragged last batch (BN needs >1 sample)
     new.train()
-    stats = EpochStats()
-    start = time.perf_counter()
-    for b in range(batches):
-        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        x, y = data.batch(idx)
-        if cfg.augment:
-            x = augment(x, gen)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         chosen = [frozen[i] for i in sample_frozen(len(frozen), sample, gen)]
-        with autocast(device, cfg.bf16):
-            parts = growth_loss(new, chosen, x, y, cfg, active)
-        optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
-        optimizer.step()
-        stats.lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        values = parts.as_floats()
-        for key in LOSS_KEYS:
-            stats.losses[key] += values[key] / batches
-        if on_batch is not None:
-            rate = (b + 1) * len(idx) / max(time.perf_counter() - start, 1e-9)
-            on_batch(BatchEvent(epoch, cfg.epochs, b + 1, batches, rate, values))
-    stats.seconds = time.perf_counter() - start
-    return stats
+        parts = growth_loss(new, chosen, x, y, cfg, active)
+        return parts.total, parts.as_floats()
+
+    return run_epoch(batch_loss, optimizer, scheduler, data, cfg, epoch, gen, device, on_batch)
 
 
 def growth_validation_loss(
