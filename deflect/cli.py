@@ -76,6 +76,24 @@ def open_store(db: Path | None) -> Any:
     return Store(db)
 
 
+def _training_bar(progress: Any, task: dict[str, Any]) -> Callable[[Any], None]:
+    """A batch callback that drives one Rich task per training run (created at its first batch,
+    so a resumed run starts the bar at the epoch it resumes from); clear task["id"] for a new run."""
+    from deflect.console import format_losses
+
+    def on_batch(event: Any) -> None:
+        if "id" not in task:
+            total = event.batches * event.epochs
+            done = event.batches * (event.epoch - 1)
+            task["id"] = progress.add_task("train", total=total, completed=done, epoch="", losses="", rate="")
+        progress.update(
+            task["id"], advance=1, epoch=f"{event.epoch}/{event.epochs} batch {event.batch}/{event.batches}",
+            losses=format_losses(event), rate=f"{event.images_per_s:.0f} img/s",
+        )
+
+    return on_batch
+
+
 @app.command()
 @handle_errors
 def train(
@@ -118,7 +136,7 @@ def train(
     Example: deflect train --n 6 ; deflect train --n 3 --dataset fashion-mnist
     """
     from deflect.config import TermWindow, make_config
-    from deflect.console import err_console, format_losses, training_progress
+    from deflect.console import err_console, training_progress
     from deflect.train import Callbacks
     from deflect.train import train as run_training
 
@@ -147,15 +165,7 @@ def train(
         err_console.print(f"[bold]run[/] {run.id}  ({run.method}, {run.dataset}, {run.arch}, n={run.n}, {run.device})")
         task["run"] = run.id
 
-    def on_batch(event: Any) -> None:
-        if "id" not in task:
-            total = event.batches * event.epochs
-            done = event.batches * (event.epoch - 1)
-            task["id"] = progress.add_task("train", total=total, completed=done, epoch="", losses="", rate="")
-        progress.update(
-            task["id"], advance=1, epoch=f"{event.epoch}/{event.epochs} batch {event.batch}/{event.batches}",
-            losses=format_losses(event), rate=f"{event.images_per_s:.0f} img/s",
-        )
+    on_batch = _training_bar(progress, task)
 
     def on_epoch(metric: Any) -> None:
         accs = " ".join(f"{a:.1f}" for a in metric.clean_acc)
@@ -802,7 +812,7 @@ def reproduce(
 
     Example: deflect reproduce --preset fashion-mnist --quick
     """
-    from deflect.console import err_console, format_losses, training_progress
+    from deflect.console import err_console, training_progress
     from deflect.reproduce import reproduce as run_reproduction
     from deflect.train import Callbacks
 
@@ -811,16 +821,9 @@ def reproduce(
     state: dict[str, Any] = {}
 
     def on_start(run: Any, first_epoch: int) -> None:
-        state.pop("task", None)
-        state["run"] = run.id
+        state.pop("id", None)  # a new bar for each set
 
-    def on_batch(event: Any) -> None:
-        if "task" not in state:
-            total = event.batches * event.epochs
-            state["task"] = progress.add_task("train", total=total, completed=event.batches * (event.epoch - 1),
-                                              epoch="", losses="", rate="")
-        progress.update(state["task"], advance=1, epoch=f"{event.epoch}/{event.epochs} batch {event.batch}",
-                        losses=format_losses(event), rate=f"{event.images_per_s:.0f} img/s")
+    on_batch = _training_bar(progress, state)
 
     try:
         with progress:
@@ -854,11 +857,10 @@ def bench(
     Example: deflect bench ; deflect bench --quick --json
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from deflect.bench import BenchSettings, run_bench
-    from deflect.console import err_console
+    from deflect.console import err_console, work_progress
     from deflect.train import resolve_device
 
     if time_to_quality:
@@ -889,10 +891,9 @@ def bench(
             fail(f"--steps must be at least 1, got {steps}")
         settings = dataclasses.replace(settings, steps=steps)
     phases = len(settings.ns) + 2
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=err_console)
+    progress = work_progress(err_console)
     with progress:
-        task = progress.add_task("starting", total=phases)
+        task = progress.add_task("starting", total=phases, rate="")
 
         def on_phase(text: str) -> None:
             started = progress.tasks[0].description != "starting"
