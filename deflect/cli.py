@@ -372,7 +372,8 @@ def evaluate(
     eps: Annotated[float | None, typer.Option(help="Override ε.")] = None,
     alpha: Annotated[float | None, typer.Option(help="Override the step size α.")] = None,
     steps: Annotated[int | None, typer.Option(help="Override the number of steps/iterations.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
+    batch_size: Annotated[int | None, typer.Option(help="Evaluation batch size (default 128 on CPU, "
+                                                   "256 on a GPU; --adaptive: 256).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the subset and the attacks' randomness.")] = 0,
     split: Annotated[str, typer.Option(help="test, or val to choose settings without touching test.")] = "test",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
@@ -394,7 +395,7 @@ def evaluate(
             fail(f"{name} must be a finite non-negative number, got {value}")
     if steps is not None and steps < 1:
         fail(f"--steps must be at least 1, got {steps}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
     if adaptive:
         if attack or all_attacks or ensemble is not None or eps_sweep or tsne or alpha is not None:
@@ -404,7 +405,7 @@ def evaluate(
         families = tuple(a.strip() for a in (attackers or ",".join(FAMILIES)).split(",") if a.strip())
         settings = AdaptiveSettings(k=k, limit=limit, eps=eps, steps=steps, restarts=restarts, queries=queries,
                                     max_queries=max_queries, square_limit=square_limit, aware_epochs=aware_epochs,
-                                    families=families, seed=seed, batch_size=batch_size, split=split)
+                                    families=families, seed=seed, batch_size=batch_size or 256, split=split)
         _evaluate_adaptive(open_store(db), run, settings, device, as_json)
         return
     names = parse_attacks(attack, all_attacks) if (attack or all_attacks or not (eps_sweep or tsne)) else []

@@ -25,6 +25,7 @@ from torch import nn
 from deflect.attacks import Attack, make_attack
 from deflect.data import ImageTensorDataset
 from deflect.errors import DeflectError
+from deflect.inference import eval_batch_size, inference_copy
 from deflect.runtime import fast_cpu_math
 
 Progress = Callable[[int, int], None]  # (done, total) units of work
@@ -156,7 +157,7 @@ def _prepare(models: Sequence[nn.Module], device: torch.device | str | None) -> 
         raise DeflectError("need at least one model to evaluate")
     dev = torch.device(device) if device is not None else next(models[0].parameters()).device
     fast_cpu_math()
-    return [m.to(dev).eval() for m in models], dev
+    return [inference_copy(m, dev) for m in models], dev
 
 
 @torch.no_grad()
@@ -174,7 +175,7 @@ def craft_and_score(
     targets: Sequence[nn.Module],
     data: ImageTensorDataset | Iterable,
     attack: Attack,
-    batch_size: int,
+    batch_size: int | None,
     seed: int,
     device: torch.device,
     progress: Progress | None,
@@ -184,7 +185,7 @@ def craft_and_score(
     Returns (adversarial-correct counts [sources × targets], successes [sources × targets],
     clean-correct counts [targets], number of examples).
     """
-    batches = _batches(data, batch_size)
+    batches = _batches(data, eval_batch_size(device, batch_size))
     adv_correct = np.zeros((len(sources), len(targets)), dtype=np.int64)
     flipped = np.zeros_like(adv_correct)
     clean_correct = np.zeros(len(targets), dtype=np.int64)
@@ -213,7 +214,7 @@ def transfer_matrix(
     attack: Attack | str,
     *,
     dataset: str | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     limit: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
@@ -262,7 +263,7 @@ def ensemble_matrix(
     *,
     max_subsets: int | None = None,
     dataset: str | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     limit: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
@@ -300,7 +301,7 @@ def eps_sweep(
     *,
     steps: int = 100,
     dataset: str | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     limit: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
@@ -325,7 +326,7 @@ def eps_sweep(
 
 def gradient_signs(
     models: Sequence[nn.Module], data: ImageTensorDataset, n_images: int = 1000, seed: int = 0,
-    device: torch.device | str | None = None, batch_size: int = 256,
+    device: torch.device | str | None = None, batch_size: int | None = None,
 ) -> np.ndarray:
     """sign(∇x L_i) for each model i and image: array [n_models, n_images, C·H·W]."""
     models, dev = _prepare(models, device)
@@ -333,7 +334,7 @@ def gradient_signs(
     out = []
     for m in models:
         rows = []
-        for x, y in _batches(data, batch_size):
+        for x, y in _batches(data, eval_batch_size(dev, batch_size)):
             x = x.to(dev).requires_grad_(True)
             loss = torch.nn.functional.cross_entropy(m(x), y.to(dev), reduction="sum")
             (g,) = torch.autograd.grad(loss, x)

@@ -68,7 +68,7 @@ def store_transfer(store: Store, run: Run, res: TransferResult, kind: str = "tra
 class RunEvaluator:
     """Loads a run's models and test data once, then runs and stores evaluations on them."""
 
-    def __init__(self, store: Store, run_ref: str, *, limit: int | None = None, batch_size: int = 256,
+    def __init__(self, store: Store, run_ref: str, *, limit: int | None = None, batch_size: int | None = None,
                  seed: int = 0, device: str = "auto", split: str = "test") -> None:
         self.store = store
         self.run = store.get_run(run_ref)

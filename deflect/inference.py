@@ -1,0 +1,75 @@
+"""Attack-ready copies of trained models: what evaluation crafts attacks on and scores with.
+
+Crafting a transfer matrix is n sources × steps forward/backward passes that need the *input*
+gradient only, through models in eval mode. An evaluation copy therefore
+
+* folds each eval-mode BatchNorm into the convolution before it (``torch.fx`` ``fuse``): one op
+  instead of two in every forward and backward;
+* applies ReLU after max-pooling instead of before: ``relu(maxpool(z)) == maxpool(relu(z))`` and
+  both give the same input gradient, on a quarter of the elements;
+* freezes the parameters, so autograd never computes or stores weight gradients;
+* on CPU, stores convolutions channels-last (oneDNN's native layout).
+
+Measured on a 2-core CPU (Fashion-MNIST small CNN, width 16, PGD-7, batch 128): 1.8-1.9× the
+images/s of the same loop on the unmodified models (``deflect bench`` reports the figure). The
+copies compute the same function up to float rounding: a handful of gradient signs at exactly
+zero-crossings can differ, so a few pixels of a PGD example may land elsewhere in the ε-ball.
+A batched pass over all n sources (``torch.func`` vmap) was measured too: 0.95× on CPU, so the
+per-model loop stays. Models that ``torch.fx`` cannot trace are used as frozen copies unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+# oneDNN's activations for a small CNN stay in L2 at 128 images; 256 measured 1.2× slower on CPU.
+CPU_EVAL_BATCH = 128
+DEVICE_EVAL_BATCH = 256
+
+
+def eval_batch_size(device: torch.device | str, requested: int | None = None) -> int:
+    """The evaluation batch: the caller's, else the size measured fastest for the device."""
+    if requested is not None:
+        return requested
+    return CPU_EVAL_BATCH if torch.device(device).type == "cpu" else DEVICE_EVAL_BATCH
+
+
+def _relu_after_pool(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite ``ReLU → MaxPool2d`` as ``MaxPool2d → ReLU`` (exact: max commutes with relu)."""
+    modules = dict(gm.named_modules())
+    for pool in list(gm.graph.nodes):
+        if pool.op != "call_module" or not isinstance(modules.get(pool.target), nn.MaxPool2d):
+            continue
+        relu = pool.args[0]
+        if not (isinstance(relu, fx.Node) and relu.op == "call_module"
+                and isinstance(modules.get(relu.target), nn.ReLU) and len(relu.users) == 1):
+            continue
+        pool.args = (relu.args[0], *pool.args[1:])
+        pool.replace_all_uses_with(relu)
+        relu.args = (pool,)
+        pool.append(relu)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def inference_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """A frozen eval-mode copy of ``model`` on ``device``, optimised for input-gradient work.
+
+    The caller's model is never modified (not moved, not switched to eval mode).
+    """
+    dev = torch.device(device)
+    net = copy.deepcopy(model).to(dev).eval()
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        net = _relu_after_pool(fuse(net, inplace=True))
+    except Exception:  # noqa: BLE001 - untraceable models (data-dependent control flow) stay as they are
+        net = copy.deepcopy(model).to(dev).eval()
+    net.requires_grad_(False)
+    if dev.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in net.modules()):
+        net = net.to(memory_format=torch.channels_last)
+    return net

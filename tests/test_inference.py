@@ -1,0 +1,107 @@
+"""Evaluation copies compute the same function and input gradient as the trained models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchattacks
+from torch import nn
+
+import deflect
+from deflect.attacks import make_attack
+from deflect.data import dataset_info
+from deflect.evaluate import select_subset, transfer_matrix
+from deflect.inference import eval_batch_size, inference_copy
+from deflect.models import build_model
+
+
+def _trained_like(arch: str, dataset: str, width: int = 8) -> nn.Module:
+    """A model whose BatchNorm statistics and affine terms are far from their initial values."""
+    torch.manual_seed(0)
+    model = build_model(arch, dataset_info(dataset), width=width)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model.train()
+
+
+def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    return g
+
+
+@pytest.mark.parametrize(("arch", "dataset", "size"), [("cnn", "fashion-mnist", 28), ("cnn", "digits", 8),
+                                                       ("preact-resnet18", "cifar10", 32)])
+def test_copy_matches_logits_and_input_gradient(arch: str, dataset: str, size: int) -> None:
+    model = _trained_like(arch, dataset)
+    info = dataset_info(dataset)
+    x = torch.rand(6, info.channels, size, size, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(6) % 10
+    fast = inference_copy(model, "cpu")
+    model.eval()
+    with torch.no_grad():
+        ref, out = model(x), fast(x)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(_input_grad(fast, x, y), _input_grad(model, x, y), atol=1e-5, rtol=1e-3)
+
+
+def test_copy_folds_batchnorm_moves_relu_after_pool_and_freezes() -> None:
+    model = _trained_like("cnn", "fashion-mnist")
+    fast = inference_copy(model, "cpu")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    kinds = [type(dict(fast.named_modules())[n.target]).__name__ for n in fast.graph.nodes if n.op == "call_module"]
+    first_pool = kinds.index("MaxPool2d")
+    assert kinds[first_pool - 1] == "Conv2d" and kinds[first_pool + 1] == "ReLU"
+    assert not any(p.requires_grad for p in fast.parameters()) and not fast.training
+    # the caller's model is untouched: still training, trainable, BatchNorm in place
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_untraceable_model_is_used_as_a_frozen_copy() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+                return self.lin(x)
+            return -self.lin(x)
+
+    model = Branchy()
+    fast = inference_copy(model, "cpu")
+    x = torch.rand(2, 4)
+    assert type(fast) is Branchy and torch.equal(fast(x), model(x))
+    assert not any(p.requires_grad for p in fast.parameters()) and model.lin.weight.requires_grad
+
+
+def test_eval_batch_size_defaults() -> None:
+    assert eval_batch_size("cpu") == 128 and eval_batch_size("cuda") == 256 and eval_batch_size("cpu", 40) == 40
+
+
+def test_matrix_on_copies_agrees_with_torchattacks_on_the_models(digits_runs) -> None:
+    """The whole matrix, crafted on evaluation copies, against a torchattacks loop on the originals."""
+    store, ids = digits_runs
+    models = deflect.load_set(ids["independent"], store)  # independent models: transfer is partial
+    data = select_subset(deflect.load_dataset("digits", "test"), 128)
+    x, y = data.batch(torch.arange(len(data)))
+    attack = make_attack("pgd1", "digits")
+    p = attack.params()
+    res = transfer_matrix(models, data, attack, batch_size=128, seed=5)
+    torch.manual_seed(5)
+    expected = []
+    for src in models:
+        adv = torchattacks.PGD(src, eps=p["eps"], alpha=p["alpha"], steps=p["steps"])(x, y)
+        with torch.no_grad():
+            expected.append([100.0 * (t(adv).argmax(1) == y).float().mean().item() for t in models])
+    off = [expected[s][t] for s in range(3) for t in range(3) if s != t]
+    assert min(off) > 5 and max(off) < 95  # a matrix with room to disagree
+    # same random start (same seed, same draw order); only float rounding differs: at most 2 images
+    assert np.abs(np.array(res.matrix) - np.array(expected)).max() <= 100.0 * 2 / 128
