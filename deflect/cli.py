@@ -97,7 +97,7 @@ def _training_bar(progress: Any, task: dict[str, Any]) -> Callable[[Any], None]:
 @app.command()
 @handle_errors
 def train(
-    n: Annotated[int, typer.Option("--n", help="Number of models in the set (≥ 2).")] = 3,
+    n: Annotated[int, typer.Option("--n", "-n", help="Number of models in the set (≥ 2).")] = 3,
     dataset: Annotated[str, typer.Option(help="digits | fashion-mnist | mnist | cifar10.")] = "digits",
     method: Annotated[str, typer.Option(help="disjoint | independent | fast-at | adp.")] = "disjoint",
     preset: Annotated[str | None, typer.Option(help="digits | fashion-mnist | paper-cifar10.")] = None,
@@ -133,7 +133,8 @@ def train(
 ) -> None:
     """Train a set of n models; prints the run id.
 
-    Example: deflect train --n 6 ; deflect train --n 3 --dataset fashion-mnist
+    Example: deflect train --n 6 ; deflect train --n 3 --dataset fashion-mnist ;
+    torchrun --nproc-per-node 2 -m deflect train --n 3 (each process a shard of every batch)
     """
     from deflect.config import TermWindow, make_config
     from deflect.console import err_console, training_progress
@@ -158,6 +159,14 @@ def train(
             overrides["w_transfer1"] = overrides["w_transfer2"] = 0.0
         cfg = make_config(n=n, dataset=dataset, preset=preset, **overrides)
 
+    from deflect.train.distributed import from_env
+    from deflect.train.runner import resolve_device
+
+    want = cfg.device if cfg is not None else str(store.get_run(resume).config.get("device", "auto"))
+    shard = from_env(resolve_device(want).type)  # torchrun: one process per shard of each batch
+    if shard is not None and not shard.leader:
+        run_training(cfg, store, Callbacks(), resume=resume, shard=shard)  # rank 0 reports
+        return
     progress = training_progress(err_console)
     task: dict[str, Any] = {}
 
@@ -175,7 +184,7 @@ def train(
 
     try:
         with progress:
-            run_id = run_training(cfg, store, Callbacks(on_start, on_batch, on_epoch), resume=resume)
+            run_id = run_training(cfg, store, Callbacks(on_start, on_batch, on_epoch), resume=resume, shard=shard)
     except KeyboardInterrupt:
         rid = task.get("run", resume)
         typer.echo(f"deflect: interrupted; continue with 'deflect train --resume {rid}'", err=True)

@@ -18,6 +18,7 @@ from torch import nn
 
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset
+from deflect.train.distributed import Shard, all_reduce_grads, sharded
 from deflect.train.losses import ActiveTerms, LossParts, disjoint_loss
 
 LOSS_KEYS = ("total", "class", "angle", "transfer1", "transfer2")
@@ -78,6 +79,7 @@ def train_epoch(
     device: torch.device,
     on_batch: Callable[[BatchEvent], None] | None = None,
     frozen: Sequence[int] = (),
+    shard: Shard | None = None,
 ) -> EpochStats:
     """Train every model of the set for one epoch on its method's loss (Eq. 5 for disjoint sets).
 
@@ -92,7 +94,7 @@ def train_epoch(
         sample = torch.randperm(len(models), generator=gen)[:k].sort().values.tolist()
         return method_loss(models, x, y, cfg, active, sample, device, gen, frozen)
 
-    return run_epoch(batch_loss, optimizer, scheduler, data, cfg, epoch, gen, device, on_batch)
+    return run_epoch(batch_loss, optimizer, scheduler, data, cfg, epoch, gen, device, on_batch, shard)
 
 
 BatchLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
@@ -108,9 +110,14 @@ def run_epoch(
     gen: torch.Generator,
     device: torch.device,
     on_batch: Callable[[BatchEvent], None] | None = None,
+    shard: Shard | None = None,
 ) -> EpochStats:
     """The loop every trainer shares: seeded batch order, augmentation, one SGD step per batch on
-    `batch_loss(x, y)` (which may draw more from `gen`), per-batch LR schedule, mean loss terms."""
+    `batch_loss(x, y)` (which may draw more from `gen`), per-batch LR schedule, mean loss terms.
+
+    With a `shard` (torchrun), every process draws the same global batch and computes the loss on
+    its slice inside `sharded` (global means and BatchNorm statistics); gradients are then summed."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     order = torch.randperm(len(data), generator=gen)
     batches = len(order) // cfg.batch_size  # drop the ragged last batch (BN needs >1 sample)
     stats = EpochStats()
@@ -121,10 +128,16 @@ def run_epoch(
         if cfg.augment:
             x = augment(x, gen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, cfg.bf16):
-            total, values = batch_loss(x, y)
+        if shard is None:
+            with autocast(device, cfg.bf16):
+                total, values = batch_loss(x, y)
+        else:
+            with autocast(device, cfg.bf16), sharded(len(y)):
+                total, values = batch_loss(shard.split(x), shard.split(y))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if shard is not None:
+            all_reduce_grads(params)
         optimizer.step()
         stats.lr = optimizer.param_groups[0]["lr"]
         scheduler.step()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deflect.config import TrainConfig
+from deflect.train.distributed import batch_mean, batch_size, cross_entropy_mean
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def input_gradients(
     """
     n = len(models)
     xs = x.detach().unsqueeze(0).expand(n, *x.shape).clone().requires_grad_(True)
-    losses = [F.cross_entropy(m(xs[i]), y) for i, m in enumerate(models)]
+    losses = [cross_entropy_mean(m(xs[i]), y) for i, m in enumerate(models)]
     (grads,) = torch.autograd.grad(torch.stack(losses).sum(), xs, create_graph=create_graph)
     return losses, list(grads.unbind(0))
 
@@ -95,15 +96,21 @@ def angular_loss(grads: Sequence[torch.Tensor], mode: str = "channel") -> torch.
     """
     start = 2 if mode == "channel" else 1
     normed = [F.normalize(g.flatten(start), dim=-1) for g in grads]
-    cosines = [(normed[i] * normed[j]).sum(-1).mean() for i, j in itertools.combinations(range(len(normed)), 2)]
+    cosines = [_per_sample(normed[i] * normed[j]) for i, j in itertools.combinations(range(len(normed)), 2)]
     return torch.stack(cosines).mean() + 1.0
+
+
+def _per_sample(products: torch.Tensor) -> torch.Tensor:
+    """Batch mean of the cosines (summed products), each sample's own cosines averaged first."""
+    cos = products.sum(-1)
+    return batch_mean(cos.flatten(1).mean(1) if cos.dim() > 1 else cos)
 
 
 def loss_increase(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor, delta: torch.Tensor
 ) -> torch.Tensor:
     """max(L_i(x+δ, y) − L_i(x, y), 0), the clamp applied after the batch mean (Eqs. 3-4)."""
-    return torch.clamp(F.cross_entropy(model(x + delta), y) - clean_loss, min=0.0)
+    return torch.clamp(cross_entropy_mean(model(x + delta), y) - clean_loss, min=0.0)
 
 
 def clean_terms(
@@ -122,7 +129,7 @@ def clean_terms(
         ls, gs = input_gradients([models[i] for i in order], x, y, create_graph=True)
         for k, i in enumerate(order):
             losses[i], grads[i] = ls[k], gs[k]
-    clean = [loss if loss is not None else F.cross_entropy(models[i](x), y) for i, loss in enumerate(losses)]
+    clean = [loss if loss is not None else cross_entropy_mean(models[i](x), y) for i, loss in enumerate(losses)]
     ce = torch.stack(clean)
     classification = ce.sum() if cfg.class_reduction == "sum" else ce.mean()
     angle = angular_loss(grads, cfg.cosine) if active.angle else x.new_zeros(())  # type: ignore[arg-type]
@@ -150,7 +157,7 @@ def disjoint_loss(
     losses, grads, classification, angle = clean_terms(models, x, y, cfg, active, sample)
     t1_terms: list[torch.Tensor] = []
     t2_terms: list[torch.Tensor] = []
-    scale = x.shape[0] if cfg.eps1_per_sample else 1.0
+    scale = batch_size(x) if cfg.eps1_per_sample else 1.0
     for i, j in itertools.permutations(sample if transfer else [], 2):
         g_j = grads[j]
         assert g_j is not None and losses[i] is not None

@@ -44,6 +44,7 @@ from deflect.models import build_model
 from deflect.runtime import fast_cpu_math
 from deflect.store import EpochMetric, Run, Store
 from deflect.train.disjoint import BatchEvent, clean_accuracy, train_epoch, validation_loss
+from deflect.train.distributed import Shard, barrier, check_config, global_batchnorm
 
 CONFIG_JSON = "config.json"
 
@@ -173,6 +174,15 @@ def _restore_state(
             opt.state[p]["momentum_buffer"] = buf.to(device)
 
 
+def _broadcast(value: str | None) -> str:
+    """Rank 0's `value` on every rank."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
 def _jsonable(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if _is_json(v)}
 
@@ -190,8 +200,12 @@ def train(
     store: Store | None = None,
     callbacks: Callbacks | None = None,
     resume: str | None = None,
+    shard: Shard | None = None,
 ) -> str:
-    """Train a set (or resume run `resume`) and return its run id."""
+    """Train a set (or resume run `resume`) and return its run id.
+
+    With a `shard` (torchrun), every process trains the same set on its slice of each batch
+    (`deflect.train.distributed`); rank 0 alone evaluates and writes the database and the files."""
     store = store or Store()
     callbacks = callbacks or Callbacks()
     if resume is not None:
@@ -209,10 +223,20 @@ def train(
         raise DeflectError("train() needs a TrainConfig or a run to resume")
     cfg.validate()
     device = resolve_device(cfg.device)
+    leader = shard is None or shard.leader
+    if shard is not None:
+        check_config(cfg.method, cfg.step, cfg.transfer_batch)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    where = str(device) if shard is None else f"{device.type} x{shard.world}"
     fast_cpu_math()
     train_set, val_set, test_set = _load_splits(cfg)
 
-    if resume is None:
+    if resume is None and not leader:
+        run = store.get_run(_broadcast(None))  # rank 0 created it
+        run_dir = Path(run.run_dir)
+    elif resume is None:
         run_id = new_run_id(cfg)
         run_dir = store.runs_root / run_id
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -220,17 +244,22 @@ def train(
         run = store.add_run(
             Run(
                 id=run_id, method=cfg.method, dataset=cfg.dataset, arch=cfg.arch, preset=cfg.preset,
-                n=cfg.n, config=json.loads(cfg.to_json()), device=str(device), git_hash=_git_hash(),
+                n=cfg.n, config=json.loads(cfg.to_json()), device=where, git_hash=_git_hash(),
                 run_dir=str(run_dir.resolve()), epochs_total=cfg.epochs,
             )
         )
-    else:
+        if shard is not None:
+            _broadcast(run.id)  # after the row is committed: the other ranks read it
+    elif leader:
         run = store.update_run(
-            run.id, status="running", message=None, device=str(device), pid=os.getpid(),
+            run.id, status="running", message=None, device=where, pid=os.getpid(),
             host=socket.gethostname(),
         )
 
     models = [m.to(device) for m in build_set(cfg)]
+    if shard is not None:
+        global_batchnorm(models)
+        barrier()  # every rank has the run before rank 0 records the first epoch
     if cfg.step == "fast" and device.type == "cpu":  # oneDNN prefers NHWC (deflect.train.fast)
         models = [m.to(memory_format=torch.channels_last) for m in models]
     batches = (len(train_set) // cfg.batch_size)
@@ -258,13 +287,16 @@ def train(
         at_state.update(state.get("fast_at") or {})
     last_good = [copy.deepcopy(m.state_dict()) for m in models] if cfg.method == "fast-at" else []
 
-    if callbacks.on_start:
+    if callbacks.on_start and leader:
         callbacks.on_start(run, first_epoch)
     eval_bs = max(cfg.batch_size, 256)
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
-            stats = train_epoch(models, opt, sched, train_set, cfg, epoch, device, callbacks.on_batch,
-                                at_state["frozen"])
+            stats = train_epoch(models, opt, sched, train_set, cfg, epoch, device,
+                                callbacks.on_batch if leader else None, at_state["frozen"], shard)
+            if not leader:
+                barrier()  # rank 0 evaluates and writes the epoch meanwhile
+                continue
             extras: dict[str, Any] = {}
             if cfg.method == "fast-at":
                 extras = _fast_at_check(models, train_set, cfg, device, at_state, last_good)
@@ -302,16 +334,22 @@ def train(
             store.update_run(run.id, metric, epochs_done=epoch, seconds=seconds, best_epoch=best_epoch)
             if callbacks.on_epoch:
                 callbacks.on_epoch(metric)
+            if shard is not None:
+                barrier()
             if cfg.method == "fast-at" and len(at_state["frozen"]) == len(models):
                 store.update_run(run.id, message=f"fast-AT: every model stopped early by epoch {epoch}")
                 break
     except KeyboardInterrupt:
-        store.update_run(run.id, status="interrupted", message="stopped by the user (Ctrl-C)")
+        if leader:
+            store.update_run(run.id, status="interrupted", message="stopped by the user (Ctrl-C)")
         raise
     except Exception as exc:
         message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
-        store.update_run(run.id, status="failed", message=message)
+        if leader:
+            store.update_run(run.id, status="failed", message=message)
         raise
+    if not leader:
+        return run.id
     best = next((m for m in store.epochs(run.id) if m.epoch == best_epoch), None)
     store.update_run(
         run.id, status="finished", clean_acc=best.clean_acc if best else None, best_epoch=best_epoch, seconds=seconds
