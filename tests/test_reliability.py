@@ -202,9 +202,10 @@ def test_cli_option_values_never_crash(args: list[str], monkeypatch: pytest.Monk
     train_pkg = sys.modules["deflect.train"]  # the package; `deflect.train` the attribute is the function
     real_train = train_pkg.train
 
-    def validate_only(cfg: Any, store: Any, callbacks: Any = None, resume: str | None = None) -> str:
+    def validate_only(cfg: Any, store: Any, callbacks: Any = None, resume: str | None = None,
+                      shard: Any = None) -> str:
         if resume is not None:
-            return real_train(cfg, store, callbacks, resume=resume)
+            return real_train(cfg, store, callbacks, resume=resume, shard=shard)
         cfg.validate()
         resolve_device(cfg.device)
         raise DeflectError("valid configuration (training skipped in this test)")
