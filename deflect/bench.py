@@ -4,11 +4,15 @@ Every figure is a rate measured here, next to a baseline measured in the same pr
 inputs, so ratios are comparable across machines while absolute numbers are not. Inputs are
 synthetic (Fashion-MNIST-shaped by default): the cost of a step does not depend on pixel values.
 
-Step figures (small CNN, batch 128 by default):
+Step figures (small CNN, batch 128 by default; `preset` times that preset's architecture, batch and
+image shape instead, e.g. PreAct ResNet18 on 32×32 colour images for `paper-cifar10`):
 - `independent`: n models on cross-entropy only, the cost floor;
 - `reference`: the per-pair disjoint loss (`deflect.train.losses.disjoint_loss`);
 - `fast`: the same objective in the fast layout (`deflect.train.fast`, as `--step fast` runs it here);
-- `cheap`: an objective-changing recipe: only the ε2·tanh transfer term, on 32 images per batch.
+- `cheap`: an objective-changing recipe: only the ε2·tanh transfer term, on 32 images per batch;
+- `reference_bf16` (CUDA only): the reference step under bf16 autocast, as `--bf16` trains.
+Each rate also gives the seconds one epoch of the dataset's training split would take at that rate
+(`epoch_seconds`), which is what a user sizing a paper-scale run wants to know.
 The reference step is also timed by phase: input gradients with their graph, the perturbed forwards
 of the transfer terms, and the backward pass (where the double backward lives).
 
@@ -31,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deflect.config import make_config
+from deflect.config import PRESET_DATASET, make_config
 from deflect.data import ImageTensorDataset, dataset_info
+from deflect.errors import DeflectError
 from deflect.models import build_model
 from deflect.runtime import fast_cpu_math
-from deflect.train.disjoint import step_loss
+from deflect.train.disjoint import autocast, step_loss
 from deflect.train.losses import ActiveTerms, angular_loss, input_gradients, loss_increase
 
 Progress = Callable[[str], None]
@@ -51,6 +56,7 @@ class BenchSettings:
     matrix_images: int = 512
     matrix_n: int = 3
     device: str = "cpu"
+    preset: str | None = None  # None: the dataset's small CNN at `width`; else the preset's model and batch
 
 
 @dataclass
@@ -59,6 +65,7 @@ class BenchResult:
     device: str
     threads: int
     steps_per_s: dict[str, dict[str, float]] = field(default_factory=dict)  # n -> recipe -> steps/s
+    epoch_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # n -> recipe -> s per epoch
     phases: dict[str, float] = field(default_factory=dict)  # reference step at the first n, seconds
     matrix: dict[str, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
@@ -68,10 +75,19 @@ class BenchResult:
         return dataclasses.asdict(self)
 
 
+def bench_config(settings: BenchSettings, n: int, **overrides: Any) -> Any:
+    """The training configuration a figure times: the preset's own (architecture, batch size) when
+    `settings.preset` is set, else the dataset's small CNN at the bench's width and batch."""
+    if settings.preset is not None:
+        return make_config(n, settings.dataset, settings.preset, **overrides)
+    return make_config(n, settings.dataset, width=settings.width, batch_size=settings.batch_size, **overrides)
+
+
 def _models(settings: BenchSettings, n: int, device: torch.device) -> list[nn.Module]:
+    cfg = bench_config(settings, n)
     info = dataset_info(settings.dataset)
     torch.manual_seed(0)
-    return [build_model("cnn", info, width=settings.width).to(device) for _ in range(n)]
+    return [build_model(cfg.arch, info, cfg.normalize, cfg.width).to(device) for _ in range(n)]
 
 
 def _batch(settings: BenchSettings, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +115,7 @@ def _rate(step: Callable[[], None], steps: int, device: torch.device) -> float:
 
 def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[str, float]:
     """Steps per second of each recipe for a set of n (one SGD step = loss, backward, update)."""
-    x, y = _batch(settings, settings.batch_size, device)
+    x, y = _batch(settings, bench_config(settings, n).batch_size, device)
     rates: dict[str, float] = {}
     recipes: dict[str, dict[str, Any]] = {
         "independent": {"method": "independent"},
@@ -107,8 +123,10 @@ def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[st
         "fast": {"step": "fast"},
         "cheap": {"step": "fast", "transfer_batch": 32, "w_transfer1": 0.0, "w_angle": 0.0},
     }
+    if device.type == "cuda":
+        recipes["reference_bf16"] = {"bf16": True}
     for name, overrides in recipes.items():
-        cfg = make_config(n, settings.dataset, width=settings.width, batch_size=settings.batch_size, **overrides)
+        cfg = bench_config(settings, n, **overrides)
         models = _models(settings, n, device)
         xs = x
         if cfg.step == "fast" and device.type == "cpu":
@@ -119,10 +137,11 @@ def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[st
 
         def one(models: list[nn.Module] = models, cfg: Any = cfg, active: ActiveTerms = active,
                 sample: list[int] = sample, opt: torch.optim.Optimizer = opt, xs: torch.Tensor = xs) -> None:
-            if cfg.method == "independent":
-                loss = sum(F.cross_entropy(m(xs), y) for m in models)
-            else:
-                loss = step_loss(models, xs, y, cfg, active, sample, device).total
+            with autocast(device, cfg.bf16):
+                if cfg.method == "independent":
+                    loss = sum(F.cross_entropy(m(xs), y) for m in models)
+                else:
+                    loss = step_loss(models, xs, y, cfg, active, sample, device).total
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[union-attr]
             opt.step()
@@ -133,9 +152,9 @@ def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[st
 
 def step_phases(settings: BenchSettings, n: int, device: torch.device) -> dict[str, float]:
     """Seconds per reference step spent in each phase (means over the timed steps)."""
-    cfg = make_config(n, settings.dataset, width=settings.width, batch_size=settings.batch_size)
+    cfg = bench_config(settings, n)
     models = _models(settings, n, device)
-    x, y = _batch(settings, settings.batch_size, device)
+    x, y = _batch(settings, cfg.batch_size, device)
     totals = {"input_gradients": 0.0, "perturbed_forwards": 0.0, "backward": 0.0}
     for rep in range(settings.steps + 1):
         t0 = time.perf_counter()
@@ -191,7 +210,7 @@ def matrix_rates(settings: BenchSettings, device: torch.device) -> dict[str, flo
     evaluation batch for the device, so the gain of the evaluation copies alone is visible.
     """
     from deflect.attacks import make_attack
-    from deflect.evaluate import transfer_matrix
+    from deflect.evaluate import _prepare, transfer_matrix
     from deflect.inference import eval_batch_size
 
     models = [m.eval() for m in _models(settings, settings.matrix_n, device)]
@@ -205,6 +224,10 @@ def matrix_rates(settings: BenchSettings, device: torch.device) -> dict[str, flo
     transfer_matrix(models, data, attack, device=device)
     _sync(device)
     out["deflect_images_per_s"] = len(x) / (time.perf_counter() - start)
+    start = time.perf_counter()  # the one-off part of that time: building the evaluation copies
+    _prepare(models, device)
+    _sync(device)
+    out["deflect_prepare_s"] = time.perf_counter() - start
     try:
         import torchattacks  # noqa: F401
     except ImportError:  # the comparison needs the oracle library; deflect's own figure stands alone
@@ -215,11 +238,31 @@ def matrix_rates(settings: BenchSettings, device: torch.device) -> dict[str, flo
     return out
 
 
+def epoch_seconds(settings: BenchSettings, n: int, rates: dict[str, float]) -> dict[str, float]:
+    """Seconds one epoch of the dataset's training split takes at each measured rate."""
+    steps = dataset_info(settings.dataset).train_split_images // bench_config(settings, n).batch_size
+    return {name: steps / rate for name, rate in rates.items()}
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def default_settings(device: str = "cpu", preset: str | None = None) -> BenchSettings:
+    """The bench's settings for `device`; with `preset`, timing that preset as it trains (its dataset's
+    image shape, its model, its batch).
+
+    A GPU crafts 512 images in tens of milliseconds, so its matrix figure uses 4096: enough that
+    per-image work, not fixed costs, decides the rate."""
+    images = 4096 if torch.device(device).type == "cuda" else 512
+    if preset is None:
+        return BenchSettings(device=device, matrix_images=images)
+    if preset not in PRESET_DATASET:
+        raise DeflectError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_DATASET)}")
+    return BenchSettings(dataset=PRESET_DATASET[preset], preset=preset, device=device, matrix_images=images)
 
 
 def run_bench(settings: BenchSettings, progress: Progress | None = None) -> BenchResult:
@@ -231,6 +274,7 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
         if progress:
             progress(f"training steps, n={n}")
         result.steps_per_s[str(n)] = step_rates(settings, n, device)
+        result.epoch_seconds[str(n)] = epoch_seconds(settings, n, result.steps_per_s[str(n)])
     first = settings.ns[0]
     if progress:
         progress(f"phases of the reference step, n={first}")
@@ -275,12 +319,13 @@ class RecipeTrace:
 
 
 def _trace(name: str, overrides: dict[str, Any], dataset: str, n: int, epochs: int, train_limit: int | None,
-           bar: QualityBar, device: torch.device, progress: Progress | None) -> RecipeTrace:
+           bar: QualityBar, device: torch.device, progress: Progress | None,
+           data_dir: str | None = None) -> RecipeTrace:
     from deflect.evaluate import select_subset, transfer_matrix
     from deflect.train.disjoint import clean_accuracy, train_epoch
     from deflect.train.runner import _load_splits, _optimizer, build_set
 
-    cfg = make_config(n, dataset, epochs=epochs, train_limit=train_limit, **overrides)
+    cfg = make_config(n, dataset, epochs=epochs, train_limit=train_limit, data_dir=data_dir, **overrides)
     train, val, _ = _load_splits(cfg)
     check = select_subset(val, bar.val_images, 0)
     models = [m.to(device) for m in build_set(cfg)]
@@ -303,15 +348,15 @@ def _trace(name: str, overrides: dict[str, Any], dataset: str, n: int, epochs: i
 
 def time_to_quality(dataset: str = "fashion-mnist", n: int = 3, epochs: int = 8, train_limit: int | None = 20000,
                     bar: QualityBar | None = None, device: str = "cpu",
-                    progress: Progress | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Train the faithful recipe (the preset, reference step) and the fast recipe (FAST_RECIPE) on the
     same data, each epoch checking the bar on the validation split; report the training seconds each
     needed to clear it and their ratio (None where a recipe never cleared it within `epochs`)."""
     bar = bar or QualityBar()
     dev = torch.device(device)
     fast_cpu_math()
-    faithful = _trace("faithful", {}, dataset, n, epochs, train_limit, bar, dev, progress)
-    fast = _trace("fast", FAST_RECIPE, dataset, n, epochs, train_limit, bar, dev, progress)
+    faithful = _trace("faithful", {}, dataset, n, epochs, train_limit, bar, dev, progress, data_dir)
+    fast = _trace("fast", FAST_RECIPE, dataset, n, epochs, train_limit, bar, dev, progress, data_dir)
     ratio = (faithful.reached_at / fast.reached_at
              if faithful.reached_at is not None and fast.reached_at is not None else None)
     return {"dataset": dataset, "n": n, "epochs": epochs, "train_limit": train_limit, "bar": dataclasses.asdict(bar),

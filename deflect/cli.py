@@ -854,22 +854,25 @@ def bench(
     steps: Annotated[int | None, typer.Option(help="Timed steps per figure (after one warm-up).")] = None,
     time_to_quality: Annotated[bool, typer.Option(
         "--time-to-quality", help="Train the faithful and the fast recipe until each clears the val bar.")] = False,
+    preset: Annotated[str | None, typer.Option(
+        help="Time this preset's model, batch and image shape (e.g. paper-cifar10) on synthetic images.")] = None,
     dataset: Annotated[str, typer.Option(help="--time-to-quality: dataset.")] = "fashion-mnist",
     epochs: Annotated[int, typer.Option(help="--time-to-quality: most epochs per recipe.")] = 8,
     limit: Annotated[int | None, typer.Option(help="--time-to-quality: training images (default 20000).")] = 20000,
     clean_bar: Annotated[float, typer.Option(help="--time-to-quality: clean % every model must reach.")] = 88.5,
     blackbox_bar: Annotated[float, typer.Option(help="--time-to-quality: PGD black-box accuracy % to reach.")] = 88.0,
+    data_dir: Annotated[Path | None, typer.Option(help="--time-to-quality: dataset root (as for train).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     as_json: JsonOption = False,
 ) -> None:
     """Time training steps and a transfer matrix here, with ratios against in-process baselines.
 
-    Example: deflect bench ; deflect bench --quick --json
+    Example: deflect bench ; deflect bench --quick --json ; deflect bench --preset paper-cifar10
     """
     from rich.console import Console
     from rich.table import Table
 
-    from deflect.bench import BenchSettings, run_bench
+    from deflect.bench import default_settings, run_bench
     from deflect.console import err_console, work_progress
     from deflect.train import resolve_device
 
@@ -881,7 +884,8 @@ def bench(
             fail(f"--epochs must be at least 1, got {epochs}")
         with err_console.status("time to quality") as status:
             report = ttq(dataset, epochs=epochs, train_limit=limit, bar=QualityBar(clean_bar, blackbox_bar),
-                         device=str(resolve_device(device)), progress=lambda text: status.update(text))
+                         device=str(resolve_device(device)), progress=lambda text: status.update(text),
+                         data_dir=str(data_dir) if data_dir else None)
         if as_json:
             typer.echo(json.dumps(report))
             return
@@ -893,7 +897,7 @@ def bench(
         ratio = report["time_to_quality_ratio"]
         typer.echo(f"time_to_quality_ratio: {ratio:.2f}" if ratio is not None else "time_to_quality_ratio: -")
         return
-    settings = BenchSettings(device=str(resolve_device(device)))
+    settings = default_settings(str(resolve_device(device)), preset)
     if quick:
         settings = dataclasses.replace(settings, width=8, batch_size=64, ns=(3,), steps=1, matrix_images=128)
     if steps is not None:
@@ -914,14 +918,18 @@ def bench(
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
         return
-    table = Table(title=f"steps/s ({result.device}, {result.threads} threads, batch {settings.batch_size}, "
-                        f"width {settings.width})")
+    model = (f"preset {settings.preset}" if settings.preset
+             else f"batch {settings.batch_size}, width {settings.width}")
+    table = Table(title=f"steps/s, and seconds per epoch in brackets ({result.device}, {result.threads} threads, "
+                        f"{model})")
     table.add_column("n")
     recipes = list(next(iter(result.steps_per_s.values())))
     for name in recipes:
         table.add_column(name, justify="right")
     for n, rates in result.steps_per_s.items():
-        table.add_row(n, *(f"{rates[r]:.2f}" for r in recipes))
+        epoch = result.epoch_seconds.get(n, {})
+        table.add_row(n, *(f"{rates[r]:.2f} ({epoch[r]:.0f})" if r in epoch else f"{rates[r]:.2f}"
+                           for r in recipes))
     console = Console()
     console.print(table)
     console.print("reference step by phase (s): " + "  ".join(f"{k} {v:.3f}" for k, v in result.phases.items()))

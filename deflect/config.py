@@ -19,6 +19,7 @@ from deflect.models import ARCHS
 
 METHODS = ("disjoint", "independent", "fast-at", "adp")
 PRESETS = ("digits", "fashion-mnist", "paper-cifar10")
+PRESET_DATASET = {"digits": "digits", "fashion-mnist": "fashion-mnist", "paper-cifar10": "cifar10"}
 SELECTIONS = ("val-loss", "last")
 STEPS = ("reference", "fast")
 

@@ -36,14 +36,20 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     val_fraction: float
+    train_images: int  # the full training set (before the validation split), for sizing epochs
+
+    @property
+    def train_split_images(self) -> int:
+        """Images in the `train` split (the training set less its validation part)."""
+        return self.train_images - max(1, int(round(self.train_images * self.val_fraction)))
 
 
 INFO: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo("digits", 1, 8, 10, (0.3054,), (0.3761,), 0.1),
-    "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), 1 / 12),
-    "mnist": DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), 1 / 12),
+    "digits": DatasetInfo("digits", 1, 8, 10, (0.3054,), (0.3761,), 0.1, 1437),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), 1 / 12, 60000),
+    "mnist": DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), 1 / 12, 60000),
     "cifar10": DatasetInfo(
-        "cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), 0.1
+        "cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), 0.1, 50000
     ),
 }
 

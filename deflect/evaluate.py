@@ -186,26 +186,27 @@ def craft_and_score(
     clean-correct counts [targets], number of examples).
     """
     batches = _batches(data, eval_batch_size(device, batch_size))
-    adv_correct = np.zeros((len(sources), len(targets)), dtype=np.int64)
-    flipped = np.zeros_like(adv_correct)
-    clean_correct = np.zeros(len(targets), dtype=np.int64)
+    # counts stay on the device until the end: a GPU never waits for the host between attacks
+    adv_correct = torch.zeros((len(sources), len(targets)), dtype=torch.int64, device=device)
+    flipped = torch.zeros_like(adv_correct)
+    clean_correct = torch.zeros(len(targets), dtype=torch.int64, device=device)
     total, done, count = len(batches) * len(sources), 0, 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for x, y in batches:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             clean = _correct(targets, x, y)
-            clean_correct += clean.sum(1).cpu().numpy()
+            clean_correct += clean.sum(1)
             count += len(y)
             for s, src in enumerate(sources):
                 x_adv = attack(src[0] if len(src) == 1 else list(src), x, y)
                 adv = _correct(targets, x_adv, y)
-                adv_correct[s] += adv.sum(1).cpu().numpy()
-                flipped[s] += (clean & ~adv).sum(1).cpu().numpy()
+                adv_correct[s] += adv.sum(1)
+                flipped[s] += (clean & ~adv).sum(1)
                 done += 1
                 if progress:
                     progress(done, total)
-    return adv_correct, flipped, clean_correct, count
+    return adv_correct.cpu().numpy(), flipped.cpu().numpy(), clean_correct.cpu().numpy(), count
 
 
 def transfer_matrix(

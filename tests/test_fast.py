@@ -153,3 +153,36 @@ def test_time_to_quality_reports_each_recipe_and_their_ratio() -> None:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["faithful"]["reached_at"] is None and len(report["faithful"]["epochs"]) == 2
     assert report["time_to_quality_ratio"] is None
+
+
+def test_time_to_quality_reads_the_given_data_dir(tmp_path) -> None:
+    root = tmp_path / "no-mnist-here"
+    root.mkdir()
+    args = ["bench", "--time-to-quality", "--dataset", "mnist", "--epochs", "1", "--data-dir", str(root)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert f"mnist not found under {root}" in result.output and "Traceback" not in result.output
+
+
+def test_bench_preset_times_the_presets_model_and_sizes_an_epoch() -> None:
+    import dataclasses
+
+    from deflect.bench import default_settings, epoch_seconds, step_rates
+    from deflect.data import dataset_info
+
+    settings = dataclasses.replace(default_settings("cpu", "digits"), steps=1)
+    assert settings.dataset == "digits" and settings.matrix_images == 512
+    rates = step_rates(settings, 2, torch.device("cpu"))
+    assert set(rates) == {"independent", "reference", "fast", "cheap"}  # bf16 is a CUDA-only figure
+    seconds = epoch_seconds(settings, 2, rates)
+    batch = make_config(2, "digits", "digits").batch_size
+    steps = dataset_info("digits").train_split_images // batch
+    for name, rate in rates.items():
+        assert seconds[name] == pytest.approx(steps / rate)
+    assert default_settings("cuda").matrix_images == 4096  # a GPU's figure must not be fixed costs
+
+
+def test_bench_rejects_an_unknown_preset() -> None:
+    result = CliRunner().invoke(app, ["bench", "--preset", "paper-imagenet"])
+    assert result.exit_code == 2 and "unknown preset 'paper-imagenet'" in result.output
+    assert "Traceback" not in result.output

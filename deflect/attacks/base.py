@@ -133,8 +133,9 @@ def checked_inputs(model: ModelLike, x: Tensor, y: Tensor) -> tuple[nn.Module, T
     check(y.shape[0] == x.shape[0], f"x has {x.shape[0]} samples but y has {y.shape[0]} labels")
     x = x.detach()
     if x.numel():
-        check(
-            bool(x.min() >= 0) and bool(x.max() <= 1),
+        lo, hi = torch.aminmax(x)
+        check(  # one host synchronisation, not two: this runs once per attack call
+            bool((lo >= 0) & (hi <= 1)),
             "x must hold images in [0, 1] (the models normalise internally)",
         )
     return net, x, y
