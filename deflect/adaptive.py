@@ -37,6 +37,7 @@ from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset, load_dataset
 from deflect.errors import DeflectError
 from deflect.evaluate import craft_and_score, select_subset
+from deflect.inference import inference_copy
 from deflect.runtime import fast_cpu_math
 from deflect.sets import load_set
 from deflect.store import Evaluation, Run, Store
@@ -230,6 +231,7 @@ def _label(idx: Sequence[int]) -> str:
 def _score(source: Sequence[nn.Module], models: Sequence[nn.Module], data: ImageTensorDataset, attack: Attack,
            settings: AdaptiveSettings, dev: torch.device, progress: Callable[[int, int], None] | None,
            ) -> tuple[list[float], list[float], list[float], int]:
+    source = [inference_copy(m, dev) for m in source]  # no-op for the run's own (already copied) models
     adv, flipped, clean, count = craft_and_score([list(source)], models, data, attack, settings.batch_size,
                                                  settings.seed, dev, progress)
     return ((100.0 * adv[0] / count).tolist(), (100.0 * flipped[0] / np.maximum(clean, 1)).tolist(),
@@ -247,7 +249,7 @@ class _Runner:
     def __init__(self, store: Store, run: Run, settings: AdaptiveSettings, dev: torch.device,
                  progress: Progress | None) -> None:
         self.store, self.run, self.settings, self.dev, self.progress = store, run, settings, dev, progress
-        self.models = [m.to(dev).eval() for m in load_set(run.id, store)]
+        self.models = [inference_copy(m, dev) for m in load_set(run.id, store)]  # built once, reused by every attack
         n = len(self.models)
         images = load_dataset(run.dataset, settings.split, run.config.get("data_dir"), False)
         self.data = select_subset(images, settings.limit, settings.seed)

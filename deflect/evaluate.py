@@ -312,6 +312,7 @@ def eps_sweep(
     from deflect.attacks import pgd_sweep_attack
 
     values = list(eps_values) if eps_values is not None else sweep_eps_values(dataset)
+    models, device = _prepare(models, device)  # once for every ε, not once per ε
     results = []
     for k, eps in enumerate(values):
         if eps <= 0:

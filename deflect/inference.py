@@ -59,9 +59,13 @@ def _relu_after_pool(gm: fx.GraphModule) -> fx.GraphModule:
 def inference_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
     """A frozen eval-mode copy of ``model`` on ``device``, optimised for input-gradient work.
 
-    The caller's model is never modified (not moved, not switched to eval mode).
+    The caller's model is never modified (not moved, not switched to eval mode). A model that is
+    already such a copy on ``device`` is returned as it is, so callers that prepare their models once
+    (an ε sweep, a simulation) pay for the copies once.
     """
     dev = torch.device(device)
+    if is_inference_copy(model) and _device_of(model) == _normalise(dev):
+        return model
     net = copy.deepcopy(model).to(dev).eval()
     try:
         from torch.fx.experimental.optimization import fuse
@@ -72,4 +76,24 @@ def inference_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
     net.requires_grad_(False)
     if dev.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in net.modules()):
         net = net.to(memory_format=torch.channels_last)
+    net._deflect_inference_copy = True  # type: ignore[assignment]
     return net
+
+
+def is_inference_copy(model: nn.Module) -> bool:
+    """Whether ``model`` was made by :func:`inference_copy` (frozen, eval mode, folded)."""
+    return bool(getattr(model, "_deflect_inference_copy", False))
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return None if tensor is None else _normalise(tensor.device)
+
+
+def _normalise(dev: torch.device) -> torch.device:
+    """cuda and cuda:0 name the same device when only the default one is used."""
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev

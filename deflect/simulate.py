@@ -40,6 +40,7 @@ from deflect.data import ImageTensorDataset, load_dataset
 from deflect.deploy import Deployment, Rotation, client_ids, default_key_path, load_or_create_key
 from deflect.errors import DeflectError
 from deflect.evaluate import craft_and_score, select_subset, transfer_matrix
+from deflect.inference import inference_copy
 from deflect.pipeline import store_transfer
 from deflect.pool import current_pool
 from deflect.runtime import fast_cpu_math
@@ -266,6 +267,7 @@ def _source_success(
         row = store_transfer(store, run, res)
         return res.success[owned[0]], res.clean, f"transfer evaluation {row.id} (computed now)"
 
+    models = [inference_copy(m, device) for m in models]
     if adversary == "oracle":
         kind, label = "ensemble", ",".join(map(str, owned))
         params = {**params, "m": len(owned)}
@@ -274,7 +276,7 @@ def _source_success(
         assert static is not None
         kind, label = "outside", f"static:{static[1]}"
         params = {**params, "source_run": static[1], "source_model": 0}
-        sources = [[static[0].to(device).eval()]]
+        sources = [[inference_copy(static[0], device)]]
     for ev in reversed(store.evaluations(run.id, kind)):
         labels = ev.extra.get("row_labels") or []
         if (ev.attack == attack.name and ev.params == params and ev.success and ev.clean_acc

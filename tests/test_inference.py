@@ -105,3 +105,27 @@ def test_matrix_on_copies_agrees_with_torchattacks_on_the_models(digits_runs) ->
     assert min(off) > 5 and max(off) < 95  # a matrix with room to disagree
     # same random start (same seed, same draw order); only float rounding differs: at most 2 images
     assert np.abs(np.array(res.matrix) - np.array(expected)).max() <= 100.0 * 2 / 128
+
+
+def test_a_copy_is_not_copied_again_and_a_sweep_copies_once(monkeypatch) -> None:
+    import deflect.evaluate as evaluate
+    from deflect.evaluate import eps_sweep
+    from deflect.inference import is_inference_copy
+
+    models = [_trained_like("cnn", "digits", width=4).eval() for _ in range(2)]
+    copy_ = inference_copy(models[0], "cpu")
+    assert is_inference_copy(copy_) and not is_inference_copy(models[0])
+    assert inference_copy(copy_, "cpu") is copy_
+    built = []
+
+    def counting(model, device):
+        if not is_inference_copy(model):
+            built.append(model)
+        return inference_copy(model, device)
+
+    monkeypatch.setattr(evaluate, "inference_copy", counting)
+    data = select_subset(deflect.load_dataset("digits", "test"), 16)
+    results = eps_sweep(models, data, [0.05, 0.1, 0.2], steps=2, dataset="digits", device="cpu")
+    assert len(results) == 3 and len(built) == 2  # one copy per model for the whole sweep
+    # a larger budget fools at least as many images (same seed, same start direction)
+    assert results[2].blackbox_mean <= results[0].blackbox_mean + 1e-9
