@@ -66,6 +66,7 @@ class BenchResult:
     threads: int
     steps_per_s: dict[str, dict[str, float]] = field(default_factory=dict)  # n -> recipe -> steps/s
     epoch_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # n -> recipe -> s per epoch
+    grow_steps_per_s: dict[str, float] = field(default_factory=dict)  # one model alone vs grown
     phases: dict[str, float] = field(default_factory=dict)  # reference step at the first n, seconds
     matrix: dict[str, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
@@ -83,10 +84,10 @@ def bench_config(settings: BenchSettings, n: int, **overrides: Any) -> Any:
     return make_config(n, settings.dataset, width=settings.width, batch_size=settings.batch_size, **overrides)
 
 
-def _models(settings: BenchSettings, n: int, device: torch.device) -> list[nn.Module]:
-    cfg = bench_config(settings, n)
+def _models(settings: BenchSettings, n: int, device: torch.device, seed: int = 0) -> list[nn.Module]:
+    cfg = bench_config(settings, max(n, 2))
     info = dataset_info(settings.dataset)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return [build_model(cfg.arch, info, cfg.normalize, cfg.width).to(device) for _ in range(n)]
 
 
@@ -144,6 +145,40 @@ def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[st
                     loss = step_loss(models, xs, y, cfg, active, sample, device).total
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[union-attr]
+            opt.step()
+
+        rates[name] = _rate(one, settings.steps, device)
+    return rates
+
+
+def grow_rates(settings: BenchSettings, device: torch.device, frozen_n: int = 3) -> dict[str, float]:
+    """Steps per second of one model trained alone (the reference cost of `deflect grow`'s target)
+    and of one new model grown against `frozen_n` frozen ones, S = 2 sampled per step (the default),
+    S = 1, and S = 2 with the transfer terms on 32 images (`--transfer-batch 32`)."""
+    from deflect.inference import inference_copy
+    from deflect.train.grow import growth_loss
+
+    x, y = _batch(settings, bench_config(settings, 2).batch_size, device)
+    frozen = [inference_copy(m, device) for m in _models(settings, frozen_n, device)]
+    recipes: dict[str, tuple[int, dict[str, Any]]] = {
+        "one_model": (0, {}), "grow_s2": (2, {}), "grow_s1": (1, {}), "grow_s2_tb32": (2, {"transfer_batch": 32}),
+    }
+    rates: dict[str, float] = {}
+    for name, (sample, overrides) in recipes.items():
+        cfg = bench_config(settings, frozen_n + 1, **overrides)
+        (new,) = _models(settings, 1, device, seed=1)  # not a twin of a frozen model
+        opt = torch.optim.SGD(new.parameters(), lr=0.01, momentum=0.9)
+        active = ActiveTerms.all_enabled(cfg)
+
+        def one(new: nn.Module = new, cfg: Any = cfg, sample: int = sample, opt: torch.optim.Optimizer = opt,
+                active: ActiveTerms = active) -> None:
+            with autocast(device, cfg.bf16):
+                if sample == 0:
+                    loss = F.cross_entropy(new(x), y)
+                else:
+                    loss = growth_loss(new, frozen[:sample], x, y, cfg, active).total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             opt.step()
 
         rates[name] = _rate(one, settings.steps, device)
@@ -275,6 +310,9 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
             progress(f"training steps, n={n}")
         result.steps_per_s[str(n)] = step_rates(settings, n, device)
         result.epoch_seconds[str(n)] = epoch_seconds(settings, n, result.steps_per_s[str(n)])
+    if progress:
+        progress("growing one model against frozen ones")
+    result.grow_steps_per_s = grow_rates(settings, device)
     first = settings.ns[0]
     if progress:
         progress(f"phases of the reference step, n={first}")
@@ -286,6 +324,9 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
         result.ratios[f"reference_cost_vs_independent_n{n}"] = rates["independent"] / rates["reference"]
         result.ratios[f"fast_vs_reference_n{n}"] = rates["fast"] / rates["reference"]
         result.ratios[f"cheap_vs_reference_n{n}"] = rates["cheap"] / rates["reference"]
+    for name, rate in result.grow_steps_per_s.items():
+        if name != "one_model":
+            result.ratios[f"{name}_cost_vs_one_model"] = result.grow_steps_per_s["one_model"] / rate
     if "torchattacks_images_per_s" in result.matrix:
         result.ratios["matrix_vs_torchattacks"] = (result.matrix["deflect_images_per_s"]
                                                    / result.matrix["torchattacks_images_per_s"])

@@ -208,6 +208,9 @@ def grow(
     refill: Annotated[int | None, typer.Option(
         help="Top the pool up to N models in a background process and return at once (implies --pool).")] = None,
     sample: Annotated[int | None, typer.Option(help="Frozen models sampled per step (default 2).")] = None,
+    transfer_batch: Annotated[int | None, typer.Option(
+        help="Pair terms on the first B images of each batch (changes the objective; default: the parent's).")]
+    = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per new model (default: the parent's).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the new models (default: the parent's).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
@@ -238,7 +241,8 @@ def grow(
         base = pool_base(store, store.get_run(run))
         if base.status != "finished":
             fail(f"run {base.id} is {base.status}; only a finished set can be grown")
-        passed = [(f"--{name}", value) for name, value in (("sample", sample), ("epochs", epochs), ("seed", seed))
+        passed = [(f"--{name}", value) for name, value in (("sample", sample), ("epochs", epochs), ("seed", seed),
+                                                            ("transfer-batch", transfer_batch))
                   if value is not None]
         args = [str(a) for pair in passed for a in pair] + ["--device", device]
         job = spawn_refill(store, base, refill, args)
@@ -275,7 +279,8 @@ def grow(
     try:
         with progress:
             run_id = run_grow(store, run, add or 1, sample=sample, epochs=epochs, seed=seed, device=device,
-                              pool=pool, callbacks=GrowCallbacks(on_start, on_batch, None, on_model))
+                              pool=pool, transfer_batch=transfer_batch,
+                              callbacks=GrowCallbacks(on_start, on_batch, None, on_model))
     except KeyboardInterrupt:
         typer.echo(f"deflect: interrupted; run {task.get('run', '?')} is marked interrupted and "
                    f"{task.get('parent', run)} is unchanged", err=True)
@@ -904,7 +909,7 @@ def bench(
         if steps < 1:
             fail(f"--steps must be at least 1, got {steps}")
         settings = dataclasses.replace(settings, steps=steps)
-    phases = len(settings.ns) + 2
+    phases = len(settings.ns) + 3
     progress = work_progress(err_console)
     with progress:
         task = progress.add_task("starting", total=phases, rate="")
@@ -932,6 +937,8 @@ def bench(
                            for r in recipes))
     console = Console()
     console.print(table)
+    grown = result.grow_steps_per_s.items()
+    console.print("growing one model (steps/s): " + "  ".join(f"{k} {v:.2f}" for k, v in grown))
     console.print("reference step by phase (s): " + "  ".join(f"{k} {v:.3f}" for k, v in result.phases.items()))
     console.print("transfer matrix (images/s): " + "  ".join(f"{k} {v:.1f}" for k, v in result.matrix.items()))
     console.print("ratios: " + "  ".join(f"{k} {v:.2f}" for k, v in result.ratios.items()))

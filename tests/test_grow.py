@@ -210,3 +210,33 @@ def test_cli_refill_grows_the_pool_in_the_background(store: Store, small_parent:
     assert pool is not None and pool.n == 3, Path(job["log"]).read_text()
     again = runner.invoke(app, ["grow", small_parent, "--refill", "1", *db])
     assert again.exit_code == 0 and "already holds 1 model" in again.stdout
+
+
+def test_transfer_batch_puts_every_pair_term_on_the_first_images(digits_runs) -> None:
+    """With `transfer_batch`, the pair terms equal the full-batch terms computed on those images alone
+    (their gradients rescaled to the whole batch's per-image size); classification keeps the batch."""
+    import dataclasses
+
+    from deflect.config import make_config
+    from deflect.inference import inference_copy
+    from deflect.train.grow import growth_loss
+    from deflect.train.losses import ActiveTerms
+
+    store, ids = digits_runs  # trained models: perturbations along their gradients raise their losses
+    new, *frozen = deflect.load_set(ids["independent"], store)
+    new.eval()  # BatchNorm in eval mode: an image's terms do not depend on the rest of its batch
+    frozen = [inference_copy(m, "cpu") for m in frozen]
+    test = deflect.load_dataset("digits", "test")
+    x, y = test.batch(torch.arange(32))
+    cfg = make_config(3, "digits")
+    active = ActiveTerms.all_enabled(cfg)
+    cut = growth_loss(new, frozen, x, y, dataclasses.replace(cfg, transfer_batch=8), active)
+    # the same terms over the 8 images alone, ε1 scaled by 8/32 for the batch mean's 1/B and the tanh
+    # scale likewise, which is what rescaling the gradients does
+    alone = growth_loss(new, frozen, x[:8], y[:8], dataclasses.replace(
+        cfg, eps1=cfg.eps1 * 8 / 32, tanh_scale=cfg.tanh_scale * 8 / 32), active)
+    full = growth_loss(new, frozen, x, y, cfg, active)
+    assert float(cut.classification) == pytest.approx(float(full.classification), rel=1e-6)
+    for name in ("angle", "transfer1", "transfer2"):
+        assert float(getattr(cut, name)) == pytest.approx(float(getattr(alone, name)), rel=1e-4, abs=1e-6)
+    assert float(cut.transfer1) > 0 and float(cut.transfer2) > 0 and float(cut.angle) != 0

@@ -3,10 +3,13 @@
 The paper leaves open how to add models without retraining the set (§6). Here a new model is
 trained alone, on its own classification loss plus the transfer terms of Eqs. 3/4 in both
 directions and the angular term of Eq. 2, each over the pairs (new, frozen) of S frozen models
-sampled per step. Frozen models stay in eval mode with frozen parameters: their input gradients
-are plain first-order gradients (no graph), so each step costs 1 + S model passes and a few
-perturbed forwards, whatever the size of the set. Weights, ε and the term schedule are the parent
-run's (`TrainConfig`), so a grown model is held to the same recipe as the models it joins.
+sampled per step. Frozen models are evaluation copies (`deflect.inference`: eval mode, BatchNorm
+folded, parameters frozen): their input gradients are plain first-order gradients (no graph), so
+each step costs 1 + S model passes and a few perturbed forwards, whatever the size of the set.
+`transfer_batch` (objective-changing) computes every pair term (angle and transfer) on the first
+images of each batch only, so the double backward, the dominant cost, covers those images alone.
+Weights, ε and the term schedule are the parent run's (`TrainConfig`), so a grown model is held to
+the same recipe as the models it joins.
 """
 
 from __future__ import annotations
@@ -34,13 +37,6 @@ class GrowEvent(BatchEvent):
     models: int = 1
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode (BN running statistics stay as trained) and no parameter gradients: bit-identical forever."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
 def _frozen_increase(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor, deltas: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
@@ -65,12 +61,24 @@ def growth_loss(
     """
     zero = x.new_zeros(())
     transfer = active.transfer1 or active.transfer2
-    if active.angle or transfer:
+    m = cfg.transfer_batch if cfg.transfer_batch is not None and cfg.transfer_batch < len(x) else len(x)
+    if not (active.angle or transfer):
+        loss_new, g_new, losses_f, grads_f = F.cross_entropy(new(x), y), None, [], []
+    elif m == len(x):
         (loss_new,), (g_new,) = input_gradients([new], x, y, create_graph=True)
         losses_f, grads_f = input_gradients(frozen, x, y, create_graph=False)
-        losses_f = [loss.detach() for loss in losses_f]
+        pair_new = loss_new
     else:
-        loss_new, g_new, losses_f, grads_f = F.cross_entropy(new(x), y), None, [], []
+        # `transfer_batch` (objective-changing): classification on the whole batch, every pair term on
+        # its first m images, through their own forward, so the double backward covers m images, not B.
+        # The gradients are rescaled by m/B to the whole-batch mean's per-image size that ε1 and the
+        # tanh scale are set for.
+        loss_new = F.cross_entropy(new(x), y)
+        (pair_new,), (g_new,) = input_gradients([new], x[:m], y[:m], create_graph=True)
+        losses_f, grads_f = input_gradients(frozen, x[:m], y[:m], create_graph=False)
+        g_new, grads_f = g_new * (m / len(x)), [g * (m / len(x)) for g in grads_f]
+    losses_f = [loss.detach() for loss in losses_f]
+    xt, yt = x[:m], y[:m]
     angle = zero
     if active.angle:
         angle = torch.stack([angular_loss([g_new, g], cfg.cosine) for g in grads_f]).mean()
@@ -87,8 +95,8 @@ def growth_loss(
         mine = deltas(g_new)
         kinds = ([t1_terms] if active.transfer1 else []) + ([t2_terms] if active.transfer2 else [])
         for model, loss_f, g_f in zip(frozen, losses_f, grads_f, strict=True):
-            into_new = [loss_increase(new, x, y, loss_new, d) for d in deltas(g_f)]  # frozen → new
-            into_frozen = _frozen_increase(model, x, y, loss_f, mine)  # new → frozen
+            into_new = [loss_increase(new, xt, yt, pair_new, d) for d in deltas(g_f)]  # frozen → new
+            into_frozen = _frozen_increase(model, xt, yt, loss_f, mine)  # new → frozen
             for terms, a, b in zip(kinds, into_new, into_frozen, strict=True):
                 terms.extend((a, b))
     transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero

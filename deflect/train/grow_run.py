@@ -41,12 +41,13 @@ from deflect.checkpoint import (
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset, dataset_info
 from deflect.errors import DeflectError
+from deflect.inference import inference_copy
 from deflect.models import build_model
 from deflect.pool import current_pool, pool_base, pool_config, pool_lock
 from deflect.runtime import fast_cpu_math
 from deflect.store import EpochMetric, Run, Store
 from deflect.train.disjoint import BatchEvent, clean_accuracy
-from deflect.train.grow import DEFAULT_SAMPLE, GrowEvent, freeze, grow_epoch, growth_validation_loss, sample_frozen
+from deflect.train.grow import DEFAULT_SAMPLE, GrowEvent, grow_epoch, growth_validation_loss, sample_frozen
 from deflect.train.runner import CONFIG_JSON, _git_hash, _load_splits, _optimizer, new_run_id, resolve_device
 
 
@@ -96,7 +97,7 @@ def _load_parent(store: Store, parent: Run, run_id: str, run_dir: Path, device: 
             model.load_state_dict(tensors)
         except RuntimeError as exc:
             raise DeflectError(f"{file} does not match architecture {cfg.arch}: {exc}") from exc
-        models.append(freeze(model.to(device)))
+        models.append(inference_copy(model, device))  # frozen, eval mode, folded: cheaper to differentiate
         inherited = {**meta, "run": run_id, "index": i, "inherited_from": parent.id, "parent_index": i}
         blobs[model_file(run_dir, i).name] = encode_tensors(tensors, inherited)
     return models, blobs
@@ -121,6 +122,7 @@ def grow(
     seed: int | None = None,
     device: str = "auto",
     pool: bool = False,
+    transfer_batch: int | None = None,
     callbacks: GrowCallbacks | None = None,
 ) -> str:
     """Train `add` new models against the frozen models of `parent_ref`; return the new run's id.
@@ -143,16 +145,18 @@ def grow(
     with lock:
         if pool:
             parent = current_pool(store, base.id) or base
-        return _grow(store, parent, add, sample, epochs, seed, device, extra, callbacks or GrowCallbacks())
+        return _grow(store, parent, add, sample, epochs, seed, device, extra, callbacks or GrowCallbacks(),
+                     transfer_batch)
 
 
 def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int | None, seed: int | None,
-          device_name: str, extra: dict[str, Any], cb: GrowCallbacks) -> str:
+          device_name: str, extra: dict[str, Any], cb: GrowCallbacks, transfer_batch: int | None = None) -> str:
     if parent.status != "finished":
         raise DeflectError(f"run {parent.id} is {parent.status}; only a finished set can be grown")
     base_cfg = TrainConfig.from_dict(parent.config)
     n = parent.n
-    cfg = dataclasses.replace(base_cfg, n=n + add, epochs=epochs or base_cfg.epochs, device=device_name)
+    cfg = dataclasses.replace(base_cfg, n=n + add, epochs=epochs or base_cfg.epochs, device=device_name,
+                              transfer_batch=base_cfg.transfer_batch if transfer_batch is None else transfer_batch)
     cfg.validate()
     seed = base_cfg.seed if seed is None else seed
     sample = DEFAULT_SAMPLE if sample is None else sample
@@ -163,7 +167,8 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
     run_id = new_run_id(cfg)
     run_dir = store.runs_root / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
-    grow_info: dict[str, Any] = {"parent_n": n, "sample": sample, "epochs": cfg.epochs, "seed": seed, "seconds": []}
+    grow_info: dict[str, Any] = {"parent_n": n, "sample": sample, "epochs": cfg.epochs, "seed": seed,
+                                 "transfer_batch": cfg.transfer_batch, "seconds": []}
     config = {**json.loads(cfg.to_json()), "parent": parent.id, "inherited": list(range(n)),
               "new": list(range(n, n + add)), "grow": grow_info, **extra}
     write_json(run_dir / CONFIG_JSON, config)
@@ -266,5 +271,5 @@ def _train_new_model(ctx: _Context, frozen: list[nn.Module], index: int, positio
             ctx.cb.on_epoch(metric)
     assert best_state is not None
     new.load_state_dict(best_state)
-    frozen.append(freeze(new))
+    frozen.append(inference_copy(new, device))
     return NewModel(index, position, time.perf_counter() - start, best_acc, best_epoch)
