@@ -297,7 +297,9 @@ def default_settings(device: str = "cpu", preset: str | None = None) -> BenchSet
         return BenchSettings(device=device, matrix_images=images)
     if preset not in PRESET_DATASET:
         raise DeflectError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_DATASET)}")
-    return BenchSettings(dataset=PRESET_DATASET[preset], preset=preset, device=device, matrix_images=images)
+    cfg = make_config(3, PRESET_DATASET[preset], preset)  # width and batch as recorded; each n uses its own batch
+    return BenchSettings(dataset=PRESET_DATASET[preset], preset=preset, device=device, matrix_images=images,
+                         width=cfg.width, batch_size=cfg.batch_size)
 
 
 def run_bench(settings: BenchSettings, progress: Progress | None = None) -> BenchResult:

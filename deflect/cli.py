@@ -903,8 +903,9 @@ def bench(
         typer.echo(f"time_to_quality_ratio: {ratio:.2f}" if ratio is not None else "time_to_quality_ratio: -")
         return
     settings = default_settings(str(resolve_device(device)), preset)
-    if quick:
-        settings = dataclasses.replace(settings, width=8, batch_size=64, ns=(3,), steps=1, matrix_images=128)
+    if quick:  # a preset keeps its own model and batch: quick only times fewer things
+        small = {} if preset is not None else {"width": 8, "batch_size": 64}
+        settings = dataclasses.replace(settings, ns=(3,), steps=1, matrix_images=128, **small)
     if steps is not None:
         if steps < 1:
             fail(f"--steps must be at least 1, got {steps}")
