@@ -14,6 +14,7 @@ from textual.worker import Worker, get_current_worker
 
 from deflect.tui.data import RunDetail, RunRow, load_detail, load_runs
 from deflect.tui.screens.polling import PollingScreen
+from deflect.tui.widgets.table import MeasuredTable
 from deflect.tui.widgets.titlebar import TitleBar
 
 # The numbers first, so that they stay in view at 80 columns; the rest scrolls horizontally.
@@ -54,7 +55,7 @@ class RunsScreen(PollingScreen):
 
     def compose(self) -> ComposeResult:
         yield TitleBar(str(self.app.store.path))  # type: ignore[attr-defined]
-        yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+        yield MeasuredTable(id="runs", cursor_type="row", zebra_stripes=True)
         with Vertical(id="detail"):
             yield Static("", id="detail-title")
             yield Sparkline([], id="curve")
