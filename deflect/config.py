@@ -175,12 +175,14 @@ def _digits(n: int) -> dict[str, Any]:
 
 
 def _fashion_mnist(n: int) -> dict[str, Any]:
-    """Small CNN on 28×28 grey images; eps2 at the customary L∞ budget 0.1 for this data.
+    """Small CNN on 28×28 grey images; eps2 = 0.05, half the customary L∞ attack budget 0.1.
 
-    Width 16 keeps a disjoint step at ~0.6 s for n=3 on 2 CPU cores (width 32: ~1.9 s).
+    Chosen on the validation split (results/fashion-mnist-preset.md): against eps2 = 0.1 it lowered
+    the validation loss (1.297 vs 1.410-1.453) and raised both validation clean accuracy and PGD
+    black-box accuracy at ε = 0.1. Width 16 keeps a disjoint step at ~0.6 s for n=3 on 2 CPU cores.
     """
     return dict(
-        arch="cnn", width=16, epochs=8, batch_size=128, lr_max=0.05, eps1=6.0, eps2=0.1,
+        arch="cnn", width=16, epochs=8, batch_size=128, lr_max=0.05, eps1=6.0, eps2=0.05,
         angle_window=TermWindow(1, 2), transfer1_window=TermWindow(2, None),
         transfer2_window=TermWindow(2, None),
     )
