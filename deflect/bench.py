@@ -35,9 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deflect.config import PRESET_DATASET, make_config
+from deflect.config import make_config, preset_dataset
 from deflect.data import ImageTensorDataset, dataset_info
-from deflect.errors import DeflectError
 from deflect.models import build_model
 from deflect.runtime import fast_cpu_math
 from deflect.train.disjoint import autocast, step_loss
@@ -295,10 +294,9 @@ def default_settings(device: str = "cpu", preset: str | None = None) -> BenchSet
     images = 4096 if torch.device(device).type == "cuda" else 512
     if preset is None:
         return BenchSettings(device=device, matrix_images=images)
-    if preset not in PRESET_DATASET:
-        raise DeflectError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_DATASET)}")
-    cfg = make_config(3, PRESET_DATASET[preset], preset)  # width and batch as recorded; each n uses its own batch
-    return BenchSettings(dataset=PRESET_DATASET[preset], preset=preset, device=device, matrix_images=images,
+    dataset = preset_dataset(preset)
+    cfg = make_config(3, dataset, preset)  # width and batch as recorded; each n uses its own batch
+    return BenchSettings(dataset=dataset, preset=preset, device=device, matrix_images=images,
                          width=cfg.width, batch_size=cfg.batch_size)
 
 

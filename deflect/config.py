@@ -18,8 +18,15 @@ from deflect.errors import DeflectError
 from deflect.models import ARCHS
 
 METHODS = ("disjoint", "independent", "fast-at", "adp")
-PRESETS = ("digits", "fashion-mnist", "paper-cifar10")
 PRESET_DATASET = {"digits": "digits", "fashion-mnist": "fashion-mnist", "paper-cifar10": "cifar10"}
+PRESETS = tuple(PRESET_DATASET)
+
+
+def preset_dataset(name: str) -> str:
+    """The dataset preset `name` is made for; a one-line error for an unknown name."""
+    if name not in PRESET_DATASET:
+        raise DeflectError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESET_DATASET[name]
 SELECTIONS = ("val-loss", "last")
 STEPS = ("reference", "fast")
 
@@ -200,8 +207,7 @@ def make_config(
     if dataset not in DATASETS:
         raise DeflectError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     name = preset or DEFAULT_PRESET[dataset]
-    if name not in PRESET_BUILDERS:
-        raise DeflectError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    preset_dataset(name)  # an unknown name is refused here
     values: dict[str, Any] = {"n": n, "dataset": dataset, "preset": name}
     values.update(PRESET_BUILDERS[name](max(n, 2)))
     given = {k: v for k, v in overrides.items() if v is not None}

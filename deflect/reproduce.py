@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from deflect.attacks import CIFAR10_LINF_EPS, budget_for
-from deflect.config import PRESET_DATASET, make_config
-from deflect.errors import DeflectError
+from deflect.config import make_config, preset_dataset
 from deflect.pipeline import RunEvaluator
 from deflect.report import curves_png, markdown_table
 from deflect.store import Evaluation, Run, Store
@@ -68,8 +67,7 @@ class Plan:
 
 def make_plan(preset: str, quick: bool = False) -> Plan:
     """The sets and evaluations of a reproduction; `quick` is the issue's quick check (n=3, 20k images, 3 epochs)."""
-    if preset not in PRESET_DATASET:
-        raise DeflectError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_DATASET)}")
+    dataset = preset_dataset(preset)
     sets = [SetSpec("independent n=3", 3, "independent"), SetSpec("disjoint n=3", 3)]
     if not quick:
         sets += [SetSpec("disjoint n=5", 5), SetSpec("disjoint n=8", 8)]
@@ -82,7 +80,7 @@ def make_plan(preset: str, quick: bool = False) -> Plan:
                  SetSpec("disjoint n=3, transfer 2 only", 3, overrides={"w_transfer1": 0.0}, ablation=True),
                  SetSpec("disjoint n=5, all pairs", 5, overrides={"sample_models": 5}, ablation=True)]
     return Plan(
-        preset=preset, dataset=PRESET_DATASET[preset], quick=quick, sets=tuple(sets),
+        preset=preset, dataset=dataset, quick=quick, sets=tuple(sets),
         attacks=("pgd2", "mifgsm1") if quick else ATTACKS, limit=500 if quick else 1000,
         train_limit=20000 if quick and preset != "digits" else None, epochs=3 if quick else None,
         sweep_steps=20 if quick else 100, tsne_images=300 if quick else 1000,
