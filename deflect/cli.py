@@ -817,7 +817,8 @@ def demo(
 @handle_errors
 def reproduce(
     preset: Annotated[str, typer.Option(help="fashion-mnist | digits | paper-cifar10 (GPU).")] = "fashion-mnist",
-    quick: Annotated[bool, typer.Option("--quick", help="n=3 sets, 20k training images, 3 epochs.")] = False,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="n=3 sets and one grown model, 20k training images, 3 epochs.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for the Markdown report and its figures.")] = Path("results"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     data_dir: Annotated[Path | None, typer.Option(help="Dataset root for torchvision datasets.")] = None,

@@ -20,7 +20,8 @@ def tiny_plan():
         sets=(SetSpec("independent n=2", 2, "independent", {"width": 8}),
               SetSpec("disjoint n=3", 3, overrides={"width": 8}),
               SetSpec("adp n=2", 2, "adp", {"width": 8}),
-              SetSpec("disjoint n=3, no angle", 3, overrides={"width": 8, "w_angle": 0.0}, ablation=True)),
+              SetSpec("disjoint n=3, no angle", 3, overrides={"width": 8, "w_angle": 0.0}, ablation=True),
+              SetSpec("disjoint n=3 grown to 4", 4, grow_from="disjoint n=3", ablation=True)),
         attacks=("fgsm",), limit=60, train_limit=320, epochs=2, sweep_steps=2, tsne_images=40,
     )
 
@@ -41,23 +42,34 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
     said: list[str] = []
     path = reproduce(store, "digits", out=tmp_path / "results", plan=plan, say=said.append)
     runs = store.list_runs()
-    assert len(runs) == 4  # the interrupted set was resumed, not trained again
+    assert len(runs) == 5  # the interrupted set was resumed, not trained again
     assert store.get_run(interrupted.id).status == "finished"
     assert any(f"resuming {interrupted.id}" in s for s in said)
     assert not any(s.startswith("independent n=2: training") for s in said)  # finished sets are reused
     text = path.read_text()
     assert path.name == "digits-quick.md"
     for heading in ("Sets and clean accuracy", "Black-box accuracy", "Whole-set accuracy", "Ensemble attack",
-                    "Ablations (Table 6)", "ε sweep (Figure 5)", "Gradient t-SNE"):
+                    "Ablations (Table 6)", "ε sweep (Figure 5)", "Gradient t-SNE", "Targets",
+                    "Ensemble size (Figure 6)", "Larger sets (Table 7)", "Beyond the budget"):
         assert heading in text, heading
+    grown = next(r for r in runs if r.config.get("reproduce", "").endswith("grown to 4"))
+    assert grown.n == 4 and grown.config["parent"] == runs[1].id  # grown from the plan's disjoint n=3 set
+    assert "3 frozen + 1 grown one at a time" in text
+    ensemble = [e for e in store.evaluations(runs[1].id, "ensemble") if e.attack == "pgd2"][-1]
+    assert f"{ensemble.whole_set_mean:.1f}" in text.split("Ensemble size (Figure 6)")[1].split("##")[0]
+    target = next(line for line in text.splitlines() if line.startswith("| disjoint n=3: every m < n"))
+    worst = min([ensemble.extra["mean_unowned"], *[e.blackbox_mean for e in store.evaluations(runs[1].id, "transfer")
+                                                  if e.attack == "pgd2"]])
+    assert f"lowest {worst:.1f}" in target and ("| met |" in target) == (worst >= 85.0)
     ev = store.evaluations(runs[1].id, "transfer")[-1]
     assert f"{ev.blackbox_mean:.1f} ± {ev.blackbox_std:.1f}" in text  # the stored numbers, not others
     assert (tmp_path / "results" / "digits-quick-eps-sweep.png").stat().st_size > 0
     assert (tmp_path / "results" / "digits-quick-tsne-disjoint-n3.png").stat().st_size > 0
+    assert (tmp_path / "results" / "digits-quick-ensemble-size.png").stat().st_size > 0
 
     before = len(store.evaluations())
     reproduce(store, "digits", out=tmp_path / "results", plan=plan, say=said.append)
-    assert len(store.list_runs()) == 4 and len(store.evaluations()) == before  # nothing redone
+    assert len(store.list_runs()) == 5 and len(store.evaluations()) == before  # nothing redone
 
 
 def test_reproduce_cli_rejects_an_unknown_preset() -> None:
