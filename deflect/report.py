@@ -62,13 +62,18 @@ def heatmap_png(matrix: Sequence[Sequence[float]], path: Path, title: str,
 
 
 def curves_png(x: Sequence[float], series: dict[str, Sequence[float]], path: Path, title: str,
-               xlabel: str, ylabel: str = "accuracy (%)", xs: dict[str, Sequence[float]] | None = None) -> Path:
+               xlabel: str, ylabel: str = "accuracy (%)", xs: dict[str, Sequence[float]] | None = None,
+               integer_x: bool = False) -> Path:
     """Line plot of several series over x (ε sweeps, ensemble size); `xs` gives a series its own x
     (sets of different sizes have ensembles of different sizes)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, ys in series.items():
         ax.plot(list((xs or {}).get(label, x)), list(ys), marker="o", label=label)
+    if integer_x:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)

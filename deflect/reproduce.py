@@ -36,6 +36,7 @@ from deflect.train.grow_run import GrowCallbacks, grow
 TAG_KEY = "reproduce"
 ENSEMBLE_ATTACK = "pgd2"  # the ensemble attack of Table 5 and Figure 6
 BB_GAP, CLEAN_GAP, N8_BLACKBOX, ENSEMBLE_BAR = 1.5, 1.0, 87.0, 85.0  # deflect's bar (the report's Targets)
+BREAK_DROP = 10.0  # points below its clean accuracy at which the report says a set stops holding
 ATTACKS = ("fgsm", "pgd2", "mifgsm1", "cw2", "ead1")  # FGSM, PGD-20, MI-FGSM, CW κ=40, EAD at the preset ε
 Say = Callable[[str], None]
 Curves = dict[str, tuple[list[float], list[float]]]  # label -> (x, accuracy %)
@@ -329,7 +330,7 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float) 
     if rows:
         lines += [_table(["set", *[f"ε={e:g}" for e in eps_header]], rows), "",
                   f"![ε sweep]({plan.name}-eps-sweep.png)", ""]
-    lines += _beyond_budget(plan, runs, sweeps)
+    lines += _beyond_budget(plan, runs, sweeps, transfer)
     tsne = []
     for spec in main:
         ev = _newest(store, runs[spec.label], "tsne").get("gradient-sign")
@@ -423,8 +424,12 @@ def _table7(plan: Plan, runs: dict[str, Run], transfer: dict[str, dict[str, Eval
             ""]
 
 
-def _beyond_budget(plan: Plan, runs: dict[str, Run], sweeps: Curves) -> list[str]:
-    """Where the defence stops holding as ε grows past the preset's budget, and the objective's reason."""
+def _beyond_budget(plan: Plan, runs: dict[str, Run], sweeps: Curves,
+                   transfer: dict[str, dict[str, Evaluation]]) -> list[str]:
+    """Where the defence stops holding as ε grows past the preset's budget, and the objective's reason.
+
+    "Holding" is relative to the set's own clean accuracy (an absolute bar says nothing about a set
+    whose clean accuracy is below it): the sweep's first ε that costs more than BREAK_DROP points."""
     eps0 = CIFAR10_LINF_EPS * budget_for(plan.dataset).linf_scale
     disjoint = [label for label in sweeps if runs[label].method == "disjoint"]
     if not disjoint:
@@ -434,12 +439,14 @@ def _beyond_budget(plan: Plan, runs: dict[str, Run], sweeps: Curves) -> list[str
     for label in disjoint:
         eps, bb = sweeps[label]
         at = dict(zip(eps, bb, strict=True))
-        below = [e for e in eps if at[e] < ENSEMBLE_BAR]
+        ev = transfer[label].get(plan.attacks[0])
+        clean = _mean(ev.clean_acc if ev is not None and ev.clean_acc else runs[label].clean_acc) or 0.0
+        below = [e for e in eps if at[e] < clean - BREAK_DROP]
         nearest = min(eps, key=lambda e: abs(e - eps0))
-        text = (f"- **{label}**: black-box accuracy {_pct(at[eps[-1]])} % at ε = {eps[-1]:g} "
-                f"({_pct(at[nearest])} % at ε = {nearest:g}); ")
-        text += (f"first below {ENSEMBLE_BAR:g} % at ε = {below[0]:g}." if below
-                 else f"never below {ENSEMBLE_BAR:g} % in the sweep.")
+        text = (f"- **{label}** (clean {clean:.1f} %): black-box accuracy {_pct(at[nearest])} % at ε = {nearest:g}, "
+                f"{_pct(at[eps[-1]])} % at ε = {eps[-1]:g}; ")
+        text += (f"it first costs more than {BREAK_DROP:g} points at ε = {below[0]:g}." if below
+                 else f"no ε of the sweep costs more than {BREAK_DROP:g} points.")
         if reference is not None:
             ref = dict(zip(*sweeps[reference], strict=True))
             gaps = ", ".join(f"{e:g}: {at[e] - ref[e]:+.1f}" for e in eps if e in ref)
@@ -521,7 +528,7 @@ def write_report(store: Store, plan: Plan, runs: dict[str, Run], out: Path, seco
         curves = data["ensemble"]
         curves_png([], {k: v[1] for k, v in curves.items()}, out / f"{plan.name}-ensemble-size.png",
                    f"{plan.dataset}: PGD-20 on m-model ensembles", "models in the attacker's ensemble (m)",
-                   xs={k: v[0] for k, v in curves.items()})
+                   xs={k: v[0] for k, v in curves.items()}, integer_x=True)
     for name, source in data["figures"].items():
         if source.is_file():
             shutil.copyfile(source, out / name)
