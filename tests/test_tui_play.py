@@ -129,7 +129,10 @@ def test_attacker_game_round_with_real_models(tmp_path: Path) -> None:
     async def scenario() -> None:
         app = DeflectApp(store, poll_interval=0.1)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.screen.__class__.__name__ == "RunsScreen")
+            # "g" opens the game for the run under the cursor: wait until the list has loaded one
+            # (on a busy machine the screen shows before its first poll fills the table)
+            await until(pilot, lambda: app.screen.__class__.__name__ == "RunsScreen"
+                        and app.screen._cursor_run() == run_id)
             await pilot.press("g")
             await until(pilot, lambda: isinstance(app.screen, GameScreen) and app.screen.game is not None)
             screen = app.screen
