@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from deflect.attacks import CIFAR10_LINF_EPS, budget_for
-from deflect.config import make_config, preset_dataset
+from deflect.config import TrainConfig, make_config, preset_dataset
 from deflect.errors import DeflectError
 from deflect.pipeline import RunEvaluator
 from deflect.report import curves_png, markdown_table
@@ -190,10 +190,10 @@ def evaluate_set(store: Store, plan: Plan, spec: SetSpec, run: Run, device: str,
     if spec.ablation:
         return
     for m in range(2, run.n):
-        if not _has(store, run, "ensemble", "pgd2", count, m):
+        if not _has(store, run, "ensemble", ENSEMBLE_ATTACK, count, m):
             if say:
                 say(f"{spec.label}: pgd2 on every {m}-model ensemble")
-            ev.ensemble("pgd2", m, max_subsets=None if run.n <= 5 else 8)
+            ev.ensemble(ENSEMBLE_ATTACK, m, max_subsets=None if run.n <= 5 else 8)
     if not _has(store, run, "eps-sweep", "pgd-sweep", count):
         eps = CIFAR10_LINF_EPS * budget_for(plan.dataset).linf_scale
         if say:
@@ -294,7 +294,7 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float) 
         ens = _newest(store, runs[spec.label], "ensemble")
         cells = [spec.label]
         for m in sizes:
-            ev = ens.get(f"pgd2/m{m}")
+            ev = ens.get(f"{ENSEMBLE_ATTACK}/m{m}")
             cells.append(_pct((ev.extra or {}).get("mean_unowned")) if ev else "-")
         rows.append(cells)
     lines += [_table(["set", *[f"m={m}" for m in sizes]], rows), ""]
@@ -351,6 +351,11 @@ def _mean(values: list | None) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _clean_on_images(ev: Evaluation | None, run: Run) -> float | None:
+    """Mean clean accuracy on the evaluation's own images, else the run's test accuracy."""
+    return _mean(ev.clean_acc if ev is not None and ev.clean_acc else run.clean_acc)
+
+
 def _figure6(store: Store, plan: Plan, runs: dict[str, Run],
              transfer: dict[str, dict[str, Evaluation]]) -> tuple[list[str], Curves]:
     """Figure 6: accuracy over all n models of PGD-20 crafted on m-model ensembles, m = 1 … n-1."""
@@ -384,8 +389,7 @@ def _how_made(spec: SetSpec, run: Run) -> str:
     if spec.grow_from is not None:
         parent_n = (run.config or {}).get("grow", {}).get("parent_n")
         return f"{parent_n} frozen + {run.n - parent_n} grown one at a time" if parent_n else "grown"
-    k = (run.config or {}).get("sample_models")
-    k = k if k is not None else (3 if run.n >= 5 else run.n)
+    k = TrainConfig.from_dict(run.config).pair_sample_size()
     return "joint, all pairs every step" if k >= run.n else f"joint, {k} models sampled per step"
 
 
@@ -440,7 +444,7 @@ def _beyond_budget(plan: Plan, runs: dict[str, Run], sweeps: Curves,
         eps, bb = sweeps[label]
         at = dict(zip(eps, bb, strict=True))
         ev = transfer[label].get(plan.attacks[0])
-        clean = _mean(ev.clean_acc if ev is not None and ev.clean_acc else runs[label].clean_acc) or 0.0
+        clean = _clean_on_images(ev, runs[label]) or 0.0
         below = [e for e in eps if at[e] < clean - BREAK_DROP]
         nearest = min(eps, key=lambda e: abs(e - eps0))
         text = (f"- **{label}** (clean {clean:.1f} %): black-box accuracy {_pct(at[nearest])} % at ε = {nearest:g}, "
@@ -473,7 +477,7 @@ def _targets(store: Store, plan: Plan, runs: dict[str, Run], transfer: dict[str,
         ev = transfer.get(label, {}).get(attack)
         if ev is None or ev.blackbox_mean is None:
             return None
-        clean = float(np.mean(ev.clean_acc)) if ev.clean_acc else _mean(runs[label].clean_acc)
+        clean = _clean_on_images(ev, runs[label])
         return ev.blackbox_mean, clean if clean is not None else float("nan")
 
     ind = _mean(runs["independent n=3"].clean_acc) if "independent n=3" in runs else None
