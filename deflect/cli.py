@@ -906,7 +906,7 @@ def bench(
     settings = default_settings(str(resolve_device(device)), preset)
     if quick:  # a preset keeps its own model and batch: quick only times fewer things
         small = {} if preset is not None else {"width": 8, "batch_size": 64}
-        settings = dataclasses.replace(settings, ns=(3,), steps=1, matrix_images=128, **small)
+        settings = dataclasses.replace(settings, ns=(3,), steps=1, matrix_images=128, matrix_repeats=1, **small)
     if steps is not None:
         if steps < 1:
             fail(f"--steps must be at least 1, got {steps}")

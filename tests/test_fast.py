@@ -129,6 +129,9 @@ def test_bench_quick_json_reports_rates_phases_and_ratios() -> None:
     assert data["matrix"]["deflect_images_per_s"] > 0 and data["peak_memory_mb"] > 0
     if "torchattacks_images_per_s" in data["matrix"]:  # the oracle library is a test dependency
         assert data["ratios"]["matrix_vs_torchattacks"] > 0
+    # one crafting thread per torch thread; the in-order figure beside it whenever there are several
+    assert data["matrix"]["deflect_workers"] == data["threads"]
+    assert ("matrix_workers_vs_one_worker" in data["ratios"]) == (data["threads"] > 1)
 
 
 def test_bench_rejects_bad_steps() -> None:

@@ -12,7 +12,7 @@ from torch import nn
 import deflect
 from deflect.attacks import make_attack
 from deflect.data import dataset_info
-from deflect.evaluate import select_subset, transfer_matrix
+from deflect.evaluate import select_subset, task_seed, transfer_matrix
 from deflect.inference import eval_batch_size, inference_copy
 from deflect.models import build_model
 
@@ -94,17 +94,46 @@ def test_matrix_on_copies_agrees_with_torchattacks_on_the_models(digits_runs) ->
     x, y = data.batch(torch.arange(len(data)))
     attack = make_attack("pgd1", "digits")
     p = attack.params()
-    res = transfer_matrix(models, data, attack, batch_size=128, seed=5)
-    torch.manual_seed(5)
+    res = transfer_matrix(models, data, attack, batch_size=128, seed=5, workers=2)
     expected = []
-    for src in models:
+    for s, src in enumerate(models):
+        torch.manual_seed(task_seed(5, 0, s))  # each (batch, source) task draws its own random start
         adv = torchattacks.PGD(src, eps=p["eps"], alpha=p["alpha"], steps=p["steps"])(x, y)
         with torch.no_grad():
             expected.append([100.0 * (t(adv).argmax(1) == y).float().mean().item() for t in models])
     off = [expected[s][t] for s in range(3) for t in range(3) if s != t]
     assert min(off) > 5 and max(off) < 95  # a matrix with room to disagree
-    # same random start (same seed, same draw order); only float rounding differs: at most 2 images
+    # same random starts, crafted on two threads; only float rounding differs: at most 2 images
     assert np.abs(np.array(res.matrix) - np.array(expected)).max() <= 100.0 * 2 / 128
+
+
+@pytest.mark.parametrize("attack_name", ["pgd1", "mifgsm1", "di-ti-mifgsm"])
+def test_matrix_does_not_depend_on_the_number_of_crafting_threads(digits_runs, attack_name: str) -> None:
+    """Seeded per (batch, source) task, a matrix is the same crafted in order or on two threads,
+    and a different seed draws different random starts."""
+    store, ids = digits_runs
+    models = deflect.load_set(ids["independent"], store)
+    data = select_subset(deflect.load_dataset("digits", "test"), 160)
+    before = torch.get_num_threads()
+    one = transfer_matrix(models, data, attack_name, dataset="digits", batch_size=32, seed=3, workers=1)
+    two = transfer_matrix(models, data, attack_name, dataset="digits", batch_size=32, seed=3, workers=2)
+    assert torch.get_num_threads() == before  # the crafting threads hand the thread count back
+    assert np.abs(np.array(one.matrix) - np.array(two.matrix)).max() <= 100.0 * 1 / 160
+    assert one.clean == two.clean and one.n_examples == two.n_examples == 160
+    if attack_name == "pgd1":
+        other = transfer_matrix(models, data, attack_name, dataset="digits", batch_size=32, seed=4, workers=2)
+        assert other.matrix != two.matrix
+
+
+def test_an_attack_with_its_own_generator_is_not_reseeded() -> None:
+    from deflect.attacks import MIFGSM, PGD
+
+    gen = torch.Generator()
+    assert PGD(eps=0.1, generator=gen).seeded(1, "cpu") is None  # the caller's stream, used in order
+    a, b = PGD(eps=0.1).seeded(1, "cpu"), PGD(eps=0.1).seeded(1, "cpu")
+    assert torch.equal(torch.rand(4, generator=a.generator), torch.rand(4, generator=b.generator))
+    m = MIFGSM(eps=0.1)
+    assert m.seeded(1, "cpu") is m  # nothing random: the same attack
 
 
 def test_a_copy_is_not_copied_again_and_a_sweep_copies_once(monkeypatch) -> None:
@@ -129,3 +158,25 @@ def test_a_copy_is_not_copied_again_and_a_sweep_copies_once(monkeypatch) -> None
     assert len(results) == 3 and len(built) == 2  # one copy per model for the whole sweep
     # a larger budget fools at least as many images (same seed, same start direction)
     assert results[2].blackbox_mean <= results[0].blackbox_mean + 1e-9
+
+
+def test_an_error_on_a_crafting_thread_reaches_the_caller_and_restores_the_threads() -> None:
+    from dataclasses import dataclass, field
+
+    from deflect.attacks import Attack
+    from deflect.errors import DeflectError
+
+    @dataclass(frozen=True)
+    class Broken(Attack):
+        deterministic = True
+        name: str = field(default="broken", kw_only=True)
+
+        def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            raise DeflectError("broken attack")
+
+    models = [_trained_like("cnn", "digits", width=4).eval() for _ in range(2)]
+    data = select_subset(deflect.load_dataset("digits", "test"), 64)
+    before = torch.get_num_threads()
+    with pytest.raises(DeflectError, match="broken attack"):
+        transfer_matrix(models, data, Broken(), batch_size=16, workers=2)
+    assert torch.get_num_threads() == before

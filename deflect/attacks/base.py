@@ -163,6 +163,24 @@ class Attack(ABC):
     """
 
     name: str
+    # True for attacks that draw no random numbers (or seed their own): their results cannot
+    # depend on the order in which (batch, source) tasks run, so they may run on parallel workers.
+    deterministic = False
+
+    def seeded(self, seed: int, device: torch.device | str) -> Attack | None:
+        """This attack with its randomness drawn from a generator seeded with ``seed``.
+
+        Lets an evaluation give every (batch, source) task its own stream, so the result does not
+        depend on how many workers craft or in which order. None when that is impossible: the
+        attack draws from the global RNG without a ``generator`` field, or the caller already
+        gave it a generator (which must then be consumed in order).
+        """
+        if self.deterministic:
+            return self
+        names = {f.name for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else set()
+        if "generator" not in names or self.generator is not None:  # type: ignore[attr-defined]
+            return None
+        return dataclasses.replace(self, generator=torch.Generator(device=device).manual_seed(seed))
 
     def params(self) -> dict[str, Any]:
         """JSON-serialisable hyperparameters, for storing alongside results."""

@@ -33,6 +33,8 @@ class CW(Attack):
     negative), and pixels at exactly 0/1 stay movable (see ``_TANH_SHRINK``).
     """
 
+    deterministic = True
+
     c: float = 1.0
     kappa: float = 0.0
     steps: int = 1000

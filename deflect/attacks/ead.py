@@ -40,6 +40,8 @@ class EAD(Attack):
     (torchattacks aliases its copy of the input with the optimised variable).
     """
 
+    deterministic = True
+
     c: float = 20.0
     kappa: float = 0.0
     beta: float = 0.01

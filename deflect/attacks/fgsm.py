@@ -17,6 +17,8 @@ class FGSM(Attack):
     The cheapest L∞ attack; the paper uses it as the weakest white-box baseline.
     """
 
+    deterministic = True
+
     eps: float = 0.031
     name: str = field(default="fgsm", kw_only=True)
 
@@ -40,6 +42,8 @@ class FGM(Attack):
     normalised the gradient per (sample, channel); the perturbation's L2 norm is then up to
     ``eps·sqrt(C)`` and is deliberately not projected back, to match that code.
     """
+
+    deterministic = True
 
     eps: float = 1.0
     per_channel: bool = False

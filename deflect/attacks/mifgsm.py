@@ -23,6 +23,8 @@ class MIFGSM(Attack):
     barely contribute to their own momentum until the others shrink).
     """
 
+    deterministic = True
+
     eps: float = 0.031
     alpha: float = 0.0031
     steps: int = 10

@@ -48,6 +48,8 @@ class Square(Attack):
     queried more than ``max_queries`` times. ``seed`` makes the search reproducible.
     """
 
+    deterministic = True
+
     eps: float = 0.031
     max_queries: int = 5000
     p_init: float = 0.8
