@@ -120,6 +120,9 @@ def train(
     step: Annotated[str, typer.Option(help="reference | fast: same objective, faster layout.")] = "reference",
     transfer_batch: Annotated[int | None, typer.Option(
         help="Images per batch for the transfer terms (changes the objective; default all).")] = None,
+    transfer_clamp: Annotated[str | None, typer.Option(
+        help="batch | image: clamp the transfer terms' mean increase (released code) or each image's "
+             "(preset default).")] = None,
     select: Annotated[str | None, typer.Option(help="Kept checkpoint: val-loss | last.")] = None,
     limit: Annotated[int | None, typer.Option(help="Train on a seeded subset of N images.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -150,6 +153,7 @@ def train(
             sample_models=sample, select=select, train_limit=limit, seed=seed, device=device,
             bf16=bf16, data_dir=str(data_dir) if data_dir else None, download=download,
             eps1_per_sample=eps1_per_sample or None, step=step, transfer_batch=transfer_batch, at_eps=at_eps,
+            transfer_clamp=transfer_clamp,
         )
         if angle_epochs is not None:
             overrides["angle_window"] = TermWindow(1, angle_epochs)

@@ -73,6 +73,8 @@ class TrainConfig:
     eps2: float = 0.031
     tanh_scale: float = 2e4
     cosine: str = "channel"  # "channel": per (sample, channel) as in the code; "sample": Eq. 2
+    # transfer terms: "batch" clamps the batch-mean increase (released code), "image" each image's
+    transfer_clamp: str = "batch"
     angle_window: TermWindow = field(default_factory=lambda: TermWindow(1, 4))
     transfer1_window: TermWindow = field(default_factory=lambda: TermWindow(2, None))
     transfer2_window: TermWindow = field(default_factory=lambda: TermWindow(3, None))
@@ -125,6 +127,8 @@ class TrainConfig:
             raise DeflectError(f"class_reduction must be 'sum' or 'mean', got {self.class_reduction!r}")
         if self.cosine not in ("channel", "sample"):
             raise DeflectError(f"cosine must be 'channel' or 'sample', got {self.cosine!r}")
+        if self.transfer_clamp not in ("batch", "image"):
+            raise DeflectError(f"--transfer-clamp must be 'batch' or 'image', got {self.transfer_clamp!r}")
         for name in ("lr_max", "eps1", "eps2", "w_class", "w_angle", "w_transfer1", "w_transfer2"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
@@ -182,16 +186,20 @@ def _digits(n: int) -> dict[str, Any]:
 
 
 def _fashion_mnist(n: int) -> dict[str, Any]:
-    """Small CNN on 28×28 grey images; eps2 = 0.05, half the customary L∞ attack budget 0.1.
+    """Small CNN on 28×28 grey images; eps2 = 0.05, half the customary L∞ attack budget 0.1; the
+    transfer terms clamped per image and weighted 3.
 
-    Chosen on the validation split (results/fashion-mnist-preset.md): against eps2 = 0.1 it lowered
-    the validation loss (1.297 vs 1.410-1.453) and raised both validation clean accuracy and PGD
-    black-box accuracy at ε = 0.1. Width 16 keeps a disjoint step at ~0.6 s for n=3 on 2 CPU cores.
+    Chosen on the validation split (results/fashion-mnist-preset.md): against eps2 = 0.1, eps2 = 0.05
+    lowered the validation loss (1.297 vs 1.410-1.453) and raised both validation clean accuracy and
+    PGD black-box accuracy at ε = 0.1. At the quick scale (20k images, 3 epochs) clamping each
+    image's increase with both transfer weights at 3 raised PGD-20 black-box accuracy from 72.3 %
+    to 80.6 % and clean accuracy from 82.9 % to 83.2 %, against the released clamp at weight 0.5.
+    Width 16 keeps a disjoint step at ~0.6 s for n=3 on 2 CPU cores.
     """
     return dict(
         arch="cnn", width=16, epochs=8, batch_size=128, lr_max=0.05, eps1=6.0, eps2=0.05,
         angle_window=TermWindow(1, 2), transfer1_window=TermWindow(2, None),
-        transfer2_window=TermWindow(2, None),
+        transfer2_window=TermWindow(2, None), transfer_clamp="image", w_transfer1=3.0, w_transfer2=3.0,
     )
 
 

@@ -12,6 +12,7 @@ whole-set (Table 4) accuracy per attack, the m-of-n ensemble attack (Table 5), t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -106,8 +107,23 @@ def _tag(plan: Plan, spec: SetSpec) -> str:
     return f"{plan.preset}{'/quick' if plan.quick else ''}/{spec.label}"
 
 
-def find_run(store: Store, tag: str) -> Run | None:
-    runs = [r for r in store.list_runs() if (r.config or {}).get(TAG_KEY) == tag]
+# where a set was trained, not what it is: a set trained on another device or data folder is the same set
+_PLACE_KEYS = ("device", "data_dir", "download")
+
+
+def same_recipe(run: Run, cfg: TrainConfig) -> bool:
+    """Whether `run` was trained with `cfg`'s recipe (a key missing from an older run reads as its default).
+
+    A preset changed since a set was trained makes its tag point at the old recipe; reusing it
+    would make a report that its own command no longer produces.
+    """
+    stored = dataclasses.asdict(TrainConfig.from_dict(run.config or {}))
+    wanted = dataclasses.asdict(cfg)
+    return all(stored[k] == wanted[k] for k in wanted if k not in _PLACE_KEYS)
+
+
+def find_run(store: Store, tag: str, matches: Callable[[Run], bool] = lambda run: True) -> Run | None:
+    runs = [r for r in store.list_runs() if (r.config or {}).get(TAG_KEY) == tag and matches(r)]
     finished = [r for r in runs if r.status == "finished"]
     return (finished or runs or [None])[-1]
 
@@ -116,14 +132,19 @@ def train_set(store: Store, plan: Plan, spec: SetSpec, device: str, data_dir: st
               callbacks: Callbacks | None = None, say: Say | None = None, parent: Run | None = None) -> Run:
     """The set's finished run: reused, resumed, or trained now (grown from `parent` for a grown set)."""
     tag = _tag(plan, spec)
-    found = find_run(store, tag)
-    if found is not None and found.status == "finished":
-        return found
     user = callbacks or Callbacks()
     if spec.grow_from is not None:
         if parent is None:
             raise DeflectError(f"{spec.label}: the plan has no set {spec.grow_from!r} before it to grow")
+        found = find_run(store, tag, lambda run: (run.config or {}).get("parent") == parent.id)
+        if found is not None and found.status == "finished":
+            return found
         return _grow_set(store, spec, tag, parent, device, user, say)
+    cfg = make_config(spec.n, plan.dataset, plan.preset, method=spec.method, epochs=plan.epochs,
+                      train_limit=plan.train_limit, device=device, data_dir=data_dir, **spec.overrides)
+    found = find_run(store, tag, lambda run: same_recipe(run, cfg))
+    if found is not None and found.status == "finished":
+        return found
 
     def on_start(run: Run, first_epoch: int) -> None:
         if (run.config or {}).get(TAG_KEY) != tag:
@@ -136,8 +157,6 @@ def train_set(store: Store, plan: Plan, spec: SetSpec, device: str, data_dir: st
         if say:
             say(f"{spec.label}: resuming {found.id} after epoch {found.epochs_done}")
         return store.get_run(train(None, store, cbs, resume=found.id))
-    cfg = make_config(spec.n, plan.dataset, plan.preset, method=spec.method, epochs=plan.epochs,
-                      train_limit=plan.train_limit, device=device, data_dir=data_dir, **spec.overrides)
     if say:
         say(f"{spec.label}: training ({cfg.epochs} epochs)")
     return store.get_run(train(cfg, store, cbs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -39,12 +40,14 @@ def step(fn, models, x, y, cfg, sample, **kw):
     return parts, grads, buffers
 
 
-@pytest.mark.parametrize("n, sample", [(3, None), (5, [0, 2, 4])])
+@pytest.mark.parametrize("n, sample, clamp", [(3, None, "batch"), (5, [0, 2, 4], "batch"), (3, None, "image")])
 # the NHWC layout sums in another order; tanh(2e4·g) magnifies that rounding in float32, so its
 # equality is checked in float64, where rounding is far below the tolerance
 @pytest.mark.parametrize("batched, channels_last, dtype", [(True, False, torch.float32), (False, True, torch.float64)])
-def test_fast_step_equals_the_reference(n: int, sample, batched: bool, channels_last: bool, dtype) -> None:
+def test_fast_step_equals_the_reference(n: int, sample, clamp: str, batched: bool, channels_last: bool,
+                                        dtype) -> None:
     models, x, y, cfg = setup(n)
+    cfg = dataclasses.replace(cfg, transfer_clamp=clamp)
     models = [m.to(dtype) for m in models]
     x = x.to(dtype)
     twins = copy.deepcopy(models)
@@ -92,6 +95,8 @@ def test_transfer_batch_changes_only_the_transfer_terms() -> None:
 
 
 def test_bad_step_options_are_refused() -> None:
+    with pytest.raises(DeflectError, match="--transfer-clamp must be 'batch' or 'image'"):
+        make_config(3, "digits", transfer_clamp="sample")
     with pytest.raises(DeflectError, match="unknown step 'quick'"):
         make_config(3, "digits", step="quick")
     with pytest.raises(DeflectError, match="--transfer-batch must be at least 2"):

@@ -212,7 +212,8 @@ def test_cli_refill_grows_the_pool_in_the_background(store: Store, small_parent:
     assert again.exit_code == 0 and "already holds 1 model" in again.stdout
 
 
-def test_transfer_batch_puts_every_pair_term_on_the_first_images(digits_runs) -> None:
+@pytest.mark.parametrize("clamp", ["batch", "image"])
+def test_transfer_batch_puts_every_pair_term_on_the_first_images(digits_runs, clamp: str) -> None:
     """With `transfer_batch`, the pair terms equal the full-batch terms computed on those images alone
     (their gradients rescaled to the whole batch's per-image size); classification keeps the batch."""
     import dataclasses
@@ -228,7 +229,7 @@ def test_transfer_batch_puts_every_pair_term_on_the_first_images(digits_runs) ->
     frozen = [inference_copy(m, "cpu") for m in frozen]
     test = deflect.load_dataset("digits", "test")
     x, y = test.batch(torch.arange(32))
-    cfg = make_config(3, "digits")
+    cfg = make_config(3, "digits", transfer_clamp=clamp)
     active = ActiveTerms.all_enabled(cfg)
     cut = growth_loss(new, frozen, x, y, dataclasses.replace(cfg, transfer_batch=8), active)
     # the same terms over the 8 images alone, ε1 scaled by 8/32 for the batch mean's 1/B and the tanh

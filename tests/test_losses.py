@@ -107,6 +107,40 @@ def test_transfer_terms_hand_values() -> None:
     assert t1 > 0 and t2 > 0  # the check exercises the unclamped branch
 
 
+def test_per_image_clamp_hand_values() -> None:
+    """transfer_clamp="image": the mean over images of each image's clamped increase, which keeps a
+    gradient where the released clamp (after the batch mean) has none."""
+    rng = np.random.default_rng(3)
+    x = rng.random((6, 1, 2, 2))
+    y = rng.integers(0, 3, 6)
+    w = [rng.normal(size=(3, 4)) * 2 for _ in range(2)]
+    b = [rng.normal(size=3) for _ in range(2)]
+    models = [linear_model(wi, bi) for wi, bi in zip(w, b, strict=True)]
+    kw = dict(n=2, eps1=6.0, eps2=0.4, w_angle=0.0, w_transfer1=0.5, w_transfer2=0.7)
+    active = ActiveTerms(False, True, True)
+    image = disjoint_loss(models, torch.tensor(x), torch.tensor(y), make_config(**kw, transfer_clamp="image"), active)
+    batch = disjoint_loss(models, torch.tensor(x), torch.tensor(y), make_config(**kw), active)
+
+    xf = x.reshape(6, -1)
+    onehot = np.eye(3)[y]
+    z = [xf @ wi.T + bi for wi, bi in zip(w, b, strict=True)]
+    grads = [(softmax(zi) - onehot) @ wi / 6 for zi, wi in zip(z, w, strict=True)]
+
+    def per_image(logits: np.ndarray) -> np.ndarray:
+        return -np.log(softmax(logits)[np.arange(6), y])
+
+    def increase(i: int, delta: np.ndarray) -> float:
+        return float(np.mean(np.maximum(per_image((xf + delta) @ w[i].T + b[i]) - per_image(z[i]), 0.0)))
+
+    t1 = np.mean([increase(0, 6.0 * grads[1]), increase(1, 6.0 * grads[0])])
+    t2 = np.mean([increase(0, 0.4 * np.tanh(2e4 * grads[1])), increase(1, 0.4 * np.tanh(2e4 * grads[0]))])
+    assert image.transfer1.item() == pytest.approx(t1, rel=1e-8)
+    assert image.transfer2.item() == pytest.approx(t2, rel=1e-8)
+    assert image.classification.item() == pytest.approx(batch.classification.item(), rel=1e-12)
+    # mean of clamps >= clamp of means, strictly here: some images lose, others gain
+    assert image.transfer2.item() > batch.transfer2.item() >= 0
+
+
 def test_mean_reduction_and_inactive_terms() -> None:
     models = [linear_model(np.eye(3, 4) * (k + 1), np.zeros(3)) for k in range(3)]
     x, y = torch.rand(6, 1, 2, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])

@@ -71,6 +71,18 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
     reproduce(store, "digits", out=tmp_path / "results", plan=plan, say=said.append)
     assert len(store.list_runs()) == 5 and len(store.evaluations()) == before  # nothing redone
 
+    # a recipe changed since (a preset update, say): that set is trained again and the set grown
+    # from it grown again; the others are reused
+    changed = dataclasses.replace(plan, sets=tuple(
+        dataclasses.replace(spec, overrides={**spec.overrides, "w_transfer2": 0.25}) if spec.label == "disjoint n=3"
+        else spec for spec in plan.sets))
+    said.clear()
+    reproduce(store, "digits", out=tmp_path / "results", plan=changed, say=said.append)
+    runs = store.list_runs()
+    assert len(runs) == 7 and runs[5].config["w_transfer2"] == 0.25 and runs[6].config["parent"] == runs[5].id
+    assert any(s.startswith("disjoint n=3: training") for s in said)
+    assert not any(s.startswith(("independent n=2: training", "adp n=2: training")) for s in said)
+
 
 def test_reproduce_cli_rejects_an_unknown_preset() -> None:
     result = CliRunner().invoke(app, ["reproduce", "--preset", "imagenet"])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deflect.config import TrainConfig
-from deflect.train.losses import ActiveTerms, LossParts, clean_terms
+from deflect.train.losses import ActiveTerms, LossParts, clamped_increase, clean_terms, plain_loss
 
 
 def _chunked_bn_forward(bn: nn.BatchNorm2d, chunks: int, x: torch.Tensor) -> torch.Tensor:
@@ -116,18 +116,21 @@ def fast_disjoint_loss(
             if active.transfer2:
                 deltas.append(cfg.eps2 * torch.tanh(cfg.tanh_scale * g_j))
                 keys.append(("t2", j))
-        clean_i = losses[i] if m == len(x) else F.cross_entropy(models[i](xt), yt)
+        clean_i = losses[i]
         assert clean_i is not None
+        per_image = clean_i.dim() > 0  # TrainConfig.transfer_clamp == "image"
+        if m < len(x):
+            clean_i = plain_loss(models[i](xt), yt, per_image)
         if batched:
             stacked = (xt.unsqueeze(0) + torch.stack(deltas)).flatten(0, 1)
             with chunked_batchnorm(models[i], len(deltas)):
                 logits = models[i](stacked)
-            per_chunk = F.cross_entropy(logits, yt.repeat(len(deltas)), reduction="none").view(len(deltas), m).mean(1)
-            values = list(per_chunk.unbind(0))
+            rows = F.cross_entropy(logits, yt.repeat(len(deltas)), reduction="none").view(len(deltas), m)
+            values = list((rows if per_image else rows.mean(1)).unbind(0))
         else:
-            values = [F.cross_entropy(models[i](xt + d), yt) for d in deltas]
+            values = [plain_loss(models[i](xt + d), yt, per_image) for d in deltas]
         for (term, j), value in zip(keys, values, strict=True):
-            (t1 if term == "t1" else t2)[(i, j)] = torch.clamp(value - clean_i, min=0.0)
+            (t1 if term == "t1" else t2)[(i, j)] = clamped_increase(value, clean_i)
 
     pairs = list(itertools.permutations(sample if transfer else [], 2))
     transfer1 = torch.stack([t1[p] for p in pairs]).mean() if t1 else zero

@@ -24,7 +24,16 @@ from torch import nn
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset
 from deflect.train.disjoint import BatchEvent, EpochStats, epoch_generator, run_epoch
-from deflect.train.losses import ActiveTerms, LossParts, angular_loss, input_gradients, loss_increase
+from deflect.train.losses import (
+    ActiveTerms,
+    LossParts,
+    angular_loss,
+    clamped_increase,
+    input_gradients,
+    loss_increase,
+    mean_loss,
+    plain_loss,
+)
 
 DEFAULT_SAMPLE = 2  # frozen models per step: 2·S ordered pairs per transfer term, S angular pairs
 
@@ -46,7 +55,8 @@ def _frozen_increase(
     gives exactly the per-batch results with one call instead of one per term.
     """
     logits = model(torch.cat([x + d for d in deltas])).chunk(len(deltas))
-    return [torch.clamp(F.cross_entropy(z, y) - clean_loss, min=0.0) for z in logits]
+    per_image = clean_loss.dim() > 0
+    return [clamped_increase(plain_loss(z, y, per_image), clean_loss) for z in logits]
 
 
 def growth_loss(
@@ -61,21 +71,22 @@ def growth_loss(
     """
     zero = x.new_zeros(())
     transfer = active.transfer1 or active.transfer2
+    per_image = transfer and cfg.transfer_clamp == "image"  # the clean losses the transfer terms compare to
     m = cfg.transfer_batch if cfg.transfer_batch is not None and cfg.transfer_batch < len(x) else len(x)
     if not (active.angle or transfer):
         loss_new, g_new, losses_f, grads_f = F.cross_entropy(new(x), y), None, [], []
     elif m == len(x):
-        (loss_new,), (g_new,) = input_gradients([new], x, y, create_graph=True)
-        losses_f, grads_f = input_gradients(frozen, x, y, create_graph=False)
-        pair_new = loss_new
+        (pair_new,), (g_new,) = input_gradients([new], x, y, create_graph=True, per_image=per_image)
+        losses_f, grads_f = input_gradients(frozen, x, y, create_graph=False, per_image=per_image)
+        loss_new = mean_loss(pair_new)
     else:
         # `transfer_batch` (objective-changing): classification on the whole batch, every pair term on
         # its first m images, through their own forward, so the double backward covers m images, not B.
         # The gradients are rescaled by m/B to the whole-batch mean's per-image size that ε1 and the
         # tanh scale are set for.
         loss_new = F.cross_entropy(new(x), y)
-        (pair_new,), (g_new,) = input_gradients([new], x[:m], y[:m], create_graph=True)
-        losses_f, grads_f = input_gradients(frozen, x[:m], y[:m], create_graph=False)
+        (pair_new,), (g_new,) = input_gradients([new], x[:m], y[:m], create_graph=True, per_image=per_image)
+        losses_f, grads_f = input_gradients(frozen, x[:m], y[:m], create_graph=False, per_image=per_image)
         g_new, grads_f = g_new * (m / len(x)), [g * (m / len(x)) for g in grads_f]
     losses_f = [loss.detach() for loss in losses_f]
     xt, yt = x[:m], y[:m]
