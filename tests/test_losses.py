@@ -73,14 +73,19 @@ def test_input_gradients_match_closed_form() -> None:
         np.testing.assert_allclose(g.numpy(), expected, rtol=1e-10)
 
 
-def test_transfer_terms_hand_values() -> None:
-    """L_transfer1/2 of Eqs. 3-4 for two linear models, computed by hand with numpy."""
-    rng = np.random.default_rng(1)
-    x = rng.random((5, 1, 2, 2))
-    y = rng.integers(0, 3, 5)
+def two_linear_models(seed: int, batch: int):
+    """A random batch of 2×2 grey images, labels of 3 classes, and two linear models (weights kept)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((batch, 1, 2, 2))
+    y = rng.integers(0, 3, batch)
     w = [rng.normal(size=(3, 4)) * 2 for _ in range(2)]
     b = [rng.normal(size=3) for _ in range(2)]
-    models = [linear_model(wi, bi) for wi, bi in zip(w, b, strict=True)]
+    return x, y, w, b, [linear_model(wi, bi) for wi, bi in zip(w, b, strict=True)]
+
+
+def test_transfer_terms_hand_values() -> None:
+    """L_transfer1/2 of Eqs. 3-4 for two linear models, computed by hand with numpy."""
+    x, y, w, b, models = two_linear_models(1, 5)
     cfg = make_config(n=2, eps1=6.0, eps2=0.1, w_class=1.0, w_angle=0.3, w_transfer1=0.5, w_transfer2=0.7,
                       class_reduction="sum")
     parts = disjoint_loss(models, torch.tensor(x), torch.tensor(y), cfg, ActiveTerms(True, True, True))
@@ -110,12 +115,7 @@ def test_transfer_terms_hand_values() -> None:
 def test_per_image_clamp_hand_values() -> None:
     """transfer_clamp="image": the mean over images of each image's clamped increase, which keeps a
     gradient where the released clamp (after the batch mean) has none."""
-    rng = np.random.default_rng(3)
-    x = rng.random((6, 1, 2, 2))
-    y = rng.integers(0, 3, 6)
-    w = [rng.normal(size=(3, 4)) * 2 for _ in range(2)]
-    b = [rng.normal(size=3) for _ in range(2)]
-    models = [linear_model(wi, bi) for wi, bi in zip(w, b, strict=True)]
+    x, y, w, b, models = two_linear_models(3, 6)
     kw = dict(n=2, eps1=6.0, eps2=0.4, w_angle=0.0, w_transfer1=0.5, w_transfer2=0.7)
     active = ActiveTerms(False, True, True)
     image = disjoint_loss(models, torch.tensor(x), torch.tensor(y), make_config(**kw, transfer_clamp="image"), active)
