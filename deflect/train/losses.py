@@ -138,10 +138,7 @@ def loss_increase(
 ) -> torch.Tensor:
     """max(L_i(x+δ, y) − L_i(x, y), 0), the clamp applied after the batch mean (Eqs. 3-4); with
     per-image clean losses, the batch mean of each image's clamped increase."""
-    logits = model(x + delta)
-    if clean_loss.dim() == 0:
-        return torch.clamp(cross_entropy_mean(logits, y) - clean_loss, min=0.0)
-    return clamped_increase(F.cross_entropy(logits, y, reduction="none"), clean_loss)
+    return clamped_increase(plain_loss(model(x + delta), y, clean_loss.dim() > 0), clean_loss)
 
 
 def clean_terms(
