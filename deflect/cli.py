@@ -216,6 +216,8 @@ def grow(
         help="Pair terms on the first B images of each batch (changes the objective; default: the parent's).")]
     = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per new model (default: the parent's).")] = None,
+    pair_scale: Annotated[float | None, typer.Option(
+        help="Multiply the set's angular and transfer weights in the new models' loss (default 1).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the new models (default: the parent's).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     db: DbOption = None,
@@ -246,7 +248,8 @@ def grow(
         if base.status != "finished":
             fail(f"run {base.id} is {base.status}; only a finished set can be grown")
         passed = [(f"--{name}", value) for name, value in (("sample", sample), ("epochs", epochs), ("seed", seed),
-                                                            ("transfer-batch", transfer_batch))
+                                                            ("transfer-batch", transfer_batch),
+                                                            ("pair-scale", pair_scale))
                   if value is not None]
         args = [str(a) for pair in passed for a in pair] + ["--device", device]
         job = spawn_refill(store, base, refill, args)
@@ -283,7 +286,7 @@ def grow(
     try:
         with progress:
             run_id = run_grow(store, run, add or 1, sample=sample, epochs=epochs, seed=seed, device=device,
-                              pool=pool, transfer_batch=transfer_batch,
+                              pool=pool, transfer_batch=transfer_batch, pair_scale=pair_scale,
                               callbacks=GrowCallbacks(on_start, on_batch, None, on_model))
     except KeyboardInterrupt:
         typer.echo(f"deflect: interrupted; run {task.get('run', '?')} is marked interrupted and "

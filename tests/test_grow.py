@@ -107,6 +107,13 @@ def test_cli_grow_prints_the_new_run(store: Store, small_parent: str) -> None:
     assert "m3 (new 2)" in result.stderr
     plain = runner.invoke(app, ["grow", data["id"], "--epochs", "1", "--db", str(store.path)])
     assert plain.exit_code == 0 and store.get_run(plain.stdout.strip()).config["parent"] == data["id"]
+    scaled = runner.invoke(app, ["grow", small_parent, "--epochs", "1", "--pair-scale", "0.25",
+                                 "--db", str(store.path)])
+    assert scaled.exit_code == 0, scaled.output
+    before, after = store.get_run(small_parent).config, store.get_run(scaled.stdout.strip()).config
+    assert after["grow"]["pair_scale"] == 0.25 and data["config"]["grow"]["pair_scale"] == 1.0
+    # the set's recipe is kept, so growing the grown set again starts from the same weights
+    assert all(after[k] == before[k] for k in ("w_class", "w_angle", "w_transfer1", "w_transfer2"))
 
 
 def _one_line_error(args: list[str], needle: str) -> None:
@@ -121,6 +128,8 @@ def test_cli_grow_bad_input(store: Store, small_parent: str) -> None:
     _one_line_error(["grow", "no-such-run", *db], "no run 'no-such-run'")
     _one_line_error(["grow", small_parent, "--add", "0", *db], "--add must be at least 1")
     _one_line_error(["grow", small_parent, "--sample", "0", *db], "--sample must be at least 1")
+    _one_line_error(["grow", small_parent, "--pair-scale", "-1", *db], "--pair-scale must be")
+    _one_line_error(["grow", small_parent, "--pair-scale", "nan", *db], "--pair-scale must be")
     _one_line_error(["grow", small_parent, "--refill", "2", "--add", "1", *db], "drop --add")
 
     def stop(metric: object) -> None:
@@ -242,3 +251,9 @@ def test_transfer_batch_puts_every_pair_term_on_the_first_images(digits_runs, cl
     for name in ("angle", "transfer1", "transfer2"):
         assert cut[name] == pytest.approx(alone[name], rel=1e-4, abs=1e-6)
     assert cut["transfer1"] > 0 and cut["transfer2"] > 0 and cut["angle"] != 0
+    # `pair_scale` multiplies the pair terms' share of the total and leaves classification alone
+    scaled = growth_loss(new, frozen, x, y, cfg, active, pair_scale=0.25).as_floats()
+    pairs = full["total"] - cfg.w_class * full["class"]
+    assert abs(pairs) > 1e-3
+    assert scaled["total"] == pytest.approx(cfg.w_class * full["class"] + 0.25 * pairs, rel=1e-5)
+    assert all(scaled[k] == pytest.approx(full[k], rel=1e-6) for k in ("class", "angle", "transfer1", "transfer2"))

@@ -62,8 +62,12 @@ def _frozen_increase(
 def growth_loss(
     new: nn.Module, frozen: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     active: ActiveTerms,
+    pair_scale: float = 1.0,
 ) -> LossParts:
-    """w1·CE(new) + w2·angle(new, f) + w3·T1 + w4·T2 over the pairs (new, f) of the `frozen` models given.
+    """w1·CE(new) + s·(w2·angle(new, f) + w3·T1 + w4·T2) over the pairs (new, f) of the `frozen` models given.
+
+    s is `pair_scale` (`deflect grow --pair-scale`): a new model carries every pair term alone, against
+    models that do not move, so a lighter s trades disjointness for clean accuracy.
 
     T1/T2 average 2·S terms: the new model under each frozen model's perturbation (frozen → new) and
     each frozen model under the new model's perturbation (new → frozen); the latter reaches the new
@@ -112,8 +116,8 @@ def growth_loss(
                 terms.extend((a, b))
     transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero
     transfer2 = torch.stack(t2_terms).mean() if t2_terms else zero
-    total = cfg.w_class * loss_new + cfg.w_angle * angle + cfg.w_transfer1 * transfer1 + cfg.w_transfer2 * transfer2
-    return LossParts(total, loss_new, angle, transfer1, transfer2)
+    pairs = cfg.w_angle * angle + cfg.w_transfer1 * transfer1 + cfg.w_transfer2 * transfer2
+    return LossParts(cfg.w_class * loss_new + pair_scale * pairs, loss_new, angle, transfer1, transfer2)
 
 
 def sample_frozen(count: int, sample: int, gen: torch.Generator) -> list[int]:
@@ -133,6 +137,7 @@ def grow_epoch(
     sample: int,
     device: torch.device,
     on_batch: Callable[[BatchEvent], None] | None = None,
+    pair_scale: float = 1.0,
 ) -> EpochStats:
     """One epoch of the new model; batch order, augmentation and frozen samples seeded by (seed, epoch)."""
     gen = epoch_generator(seed, epoch)
@@ -141,7 +146,7 @@ def grow_epoch(
 
     def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         chosen = [frozen[i] for i in sample_frozen(len(frozen), sample, gen)]
-        parts = growth_loss(new, chosen, x, y, cfg, active)
+        parts = growth_loss(new, chosen, x, y, cfg, active, pair_scale)
         return parts.total, parts.as_floats()
 
     return run_epoch(batch_loss, optimizer, scheduler, data, cfg, epoch, gen, device, on_batch)
@@ -149,7 +154,7 @@ def grow_epoch(
 
 def growth_validation_loss(
     new: nn.Module, frozen: Sequence[nn.Module], data: ImageTensorDataset, cfg: TrainConfig,
-    device: torch.device, batch_size: int,
+    device: torch.device, batch_size: int, pair_scale: float = 1.0,
 ) -> float:
     """The growth objective on the validation split, eval mode, every configured term on.
 
@@ -163,7 +168,7 @@ def growth_validation_loss(
         idx = torch.arange(start, min(start + batch_size, len(data)))
         x, y = data.batch(idx)
         x, y = x.to(device), y.to(device)
-        parts = growth_loss(new, frozen, x, y, cfg, active)
+        parts = growth_loss(new, frozen, x, y, cfg, active, pair_scale)
         total += float(parts.total.detach()) * len(idx)
         count += len(idx)
     return total / max(count, 1)

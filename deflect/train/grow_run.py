@@ -123,9 +123,14 @@ def grow(
     device: str = "auto",
     pool: bool = False,
     transfer_batch: int | None = None,
+    pair_scale: float | None = None,
     callbacks: GrowCallbacks | None = None,
 ) -> str:
     """Train `add` new models against the frozen models of `parent_ref`; return the new run's id.
+
+    `pair_scale` multiplies the set's angular and transfer weights in the new models' loss (1: the
+    weights as they are). The run's config keeps the set's weights and the grow records the scale,
+    so growing a grown set (a pool refill) never compounds it.
 
     With `pool`, the new models become the pool of the set (see `deflect.pool`): the run grown is
     the set's newest pool run (or the set itself), and the new run is marked as its pool.
@@ -136,6 +141,8 @@ def grow(
         raise DeflectError(f"--sample must be at least 1, got {sample}")
     if epochs is not None and epochs < 1:
         raise DeflectError(f"--epochs must be at least 1, got {epochs}")
+    if pair_scale is not None and not (math.isfinite(pair_scale) and pair_scale >= 0):
+        raise DeflectError(f"--pair-scale must be a finite number >= 0, got {pair_scale}")
     parent = store.get_run(parent_ref)
     lock: contextlib.AbstractContextManager = contextlib.nullcontext()
     extra: dict[str, Any] = {}
@@ -146,11 +153,12 @@ def grow(
         if pool:
             parent = current_pool(store, base.id) or base
         return _grow(store, parent, add, sample, epochs, seed, device, extra, callbacks or GrowCallbacks(),
-                     transfer_batch)
+                     transfer_batch, 1.0 if pair_scale is None else pair_scale)
 
 
 def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int | None, seed: int | None,
-          device_name: str, extra: dict[str, Any], cb: GrowCallbacks, transfer_batch: int | None = None) -> str:
+          device_name: str, extra: dict[str, Any], cb: GrowCallbacks, transfer_batch: int | None = None,
+          pair_scale: float = 1.0) -> str:
     if parent.status != "finished":
         raise DeflectError(f"run {parent.id} is {parent.status}; only a finished set can be grown")
     base_cfg = TrainConfig.from_dict(parent.config)
@@ -168,7 +176,7 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
     run_dir = store.runs_root / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     grow_info: dict[str, Any] = {"parent_n": n, "sample": sample, "epochs": cfg.epochs, "seed": seed,
-                                 "transfer_batch": cfg.transfer_batch, "seconds": []}
+                                 "transfer_batch": cfg.transfer_batch, "pair_scale": pair_scale, "seconds": []}
     config = {**json.loads(cfg.to_json()), "parent": parent.id, "inherited": list(range(n)),
               "new": list(range(n, n + add)), "grow": grow_info, **extra}
     write_json(run_dir / CONFIG_JSON, config)
@@ -177,7 +185,8 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
         config=config, device=str(device), git_hash=_git_hash(), run_dir=str(run_dir.resolve()),
         epochs_total=add * cfg.epochs, message=f"grown from {parent.id} by {add} model(s)",
     ))
-    ctx = _Context(store, run_id, run_dir, parent.id, cfg, sample, device, train_set, val_set, test_set, add, cb)
+    ctx = _Context(store, run_id, run_dir, parent.id, cfg, sample, device, train_set, val_set, test_set, add, cb,
+                   pair_scale)
     try:
         if cb.on_start:
             cb.on_start(run, parent)
@@ -222,6 +231,7 @@ class _Context:
     test_set: ImageTensorDataset
     add: int
     cb: GrowCallbacks
+    pair_scale: float = 1.0
     done: int = 0  # epochs over all new models: the run's epoch rows are numbered 1..K·E
     seconds: float = 0.0
 
@@ -248,10 +258,11 @@ def _train_new_model(ctx: _Context, frozen: list[nn.Module], index: int, positio
             ctx.cb.on_batch(GrowEvent(**dataclasses.asdict(event), model=position, models=ctx.add))
 
     for epoch in range(1, cfg.epochs + 1):
-        stats = grow_epoch(new, frozen, opt, sched, ctx.train_set, cfg, epoch, seed, ctx.sample, device, on_batch)
+        stats = grow_epoch(new, frozen, opt, sched, ctx.train_set, cfg, epoch, seed, ctx.sample, device, on_batch,
+                           ctx.pair_scale)
         t0 = time.perf_counter()
         acc = clean_accuracy([new], ctx.test_set, device, ctx.eval_bs)[0]
-        val = growth_validation_loss(new, val_frozen, ctx.val_set, cfg, device, ctx.eval_bs)
+        val = growth_validation_loss(new, val_frozen, ctx.val_set, cfg, device, ctx.eval_bs, ctx.pair_scale)
         ctx.seconds += stats.seconds + time.perf_counter() - t0
         ctx.done += 1
         if cfg.select == "last" or val < best_val or best_state is None:
