@@ -10,7 +10,8 @@ image shape instead, e.g. PreAct ResNet18 on 32×32 colour images for `paper-cif
 - `reference`: the per-pair disjoint loss (`deflect.train.losses.disjoint_loss`);
 - `fast`: the same objective in the fast layout (`deflect.train.fast`, as `--step fast` runs it here);
 - `cheap`: an objective-changing recipe: only the ε2·tanh transfer term, on 32 images per batch;
-- `reference_bf16` (CUDA only): the reference step under bf16 autocast, as `--bf16` trains.
+- `reference_bf16` (where bf16 is native: a GPU, or a CPU with AVX512-BF16/AMX): the reference step
+  under bf16 autocast, as `--bf16` trains.
 Each rate also gives the seconds one epoch of the dataset's training split would take at that rate
 (`epoch_seconds`), which is what a user sizing a paper-scale run wants to know.
 The reference step is also timed by phase: input gradients with their graph, the perturbed forwards
@@ -19,6 +20,8 @@ of the transfer terms, and the backward pass (where the double backward lives).
 Matrix figure: a PGD transfer matrix over the same images by `deflect.evaluate.transfer_matrix`
 (evaluation copies of the models, `deflect.inference`) and by a model-by-model torchattacks loop
 (craft on each source, score on every target) at 256 images per batch and at deflect's batch.
+Where bf16 is native (a GPU, or a CPU with AVX512-BF16/AMX) deflect's matrix is also timed crafting
+under bf16 autocast (`--bf16`), with its own ratio `matrix_bf16_vs_torchattacks`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from torch import nn
 
 from deflect.config import make_config, preset_dataset
 from deflect.data import ImageTensorDataset, dataset_info
+from deflect.inference import bf16_supported
 from deflect.models import build_model
 from deflect.runtime import fast_cpu_math
 from deflect.train.disjoint import autocast, step_loss
@@ -124,7 +128,7 @@ def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[st
         "fast": {"step": "fast"},
         "cheap": {"step": "fast", "transfer_batch": 32, "w_transfer1": 0.0, "w_angle": 0.0},
     }
-    if device.type == "cuda":
+    if bf16_supported(device):
         recipes["reference_bf16"] = {"bf16": True}
     for name, overrides in recipes.items():
         cfg = bench_config(settings, n, **overrides)
@@ -273,6 +277,10 @@ def matrix_rates(settings: BenchSettings, device: torch.device) -> dict[str, flo
     transfer_matrix(models, data, attack, device=device, limit=batch)  # warm-up: oneDNN primitives
     out["deflect_images_per_s"] = _best_rate(
         len(x), lambda: transfer_matrix(models, data, attack, device=device), repeats, device)
+    if bf16_supported(device):  # crafting under bf16 autocast, scored in float32 (`--bf16`)
+        transfer_matrix(models, data, attack, device=device, limit=batch, bf16=True)  # warm-up
+        out["deflect_bf16_images_per_s"] = _best_rate(
+            len(x), lambda: transfer_matrix(models, data, attack, device=device, bf16=True), repeats, device)
     out["deflect_workers"] = float(crafting_workers(device))
     if out["deflect_workers"] > 1:
         out["deflect_one_worker_images_per_s"] = _best_rate(
@@ -344,6 +352,8 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
         result.ratios[f"reference_cost_vs_independent_n{n}"] = rates["independent"] / rates["reference"]
         result.ratios[f"fast_vs_reference_n{n}"] = rates["fast"] / rates["reference"]
         result.ratios[f"cheap_vs_reference_n{n}"] = rates["cheap"] / rates["reference"]
+        if "reference_bf16" in rates:
+            result.ratios[f"bf16_vs_reference_n{n}"] = rates["reference_bf16"] / rates["reference"]
     for name, rate in result.grow_steps_per_s.items():
         if name != "one_model":
             result.ratios[f"{name}_cost_vs_one_model"] = result.grow_steps_per_s["one_model"] / rate
@@ -352,6 +362,9 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
                                                    / result.matrix["torchattacks_images_per_s"])
         same = result.matrix.get("torchattacks_same_batch_images_per_s", result.matrix["torchattacks_images_per_s"])
         result.ratios["matrix_vs_torchattacks_same_batch"] = result.matrix["deflect_images_per_s"] / same
+        if "deflect_bf16_images_per_s" in result.matrix:
+            result.ratios["matrix_bf16_vs_torchattacks"] = (result.matrix["deflect_bf16_images_per_s"]
+                                                            / result.matrix["torchattacks_images_per_s"])
     if "deflect_one_worker_images_per_s" in result.matrix:
         result.ratios["matrix_workers_vs_one_worker"] = (result.matrix["deflect_images_per_s"]
                                                          / result.matrix["deflect_one_worker_images_per_s"])

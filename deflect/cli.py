@@ -127,7 +127,8 @@ def train(
     limit: Annotated[int | None, typer.Option(help="Train on a seeded subset of N images.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast on CUDA.")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help=(
+        "bf16 autocast for the disjoint step (a GPU, or a CPU with AVX512-BF16/AMX)."))] = False,
     data_dir: Annotated[Path | None, typer.Option(help="Dataset root for torchvision datasets.")] = None,
     download: Annotated[bool, typer.Option("--download", help="Let torchvision download the dataset.")] = False,
     resume: Annotated[str | None, typer.Option(help="Continue an interrupted run.")] = None,
@@ -397,6 +398,9 @@ def evaluate(
                                                    "256 on a GPU; --adaptive: 256).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the subset and the attacks' randomness.")] = 0,
     split: Annotated[str, typer.Option(help="test, or val to choose settings without touching test.")] = "test",
+    bf16: Annotated[bool, typer.Option("--bf16", help=(
+        "Craft under bf16 autocast (a GPU, or a CPU with AVX512-BF16/AMX); scoring stays float32. "
+        "Recorded with each evaluation."))] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -419,8 +423,8 @@ def evaluate(
     if batch_size is not None and batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
     if adaptive:
-        if attack or all_attacks or ensemble is not None or eps_sweep or tsne or alpha is not None:
-            fail("--adaptive runs on its own: drop --attack/--all/--ensemble/--eps-sweep/--tsne/--alpha")
+        if attack or all_attacks or ensemble is not None or eps_sweep or tsne or alpha is not None or bf16:
+            fail("--adaptive runs on its own: drop --attack/--all/--ensemble/--eps-sweep/--tsne/--alpha/--bf16")
         from deflect.adaptive import FAMILIES, AdaptiveSettings
 
         families = tuple(a.strip() for a in (attackers or ",".join(FAMILIES)).split(",") if a.strip())
@@ -432,7 +436,8 @@ def evaluate(
     names = parse_attacks(attack, all_attacks) if (attack or all_attacks or not (eps_sweep or tsne)) else []
     overrides = {"eps": eps, "alpha": alpha, "steps": steps}
     store = open_store(db)
-    ev = RunEvaluator(store, run, limit=limit, batch_size=batch_size, seed=seed, device=device, split=split)
+    ev = RunEvaluator(store, run, limit=limit, batch_size=batch_size, seed=seed, device=device, split=split,
+                      bf16=bf16)
     if ensemble is not None and not 1 <= ensemble <= ev.run.n:
         fail(f"--ensemble must be between 1 and the set size {ev.run.n}, got {ensemble}")
     out = Console()
@@ -457,8 +462,9 @@ def evaluate(
             payload.append({"evaluation_id": row.id, **res.to_dict()})
             if not as_json:
                 s = res.summary()
+                crafted = ", bf16 crafting" if bf16 else ""
                 progress.console.print(matrix_table(
-                    f"{ev.run.id} · {name} (accuracy %, {res.n_examples} images)", res.matrix, labels, labels,
+                    f"{ev.run.id} · {name} (accuracy %, {res.n_examples} images{crafted})", res.matrix, labels, labels,
                     caption=f"black-box {s['blackbox_mean']:.1f}±{s['blackbox_std']:.1f} · whole set "
                             f"{s['whole_set_mean']:.1f} · white-box {s['whitebox_mean']:.1f} · "
                             f"transfer success {s['success_rate']:.1f}% · clean "

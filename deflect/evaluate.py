@@ -27,7 +27,7 @@ from torch import nn
 from deflect.attacks import Attack, make_attack
 from deflect.data import ImageTensorDataset
 from deflect.errors import DeflectError
-from deflect.inference import eval_batch_size, inference_copy
+from deflect.inference import bf16_crafting, eval_batch_size, inference_copy
 from deflect.runtime import fast_cpu_math
 
 Progress = Callable[[int, int], None]  # (done, total) units of work
@@ -218,15 +218,19 @@ def craft_and_score(
     device: torch.device,
     progress: Progress | None,
     workers: int | None = None,
+    bf16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Core loop: per batch, craft once per source (a model or ensemble), score every target.
 
     Each (batch, source) pair is one task with its own RNG stream (:func:`task_seed`); on CPU the
     tasks run on :func:`crafting_workers` threads. An attack that cannot be seeded per task (see
     :meth:`Attack.seeded`) runs its tasks in order on the global RNG seeded with `seed`.
+    `bf16`: craft under bf16 autocast (:func:`deflect.inference.bf16_crafting`); scoring stays float32.
     Returns (adversarial-correct counts [sources × targets], successes [sources × targets],
     clean-correct counts [targets], number of examples).
     """
+    if bf16:
+        sources = [[bf16_crafting(m, device) for m in src] for src in sources]
     batches = _batches(data, eval_batch_size(device, batch_size))
     seedable = attack.seeded(0, device) is not None
     n_workers = crafting_workers(device, workers) if seedable else 1
@@ -282,11 +286,13 @@ def transfer_matrix(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    bf16: bool = False,
 ) -> TransferResult:
     """The n×n matrix of accuracy (%) on adversarial examples crafted on each model.
 
     `workers`: crafting threads on CPU (default: one per torch thread, see :func:`crafting_workers`);
-    the matrix does not depend on it.
+    the matrix does not depend on it. `bf16`: craft under bf16 autocast, recorded in the params as
+    ``precision: bf16`` (float32 results carry no such key).
     """
     models, dev = _prepare(models, device)
     attack = _resolve(attack, dataset)
@@ -294,13 +300,13 @@ def transfer_matrix(
         data = select_subset(data, limit, seed)
     start = time.perf_counter()
     adv, flipped, clean, count = craft_and_score(
-        [[m] for m in models], models, data, attack, batch_size, seed, dev, progress, workers
+        [[m] for m in models], models, data, attack, batch_size, seed, dev, progress, workers, bf16
     )
     if count == 0:
         raise DeflectError("no examples to evaluate")
     return TransferResult(
         attack=attack.name,
-        params=attack.params(),
+        params=_with_precision(attack.params(), bf16),
         matrix=(100.0 * adv / count).tolist(),
         success=(100.0 * flipped / np.maximum(clean, 1)[None, :]).tolist(),
         clean=(100.0 * clean / count).tolist(),
@@ -308,6 +314,11 @@ def transfer_matrix(
         seconds=time.perf_counter() - start,
         row_labels=[str(i) for i in range(len(models))],
     )
+
+
+def _with_precision(params: dict[str, Any], bf16: bool) -> dict[str, Any]:
+    """Attack params plus the crafting precision when it is not the float32 default."""
+    return {**params, "precision": "bf16"} if bf16 else params
 
 
 def model_subsets(n: int, m: int, max_subsets: int | None = None, seed: int = 0) -> list[tuple[int, ...]]:
@@ -336,6 +347,7 @@ def ensemble_matrix(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    bf16: bool = False,
 ) -> EnsembleResult:
     """Attacks on the averaged logits of every m-model subset, scored on all n models."""
     models, dev = _prepare(models, device)
@@ -345,10 +357,11 @@ def ensemble_matrix(
     subsets = model_subsets(len(models), m, max_subsets, seed)
     start = time.perf_counter()
     adv, _, clean, count = craft_and_score(
-        [[models[i] for i in s] for s in subsets], models, data, attack, batch_size, seed, dev, progress, workers
+        [[models[i] for i in s] for s in subsets], models, data, attack, batch_size, seed, dev, progress, workers,
+        bf16,
     )
     return EnsembleResult(
-        m=m, attack=attack.name, params=attack.params(), subsets=subsets,
+        m=m, attack=attack.name, params=_with_precision(attack.params(), bf16), subsets=subsets,
         matrix=(100.0 * adv / count).tolist(), clean=(100.0 * clean / count).tolist(),
         n_examples=count, seconds=time.perf_counter() - start,
     )
@@ -374,6 +387,7 @@ def eps_sweep(
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    bf16: bool = False,
 ) -> list[TransferResult]:
     """PGD with `steps` steps and α = 2.5ε/steps at each ε (paper Figure 5)."""
     from deflect.attacks import pgd_sweep_attack
@@ -387,7 +401,7 @@ def eps_sweep(
         attack = pgd_sweep_attack(eps, steps=steps, dataset=dataset)
         cb = (lambda d, t, k=k, eps=eps: progress(k * t + d, len(values) * t, eps)) if progress else None
         res = transfer_matrix(models, data, attack, batch_size=batch_size, limit=limit, seed=seed,
-                              device=device, progress=cb)
+                              device=device, progress=cb, bf16=bf16)
         res.attack = f"pgd-sweep@{eps:g}"
         results.append(res)
     return results

@@ -24,6 +24,7 @@ from deflect.evaluate import (
     gradient_tsne,
     transfer_matrix,
 )
+from deflect.inference import require_bf16
 from deflect.report import curves_png, heatmap_png, tsne_png
 from deflect.sets import load_set
 from deflect.store import Evaluation, Run, Store
@@ -69,12 +70,14 @@ class RunEvaluator:
     """Loads a run's models and test data once, then runs and stores evaluations on them."""
 
     def __init__(self, store: Store, run_ref: str, *, limit: int | None = None, batch_size: int | None = None,
-                 seed: int = 0, device: str = "auto", split: str = "test") -> None:
+                 seed: int = 0, device: str = "auto", split: str = "test", bf16: bool = False) -> None:
         self.store = store
         self.run = store.get_run(run_ref)
+        self.device = resolve_device(device)
+        if bf16:  # refused before the models and data load, not after
+            require_bf16(self.device)
         if not self.run.epochs_done:
             raise DeflectError(f"run {self.run.id} has no saved epoch yet ({self.run.status})")
-        self.device = resolve_device(device)
         self.models = [m.to(self.device) for m in load_set(self.run.id, store)]
         cfg = self.run.config
         self.dataset = self.run.dataset
@@ -82,7 +85,8 @@ class RunEvaluator:
             raise DeflectError(f"unknown split {split!r}; evaluate on 'test' or 'val' (for choosing settings)")
         self.split = split
         self.test = load_dataset(self.dataset, split, cfg.get("data_dir"), False)
-        self.kw = dict(dataset=self.dataset, batch_size=batch_size, limit=limit, seed=seed, device=self.device)
+        self.kw = dict(dataset=self.dataset, batch_size=batch_size, limit=limit, seed=seed, device=self.device,
+                       bf16=bf16)
 
     def attack(self, name: str, **overrides: Any) -> Any:
         return make_attack(name, self.dataset, **{k: v for k, v in overrides.items() if v is not None})
@@ -124,7 +128,8 @@ class RunEvaluator:
         ev = self.store.add_evaluation(
             Evaluation(
                 run_id=self.run.id, kind="eps-sweep", attack="pgd-sweep",
-                params={"steps": steps, "eps": eps, "split": self.split},
+                params={"steps": steps, "eps": eps, "split": self.split,
+                        **({"precision": "bf16"} if self.kw["bf16"] else {})},
                 matrix=[[e, b, w] for e, b, w in zip(eps, bb, whole, strict=True)],
                 n_examples=results[0].n_examples if results else 0,
                 seconds=sum(r.seconds for r in results),

@@ -126,7 +126,10 @@ def test_bench_quick_json_reports_rates_phases_and_ratios() -> None:
 
     data = json.loads(result.stdout.strip().splitlines()[-1])
     rates = data["steps_per_s"]["3"]
-    assert set(rates) == {"independent", "reference", "fast", "cheap"} and min(rates.values()) > 0
+    from deflect.inference import bf16_supported
+
+    bf16 = {"reference_bf16"} if bf16_supported("cpu") else set()  # timed wherever bf16 is native
+    assert set(rates) == {"independent", "reference", "fast", "cheap"} | bf16 and min(rates.values()) > 0
     # the disjoint loss costs several independent steps (double backprop, 2(n-1) extra forwards each)
     assert data["ratios"]["reference_cost_vs_independent_n3"] > 2
     assert set(data["phases"]) == {"input_gradients", "perturbed_forwards", "backward"}
@@ -134,6 +137,8 @@ def test_bench_quick_json_reports_rates_phases_and_ratios() -> None:
     assert data["matrix"]["deflect_images_per_s"] > 0 and data["peak_memory_mb"] > 0
     if "torchattacks_images_per_s" in data["matrix"]:  # the oracle library is a test dependency
         assert data["ratios"]["matrix_vs_torchattacks"] > 0
+        # crafting under bf16 is timed, with its own ratio, wherever bf16 is native
+        assert ("matrix_bf16_vs_torchattacks" in data["ratios"]) == bf16_supported("cpu")
     # one crafting thread per torch thread; the in-order figure beside it whenever there are several
     assert data["matrix"]["deflect_workers"] == data["threads"]
     assert ("matrix_workers_vs_one_worker" in data["ratios"]) == (data["threads"] > 1)

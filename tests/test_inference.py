@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchattacks
 from torch import nn
+from typer.testing import CliRunner
 
 import deflect
 from deflect.attacks import make_attack
+from deflect.cli import app
 from deflect.data import dataset_info
 from deflect.evaluate import select_subset, task_seed, transfer_matrix
-from deflect.inference import eval_batch_size, inference_copy
+from deflect.inference import bf16_crafting, bf16_supported, eval_batch_size, inference_copy
 from deflect.models import build_model
 
 
@@ -180,3 +184,63 @@ def test_an_error_on_a_crafting_thread_reaches_the_caller_and_restores_the_threa
     with pytest.raises(DeflectError, match="broken attack"):
         transfer_matrix(models, data, Broken(), batch_size=16, workers=2)
     assert torch.get_num_threads() == before
+
+
+needs_bf16 = pytest.mark.skipif(not bf16_supported("cpu"), reason="this CPU has no native bf16")
+
+
+@needs_bf16
+def test_bf16_crafting_gives_float32_logits_and_a_close_input_gradient() -> None:
+    model = inference_copy(_trained_like("cnn", "fashion-mnist", width=16).eval(), "cpu")
+    wrapped = bf16_crafting(model, "cpu")
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    assert wrapped(x).dtype == torch.float32
+    g32, g16 = _input_grad(model, x, y), _input_grad(wrapped, x, y)
+    assert F.cosine_similarity(g32.flatten(), g16.flatten(), dim=0) > 0.98
+    assert (g32.sign() == g16.sign()).float().mean() > 0.9  # what a PGD step uses
+
+
+@needs_bf16
+def test_bf16_matrix_is_close_to_float32_and_scored_in_float32(digits_runs) -> None:
+    store, ids = digits_runs
+    models = deflect.load_set(ids["independent"], store)
+    data = select_subset(deflect.load_dataset("digits", "test"), 256)
+    full = transfer_matrix(models, data, "pgd1", dataset="digits", seed=2)
+    half = transfer_matrix(models, data, "pgd1", dataset="digits", seed=2, bf16=True)
+    assert half.clean == full.clean  # scoring never runs in bf16
+    assert half.params == {**full.params, "precision": "bf16"} and "precision" not in full.params
+    diff = np.abs(np.array(half.matrix) - np.array(full.matrix))
+    assert diff.max() <= 8.0 and abs(half.blackbox_mean - full.blackbox_mean) <= 3.0
+    assert 5 < full.blackbox_mean < 95  # room to disagree
+
+
+def test_bf16_is_refused_where_it_is_not_native(monkeypatch, digits_runs) -> None:
+    import deflect.inference as inference
+    from deflect.errors import DeflectError
+
+    monkeypatch.setattr(inference, "bf16_supported", lambda device: False)
+    store, ids = digits_runs
+    models = deflect.load_set(ids["independent"], store)
+    data = select_subset(deflect.load_dataset("digits", "test"), 32)
+    with pytest.raises(DeflectError, match="native bf16"):
+        transfer_matrix(models, data, "fgsm", dataset="digits", bf16=True)
+    before = len(store.evaluations(ids["independent"]))
+    result = CliRunner().invoke(app, ["evaluate", ids["independent"], "--attack", "fgsm", "--bf16",
+                                      "--limit", "32", "--db", str(store.path)])
+    assert result.exit_code == 2 and "native bf16" in result.output and "Traceback" not in result.output
+    assert len(store.evaluations(ids["independent"])) == before
+
+
+@needs_bf16
+def test_cli_bf16_evaluation_is_recorded_and_not_reused_by_a_reproduction(digits_runs) -> None:
+    from deflect.reproduce import _has
+
+    store, ids = digits_runs
+    run = store.get_run(ids["disjoint"])
+    result = CliRunner().invoke(app, ["evaluate", run.id, "--attack", "pgd1", "--bf16", "--limit", "48",
+                                      "--db", str(store.path), "--json"])
+    assert result.exit_code == 0, result.output
+    (ev,) = json.loads(result.stdout.strip().splitlines()[-1])["evaluations"]
+    assert ev["params"]["precision"] == "bf16"
+    assert store.evaluations(run.id)[-1].params["precision"] == "bf16"
+    assert _has(store, run, "transfer", "pgd1", 48) is None  # a float32 plan crafts its own

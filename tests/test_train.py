@@ -9,6 +9,7 @@ import deflect
 from deflect.checkpoint import model_file
 from deflect.config import make_config
 from deflect.errors import DeflectError
+from deflect.inference import bf16_supported
 from deflect.store import Store
 from deflect.train import Callbacks, train
 from tests.conftest import tiny_config
@@ -141,3 +142,27 @@ def test_augment_keeps_shape_and_pixels() -> None:
     # Every output is a shifted (and maybe mirrored) copy: its non-zero pixels come from x.
     values = set(x.flatten().tolist()) | {0.0}
     assert set(out.flatten().tolist()) <= values
+
+
+@pytest.mark.skipif(not bf16_supported("cpu"), reason="this CPU has no native bf16")
+def test_bf16_training_on_a_bf16_cpu_tracks_float32(store: Store) -> None:
+    """`--bf16` autocasts the disjoint step on a CPU with native bf16: the same losses within
+    bf16 rounding, every term present, models stored in float32."""
+    runs = {bf16: train(tiny_config(n=3, epochs=2, bf16=bf16), store) for bf16 in (False, True)}
+    full, half = (store.epochs(runs[b]) for b in (False, True))
+    for a, b in zip(full, half, strict=True):
+        assert b.loss_class == pytest.approx(a.loss_class, rel=0.05)
+        assert b.loss_angle == pytest.approx(a.loss_angle, rel=0.1, abs=1e-3)
+    assert [e.loss_total for e in half] != [e.loss_total for e in full]  # the autocast took effect
+    assert half[1].loss_transfer2 > 0 and store.get_run(runs[True]).config["bf16"] is True
+    models = deflect.load_set(runs[True], store)
+    assert all(p.dtype == torch.float32 for m in models for p in m.parameters())
+
+
+def test_bf16_training_is_refused_where_it_is_not_native(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import deflect.inference as inference
+
+    monkeypatch.setattr(inference, "bf16_supported", lambda device: False)
+    with pytest.raises(DeflectError, match="native bf16"):
+        train(tiny_config(bf16=True), store)
+    assert store.list_runs() == []  # refused before a run is created

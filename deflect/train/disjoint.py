@@ -48,9 +48,10 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when asked; a no-op elsewhere (fp16 would wreck tanh(2e4·g))."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast when asked, on CUDA or a CPU with native bf16 (others are refused by
+    `deflect.inference.require_bf16` before training starts); never fp16, which would wreck tanh(2e4·g)."""
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -40,6 +40,7 @@ from deflect.checkpoint import (
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset, dataset_info, load_dataset
 from deflect.errors import DeflectError
+from deflect.inference import require_bf16
 from deflect.models import build_model
 from deflect.runtime import fast_cpu_math
 from deflect.store import EpochMetric, Run, Store
@@ -223,6 +224,8 @@ def train(
         raise DeflectError("train() needs a TrainConfig or a run to resume")
     cfg.validate()
     device = resolve_device(cfg.device)
+    if cfg.bf16:  # refused before a run is created, not at its first batch
+        require_bf16(device)
     leader = shard is None or shard.leader
     if shard is not None:
         check_config(cfg.method, cfg.step, cfg.transfer_batch)
