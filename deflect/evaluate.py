@@ -306,7 +306,7 @@ def transfer_matrix(
         raise DeflectError("no examples to evaluate")
     return TransferResult(
         attack=attack.name,
-        params=_with_precision(attack.params(), bf16),
+        params=with_precision(attack.params(), bf16),
         matrix=(100.0 * adv / count).tolist(),
         success=(100.0 * flipped / np.maximum(clean, 1)[None, :]).tolist(),
         clean=(100.0 * clean / count).tolist(),
@@ -316,7 +316,7 @@ def transfer_matrix(
     )
 
 
-def _with_precision(params: dict[str, Any], bf16: bool) -> dict[str, Any]:
+def with_precision(params: dict[str, Any], bf16: bool) -> dict[str, Any]:
     """Attack params plus the crafting precision when it is not the float32 default."""
     return {**params, "precision": "bf16"} if bf16 else params
 
@@ -361,7 +361,7 @@ def ensemble_matrix(
         bf16,
     )
     return EnsembleResult(
-        m=m, attack=attack.name, params=_with_precision(attack.params(), bf16), subsets=subsets,
+        m=m, attack=attack.name, params=with_precision(attack.params(), bf16), subsets=subsets,
         matrix=(100.0 * adv / count).tolist(), clean=(100.0 * clean / count).tolist(),
         n_examples=count, seconds=time.perf_counter() - start,
     )

@@ -23,6 +23,7 @@ from deflect.evaluate import (
     eps_sweep,
     gradient_tsne,
     transfer_matrix,
+    with_precision,
 )
 from deflect.inference import require_bf16
 from deflect.report import curves_png, heatmap_png, tsne_png
@@ -128,8 +129,7 @@ class RunEvaluator:
         ev = self.store.add_evaluation(
             Evaluation(
                 run_id=self.run.id, kind="eps-sweep", attack="pgd-sweep",
-                params={"steps": steps, "eps": eps, "split": self.split,
-                        **({"precision": "bf16"} if self.kw["bf16"] else {})},
+                params=with_precision({"steps": steps, "eps": eps, "split": self.split}, self.kw["bf16"]),
                 matrix=[[e, b, w] for e, b, w in zip(eps, bb, whole, strict=True)],
                 n_examples=results[0].n_examples if results else 0,
                 seconds=sum(r.seconds for r in results),

@@ -187,9 +187,14 @@ def _grow_set(store: Store, spec: SetSpec, tag: str, parent: Run, device: str, u
     return store.get_run(run_id)
 
 
+def _of_record(ev: Evaluation) -> bool:
+    """An evaluation the report may use: on the test split and crafted in float32, as the plan crafts."""
+    return ev.params.get("split", "test") == "test" and "precision" not in ev.params
+
+
 def _has(store: Store, run: Run, kind: str, attack: str, n_examples: int, m: int | None = None) -> Evaluation | None:
     for ev in reversed(store.evaluations(run.id, kind)):
-        if ev.attack == attack and ev.params.get("split", "test") == "test" and "precision" not in ev.params and (
+        if ev.attack == attack and _of_record(ev) and (
                 m is None or (ev.extra or {}).get("m") == m) and (kind in ("eps-sweep", "tsne") or ev.n_examples
                                                                    == n_examples):
             return ev
@@ -254,7 +259,7 @@ def _pct(v: float | None, std: float | None = None) -> str:
 def _newest(store: Store, run: Run, kind: str) -> dict[str, Evaluation]:
     out: dict[str, Evaluation] = {}
     for ev in store.evaluations(run.id, kind):
-        if ev.params.get("split", "test") == "test" and "precision" not in ev.params:  # the plan crafts in fp32
+        if _of_record(ev):
             key = ev.attack if kind != "ensemble" else f"{ev.attack}/m{(ev.extra or {}).get('m')}"
             out[key] = ev
     return out
