@@ -76,10 +76,13 @@ def open_store(db: Path | None) -> Any:
     return Store(db)
 
 
-def _training_bar(progress: Any, task: dict[str, Any]) -> Callable[[Any], None]:
+def _training_bar(progress: Any, task: dict[str, Any], label: str = "") -> Callable[[Any], None]:
     """A batch callback that drives one Rich task per training run (created at its first batch,
-    so a resumed run starts the bar at the epoch it resumes from); clear task["id"] for a new run."""
+    so a resumed run starts the bar at the epoch it resumes from); clear task["id"] for a new run.
+    `label` names the run in the bar, for several bars at once."""
     from deflect.console import format_losses
+
+    prefix = f"{label} · " if label else ""
 
     def on_batch(event: Any) -> None:
         if "id" not in task:
@@ -87,7 +90,8 @@ def _training_bar(progress: Any, task: dict[str, Any]) -> Callable[[Any], None]:
             done = event.batches * (event.epoch - 1)
             task["id"] = progress.add_task("train", total=total, completed=done, epoch="", losses="", rate="")
         progress.update(
-            task["id"], advance=1, epoch=f"{event.epoch}/{event.epochs} batch {event.batch}/{event.batches}",
+            task["id"], advance=1,
+            epoch=f"{prefix}{event.epoch}/{event.epochs} batch {event.batch}/{event.batches}",
             losses=format_losses(event), rate=f"{event.images_per_s:.0f} img/s",
         )
 
@@ -836,6 +840,9 @@ def reproduce(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     data_dir: Annotated[Path | None, typer.Option(help="Dataset root for torchvision datasets.")] = None,
     db: DbOption = None,
+    jobs: Annotated[int, typer.Option(
+        help="Sets trained at once, in worker processes sharing the CPU threads (2 on a 2-core CPU: "
+             "one thread each).")] = 1,
 ) -> None:
     """Train the comparison sets, evaluate them and write results/<dataset>.md; resumes if stopped.
 
@@ -845,20 +852,25 @@ def reproduce(
     from deflect.reproduce import reproduce as run_reproduction
     from deflect.train import Callbacks
 
+    if jobs < 1:
+        raise DeflectError(f"--jobs must be at least 1, got {jobs}")
     store = open_store(db)
     progress = training_progress(err_console)
-    state: dict[str, Any] = {}
+    bars: dict[str, Callbacks] = {}
 
-    def on_start(run: Any, first_epoch: int) -> None:
-        state.pop("id", None)  # a new bar for each set
-
-    on_batch = _training_bar(progress, state)
+    def callbacks_for(label: str) -> Callbacks:
+        """Each set its own bar (a fresh one whenever a training of it starts), named when sets run side by side."""
+        if label not in bars:
+            state: dict[str, Any] = {}
+            bars[label] = Callbacks(on_start=lambda run, first_epoch: state.pop("id", None),
+                                    on_batch=_training_bar(progress, state, label if jobs > 1 else ""))
+        return bars[label]
 
     try:
         with progress:
             path = run_reproduction(store, preset, quick=quick, out=out, device=device,
-                                    data_dir=str(data_dir) if data_dir else None,
-                                    callbacks=Callbacks(on_start=on_start, on_batch=on_batch),
+                                    data_dir=str(data_dir) if data_dir else None, jobs=jobs,
+                                    callbacks_for=callbacks_for,
                                     say=lambda text: progress.console.print(f"[bold]reproduce[/] {text}"))
     except KeyboardInterrupt:
         typer.echo("deflect: interrupted; run the same command again to continue", err=True)

@@ -72,34 +72,60 @@ class Plan:
     epochs: int | None
     sweep_steps: int
     tsne_images: int
+    # (training images, epochs) of the ablation sets when they differ from the other sets' scale
+    ablation_scale: tuple[int | None, int | None] | None = None
 
     @property
     def name(self) -> str:
         return f"{self.dataset}{'-quick' if self.quick else ''}"
 
+    def scale(self, spec: SetSpec) -> tuple[int | None, int | None]:
+        """(training images, epochs) `spec` is trained with; None keeps the preset's value."""
+        if spec.ablation and self.ablation_scale is not None:
+            return self.ablation_scale
+        return self.train_limit, self.epochs
+
+    @property
+    def ablation_attack(self) -> str:
+        """The one attack the ablation sets are evaluated with: PGD-20 (Table 6), else the plan's first."""
+        return ENSEMBLE_ATTACK if ENSEMBLE_ATTACK in self.attacks else self.attacks[0]
+
+
+# Ablations of the full Fashion-MNIST plan run at the quick check's scale, beside a set with every term
+# trained the same way: at full scale the eight ablation sets alone cost ~9 h of a 2-core CPU (each
+# n = 3 disjoint set ~1 h, all pairs at n = 5 ~2.5 h), ten times what the comparison between them needs.
+ABLATION_SCALE = {"fashion-mnist": (20000, 3)}
+
 
 def make_plan(preset: str, quick: bool = False) -> Plan:
     """The sets and evaluations of a reproduction; `quick` is the issue's quick check (n=3, 20k images, 3 epochs)."""
     dataset = preset_dataset(preset)
+    scale = None if quick else ABLATION_SCALE.get(preset)
     sets = [SetSpec("independent n=3", 3, "independent"), SetSpec("disjoint n=3", 3)]
     if not quick:
         sets += [SetSpec("disjoint n=5", 5), SetSpec("disjoint n=8", 8)]
     sets += [SetSpec("fast-at n=3", 3, "fast-at"), SetSpec("adp n=3", 3, "adp")]
+    base = "disjoint n=3"
+    if scale is not None:  # the ablations' own reference: every term, at their scale
+        base = "disjoint n=3, all terms"
+        sets.append(SetSpec(base, 3, ablation=True))
     sets += [SetSpec("disjoint n=3, no angle", 3, overrides={"w_angle": 0.0}, ablation=True),
              SetSpec("disjoint n=3, no transfer", 3, overrides={"w_transfer1": 0.0, "w_transfer2": 0.0},
                      ablation=True)]
     if not quick:
         sets += [SetSpec("disjoint n=3, transfer 1 only", 3, overrides={"w_transfer2": 0.0}, ablation=True),
-                 SetSpec("disjoint n=3, transfer 2 only", 3, overrides={"w_transfer1": 0.0}, ablation=True),
-                 SetSpec("disjoint n=5, all pairs", 5, overrides={"sample_models": 5}, ablation=True),
-                 SetSpec("disjoint n=3 grown to 5", 5, grow_from="disjoint n=3", ablation=True)]
+                 SetSpec("disjoint n=3, transfer 2 only", 3, overrides={"w_transfer1": 0.0}, ablation=True)]
+        if scale is not None:  # the main n = 5 set samples 3 models per step; Table 7 needs it at this scale
+            sets.append(SetSpec("disjoint n=5, 3 sampled", 5, overrides={"sample_models": 3}, ablation=True))
+        sets += [SetSpec("disjoint n=5, all pairs", 5, overrides={"sample_models": 5}, ablation=True),
+                 SetSpec("disjoint n=3 grown to 5", 5, grow_from=base, ablation=True)]
     else:
-        sets += [SetSpec("disjoint n=3 grown to 4", 4, grow_from="disjoint n=3", ablation=True)]
+        sets += [SetSpec("disjoint n=3 grown to 4", 4, grow_from=base, ablation=True)]
     return Plan(
         preset=preset, dataset=dataset, quick=quick, sets=tuple(sets),
         attacks=("pgd2", "mifgsm1") if quick else ATTACKS, limit=500 if quick else 1000,
         train_limit=20000 if quick and preset != "digits" else None, epochs=3 if quick else None,
-        sweep_steps=20 if quick else 100, tsne_images=300 if quick else 1000,
+        sweep_steps=20 if quick else 100, tsne_images=300 if quick else 1000, ablation_scale=scale,
     )
 
 
@@ -140,8 +166,9 @@ def train_set(store: Store, plan: Plan, spec: SetSpec, device: str, data_dir: st
         if found is not None and found.status == "finished":
             return found
         return _grow_set(store, spec, tag, parent, device, user, say)
-    cfg = make_config(spec.n, plan.dataset, plan.preset, method=spec.method, epochs=plan.epochs,
-                      train_limit=plan.train_limit, device=device, data_dir=data_dir, **spec.overrides)
+    train_limit, epochs = plan.scale(spec)
+    cfg = make_config(spec.n, plan.dataset, plan.preset, method=spec.method, epochs=epochs,
+                      train_limit=train_limit, device=device, data_dir=data_dir, **spec.overrides)
     found = find_run(store, tag, lambda run: same_recipe(run, cfg))
     if found is not None and found.status == "finished":
         return found
@@ -205,7 +232,7 @@ def evaluate_set(store: Store, plan: Plan, spec: SetSpec, run: Run, device: str,
     """The plan's evaluations of one set, skipping those already stored."""
     ev = RunEvaluator(store, run.id, limit=plan.limit, device=device)
     count = min(plan.limit, len(ev.test))
-    attacks = plan.attacks[:1] if spec.ablation else plan.attacks
+    attacks = (plan.ablation_attack,) if spec.ablation else plan.attacks
     for attack in attacks:
         if not _has(store, run, "transfer", attack, count):
             if say:
@@ -231,18 +258,29 @@ def evaluate_set(store: Store, plan: Plan, spec: SetSpec, run: Run, device: str,
 
 def reproduce(store: Store, preset: str, *, quick: bool = False, out: Path = Path("results"), device: str = "auto",
               data_dir: str | None = None, callbacks: Callbacks | None = None, say: Say | None = None,
-              plan: Plan | None = None) -> Path:
+              plan: Plan | None = None, jobs: int = 1,
+              callbacks_for: Callable[[str], Callbacks] | None = None) -> Path:
     """Train and evaluate every set of the plan (resuming), then write `out/<dataset>.md` and its figures.
 
-    `plan` replaces `make_plan(preset, quick)` (a notebook user's own selection of sets)."""
+    `plan` replaces `make_plan(preset, quick)` (a notebook user's own selection of sets). `jobs` > 1
+    works on that many sets at once in worker processes (`deflect.jobs`), sharing the CPU threads.
+    `callbacks_for(label)` gives each set its own callbacks (a bar per set); else `callbacks` serve all."""
+    if jobs < 1:
+        raise DeflectError(f"--jobs must be at least 1, got {jobs}")
     plan = plan or make_plan(preset, quick)
+    per_set = callbacks_for or (lambda label: callbacks or Callbacks())
     start = time.perf_counter()
     runs: dict[str, Run] = {}
-    for spec in plan.sets:
-        parent = runs.get(spec.grow_from) if spec.grow_from else None
-        runs[spec.label] = train_set(store, plan, spec, device, data_dir, callbacks, say, parent)
-        evaluate_set(store, plan, spec, runs[spec.label], device, say)
-    return write_report(store, plan, runs, out, time.perf_counter() - start)
+    if jobs > 1:
+        from deflect.jobs import run_sets
+
+        runs = run_sets(store, plan, device, data_dir, jobs, per_set, say)
+    else:
+        for spec in plan.sets:
+            parent = runs.get(spec.grow_from) if spec.grow_from else None
+            runs[spec.label] = train_set(store, plan, spec, device, data_dir, per_set(spec.label), say, parent)
+            evaluate_set(store, plan, spec, runs[spec.label], device, say)
+    return write_report(store, plan, runs, out, time.perf_counter() - start, jobs)
 
 
 # the report -----------------------------------------------------------------------------------------
@@ -265,7 +303,17 @@ def _newest(store: Store, run: Run, kind: str) -> dict[str, Evaluation]:
     return out
 
 
-def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float) -> tuple[str, dict[str, Any]]:
+def _threads(jobs: int) -> str:
+    if jobs == 1:
+        return f"{torch.get_num_threads()} torch threads"
+    from deflect.jobs import worker_threads
+
+    threads = worker_threads(jobs)
+    return f"{jobs} sets at a time, {threads} torch thread{'s' if threads > 1 else ''} each"
+
+
+def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
+                jobs: int = 1) -> tuple[str, dict[str, Any]]:
     """The Markdown report and the data behind its figures."""
     figures: dict[str, Path] = {}
     main = [s for s in plan.sets if not s.ablation]
@@ -276,8 +324,9 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float) 
     lines = [
         f"# {plan.dataset}: a measured reproduction{' (quick)' if plan.quick else ''}",
         "",
-        f"Command: `deflect reproduce --preset {plan.preset}{' --quick' if plan.quick else ''}`. Machine: "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
+        f"Command: `deflect reproduce --preset {plan.preset}{' --quick' if plan.quick else ''}"
+        f"{f' --jobs {jobs}' if jobs > 1 else ''}`. Machine: "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, {_threads(jobs)}, "
         f"torch {torch.__version__}"
         f"{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ', CPU only'}. "
         f"Compute behind the numbers: training {train_min:.1f} min, evaluation {eval_min:.1f} min "
@@ -325,13 +374,15 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float) 
 
     fig6, ensemble_curves = _figure6(store, plan, runs, transfer)
     lines += fig6
-    first = plan.attacks[0]
-    terms = [s for s in ablations if not s.expansion]
+    first = plan.ablation_attack
+    base_label = next((s.label for s in ablations if s.label == "disjoint n=3, all terms"), "disjoint n=3")
+    terms = [s for s in ablations if not s.expansion and s.n == 3 and s.label != base_label]
     if terms:
-        lines += ["## Ablations (Table 6): PGD-20 black-box accuracy", ""]
-        base = transfer.get("disjoint n=3", {}).get(first)
-        rows = [["disjoint n=3 (all terms)", _pct(base.blackbox_mean, base.blackbox_std) if base else "-",
-                 _pct(_mean(runs["disjoint n=3"].clean_acc)) if "disjoint n=3" in runs else "-"]]
+        lines += [f"## Ablations (Table 6): {first} black-box accuracy", "", *_scale_note(plan)]
+        base = transfer.get(base_label, {}).get(first)
+        rows = [[f"{base_label} (all terms)" if base_label == "disjoint n=3" else base_label,
+                 _pct(base.blackbox_mean, base.blackbox_std) if base else "-",
+                 _pct(_mean(runs[base_label].clean_acc)) if base_label in runs else "-"]]
         for spec in terms:
             ev = transfer[spec.label].get(first)
             rows.append([spec.label, _pct(ev.blackbox_mean, ev.blackbox_std) if ev else "-",
@@ -369,6 +420,17 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float) 
                   "(larger: the models' input gradients are more distinct).", "",
                   _table(["set", "separation", "figure"], tsne), ""]
     return "\n".join(lines), {"sweeps": sweeps, "figures": figures, "ensemble": ensemble_curves}
+
+
+def _scale_note(plan: Plan) -> list[str]:
+    """A line saying the table's sets were trained at the ablation scale, where it differs from the rest."""
+    if plan.ablation_scale is None or plan.ablation_scale == (plan.train_limit, plan.epochs):
+        return []
+    images, epochs = plan.ablation_scale
+    size = f"{images:,}".replace(",", " ") if images is not None else "all the"
+    length = f"{epochs} epoch{'s' if epochs != 1 else ''}" if epochs is not None else "the preset's epochs"
+    return [f"These sets are trained on {size} training images for {length} (the other tables' sets: the "
+            "full preset), so they compare with each other, not with the tables above.", ""]
 
 
 def _mean(values: list | None) -> float | None:
@@ -434,9 +496,10 @@ def _table7(plan: Plan, runs: dict[str, Run], transfer: dict[str, dict[str, Eval
         return []
     sizes = {s.n for s in expansions}
     parents = {s.grow_from for s in expansions if s.grow_from}
-    shown = [s for s in plan.sets
-             if not s.ablation and s.method == "disjoint" and (s.n in sizes or s.label in parents)]
-    first = plan.attacks[0]
+    scale = plan.scale(expansions[0])  # reference rows trained at the expansions' scale, no other
+    shown = [s for s in plan.sets if not s.expansion and s.method == "disjoint" and plan.scale(s) == scale
+             and (s.n in sizes or s.label in parents)]
+    first = plan.ablation_attack
     rows = []
     for spec in [*shown, *expansions]:
         run = runs[spec.label]
@@ -445,7 +508,7 @@ def _table7(plan: Plan, runs: dict[str, Run], transfer: dict[str, dict[str, Eval
                      _pct(ev.blackbox_mean, ev.blackbox_std) if ev else "-",
                      _pct(_old_new_blackbox(run, ev)) if spec.grow_from else "",
                      _pct(_mean(run.clean_acc)), f"{run.seconds / 60:.1f}"])
-    return ["## Larger sets (Table 7): joint training, sampling, or growing a frozen set", "",
+    return ["## Larger sets (Table 7): joint training, sampling, or growing a frozen set", "", *_scale_note(plan),
             "A grown set's training minutes are the new models' only; its old ↔ new column is the mean "
             "accuracy between the parent's models and the new ones, both directions.", "",
             _table(["set", "made by", "n", f"{first} black-box %", "old ↔ new %", "clean %", "train min"], rows),
@@ -545,9 +608,9 @@ def _targets(store: Store, plan: Plan, runs: dict[str, Run], transfer: dict[str,
             _table(["target", "measured %", "verdict"], rows), ""]
 
 
-def write_report(store: Store, plan: Plan, runs: dict[str, Run], out: Path, seconds: float) -> Path:
+def write_report(store: Store, plan: Plan, runs: dict[str, Run], out: Path, seconds: float, jobs: int = 1) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    text, data = report_text(store, plan, runs, seconds)
+    text, data = report_text(store, plan, runs, seconds, jobs)
     if data["sweeps"]:
         eps = next(iter(data["sweeps"].values()))[0]
         curves_png(eps, {k: v[1] for k, v in data["sweeps"].items() if v[0] == eps},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -157,6 +158,22 @@ def test_interrupted_grow_leaves_the_parent_alone(store: Store, small_parent: st
     assert _file_digests(parent.run_dir, 2) == files
     with pytest.raises(DeflectError, match="grown from"):  # `train --resume` would retrain the inherited models
         train(store=store, resume=child.id)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_growing_a_bf16_set_keeps_bf16_only_where_it_is_native(store: Store, small_parent: str, native: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    run = store.get_run(small_parent)
+    store.update_run(small_parent, config={**run.config, "bf16": True})  # as if trained with --bf16 on a GPU
+    # by module object: the attribute `deflect.train` is the train() function, not the package
+    monkeypatch.setattr(sys.modules["deflect.train.grow_run"], "bf16_supported", lambda device: native)
+    used: list[bool] = []
+    steps = sys.modules["deflect.train.disjoint"]
+    real = steps.autocast
+    monkeypatch.setattr(steps, "autocast", lambda device, on: used.append(on) or real(device, on))
+    child = store.get_run(grow(store, small_parent, 1, epochs=1))
+    assert child.status == "finished" and child.config["bf16"] is native
+    assert used and set(used) == {native}  # every growth step ran as the grown run's config says
 
 
 def test_release_order_puts_the_pool_last() -> None:

@@ -87,3 +87,71 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
 def test_reproduce_cli_rejects_an_unknown_preset() -> None:
     result = CliRunner().invoke(app, ["reproduce", "--preset", "imagenet"])
     assert result.exit_code == 2 and "unknown preset 'imagenet'" in result.output
+
+
+def test_full_fashion_mnist_plan_runs_its_ablations_at_the_quick_scale() -> None:
+    plan = make_plan("fashion-mnist")
+    main = [s for s in plan.sets if not s.ablation]
+    ablations = [s for s in plan.sets if s.ablation]
+    assert [s.label for s in main] == ["independent n=3", "disjoint n=3", "disjoint n=5", "disjoint n=8",
+                                       "fast-at n=3", "adp n=3"]
+    assert all(plan.scale(s) == (None, None) for s in main)  # the preset's 60k images and 8 epochs
+    assert all(plan.scale(s) == (20000, 3) for s in ablations)
+    labels = [s.label for s in ablations]
+    assert labels[0] == "disjoint n=3, all terms" and "disjoint n=5, 3 sampled" in labels
+    grown = next(s for s in ablations if s.grow_from)
+    assert grown.grow_from == "disjoint n=3, all terms" and grown.n == 5  # grown at the ablations' scale
+    assert plan.ablation_attack == "pgd2"
+    for other in (make_plan("fashion-mnist", quick=True), make_plan("paper-cifar10"), make_plan("digits")):
+        assert other.ablation_scale is None and all(other.scale(s) == (other.train_limit, other.epochs)
+                                                    for s in other.sets)
+
+
+def test_reproduce_with_two_jobs_trains_sets_side_by_side(tmp_path: Path) -> None:
+    """Two worker processes: every set once, the grown one after its parent, ablations at their own scale."""
+    store = Store(tmp_path / "deflect.db")
+    plan = dataclasses.replace(
+        make_plan("digits", quick=True),
+        sets=(SetSpec("independent n=2", 2, "independent", {"width": 8}),
+              SetSpec("disjoint n=3", 3, overrides={"width": 8}),
+              SetSpec("disjoint n=3, all terms", 3, overrides={"width": 8}, ablation=True),
+              SetSpec("disjoint n=3, no angle", 3, overrides={"width": 8, "w_angle": 0.0}, ablation=True),
+              SetSpec("disjoint n=3 grown to 4", 4, grow_from="disjoint n=3, all terms", ablation=True)),
+        attacks=("pgd2",), limit=60, train_limit=320, epochs=2, sweep_steps=2, tsne_images=40,
+        ablation_scale=(160, 1),
+    )
+    bars: dict[str, int] = {}
+
+    def callbacks_for(label: str) -> Callbacks:
+        return Callbacks(on_batch=lambda event: bars.__setitem__(label, bars.get(label, 0) + 1))
+
+    said: list[str] = []
+    path = reproduce(store, "digits", out=tmp_path / "results", plan=plan, jobs=2, say=said.append,
+                     callbacks_for=callbacks_for)
+    runs = {r.config["reproduce"].split("/")[-1]: r for r in store.list_runs()}
+    assert sorted(runs) == sorted(s.label for s in plan.sets) and all(r.status == "finished" for r in runs.values())
+    assert runs["disjoint n=3 grown to 4"].config["parent"] == runs["disjoint n=3, all terms"].id
+    for label in ("independent n=2", "disjoint n=3"):
+        assert (runs[label].config["train_limit"], runs[label].epochs_done) == (320, 2)
+    for label in ("disjoint n=3, all terms", "disjoint n=3, no angle"):
+        assert (runs[label].config["train_limit"], runs[label].epochs_done) == (160, 1)
+        assert bars[label] > 0  # each set's progress reached the parent's callbacks, under its own label
+    assert any(s.startswith("disjoint n=3, no angle: pgd2 transfer matrix") for s in said)
+    text = path.read_text()
+    assert "--jobs 2" in text and "2 sets at a time" in text
+    table6 = text.split("## Ablations (Table 6)")[1].split("\n## ")[0]
+    assert "trained on 160 training images for 1 epoch (" in table6 and "disjoint n=3 (all terms)" not in table6
+    base = [e for e in store.evaluations(runs["disjoint n=3, all terms"].id, "transfer") if e.attack == "pgd2"][-1]
+    assert f"| disjoint n=3, all terms | {base.blackbox_mean:.1f} ± {base.blackbox_std:.1f}" in table6
+    table7 = text.split("## Larger sets (Table 7)")[1].split("\n## ")[0]
+    assert "| disjoint n=3, all terms |" in table7 and "| disjoint n=3 |" not in table7  # one scale per table
+
+    before = len(store.evaluations())  # the same plan on one job finds everything stored
+    reproduce(store, "digits", out=tmp_path / "results", plan=plan, say=said.append)
+    assert len(store.list_runs()) == 5 and len(store.evaluations()) == before
+
+
+def test_reproduce_rejects_zero_jobs(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["reproduce", "--preset", "digits", "--jobs", "0",
+                                      "--db", str(tmp_path / "d.db")])
+    assert result.exit_code == 2 and "--jobs must be at least 1" in result.output

@@ -41,7 +41,7 @@ from deflect.checkpoint import (
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset, dataset_info
 from deflect.errors import DeflectError
-from deflect.inference import inference_copy
+from deflect.inference import bf16_supported, inference_copy
 from deflect.models import build_model
 from deflect.pool import current_pool, pool_base, pool_config, pool_lock
 from deflect.runtime import fast_cpu_math
@@ -169,6 +169,8 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
     seed = base_cfg.seed if seed is None else seed
     sample = DEFAULT_SAMPLE if sample is None else sample
     device = resolve_device(device_name)
+    if cfg.bf16 and not bf16_supported(device):  # a set trained with --bf16 on a GPU, grown on a plain CPU:
+        cfg = dataclasses.replace(cfg, bf16=False)  # emulated bf16 is slower than float32; the config says so
     fast_cpu_math()
     train_set, val_set, test_set = _load_splits(cfg)
 
