@@ -843,6 +843,9 @@ def reproduce(
     jobs: Annotated[int, typer.Option(
         help="Sets trained at once, in worker processes sharing the CPU threads (2 on a 2-core CPU: "
              "one thread each).")] = 1,
+    report_only: Annotated[bool, typer.Option(
+        "--report-only", help="Write the report from what is stored, training and evaluating nothing "
+                              "(sets not finished are listed as pending).")] = False,
 ) -> None:
     """Train the comparison sets, evaluate them and write results/<dataset>.md; resumes if stopped.
 
@@ -870,6 +873,7 @@ def reproduce(
         with progress:
             path = run_reproduction(store, preset, quick=quick, out=out, device=device,
                                     data_dir=str(data_dir) if data_dir else None, jobs=jobs,
+                                    report_only=report_only,
                                     callbacks_for=callbacks_for,
                                     say=lambda text: progress.console.print(f"[bold]reproduce[/] {text}"))
     except KeyboardInterrupt:

@@ -154,6 +154,33 @@ def find_run(store: Store, tag: str, matches: Callable[[Run], bool] = lambda run
     return (finished or runs or [None])[-1]
 
 
+def _set_config(plan: Plan, spec: SetSpec, device: str = "auto", data_dir: str | None = None) -> TrainConfig:
+    train_limit, epochs = plan.scale(spec)
+    return make_config(spec.n, plan.dataset, plan.preset, method=spec.method, epochs=epochs,
+                       train_limit=train_limit, device=device, data_dir=data_dir, **spec.overrides)
+
+
+def _stored(store: Store, plan: Plan, spec: SetSpec, parent: Run | None, cfg: TrainConfig | None = None) -> Run | None:
+    """The newest run of `spec` in `store` (finished first): grown from `parent`, or of the plan's recipe."""
+    tag = _tag(plan, spec)
+    if spec.grow_from is not None:
+        if parent is None:
+            return None
+        return find_run(store, tag, lambda run: (run.config or {}).get("parent") == parent.id)
+    wanted = cfg or _set_config(plan, spec)
+    return find_run(store, tag, lambda run: same_recipe(run, wanted))
+
+
+def stored_runs(store: Store, plan: Plan) -> dict[str, Run]:
+    """The plan's sets already finished in `store`, by label; trains nothing (a report of a run under way)."""
+    runs: dict[str, Run] = {}
+    for spec in plan.sets:
+        found = _stored(store, plan, spec, runs.get(spec.grow_from) if spec.grow_from else None)
+        if found is not None and found.status == "finished":
+            runs[spec.label] = found
+    return runs
+
+
 def train_set(store: Store, plan: Plan, spec: SetSpec, device: str, data_dir: str | None,
               callbacks: Callbacks | None = None, say: Say | None = None, parent: Run | None = None) -> Run:
     """The set's finished run: reused, resumed, or trained now (grown from `parent` for a grown set)."""
@@ -162,14 +189,12 @@ def train_set(store: Store, plan: Plan, spec: SetSpec, device: str, data_dir: st
     if spec.grow_from is not None:
         if parent is None:
             raise DeflectError(f"{spec.label}: the plan has no set {spec.grow_from!r} before it to grow")
-        found = find_run(store, tag, lambda run: (run.config or {}).get("parent") == parent.id)
+        found = _stored(store, plan, spec, parent)
         if found is not None and found.status == "finished":
             return found
         return _grow_set(store, spec, tag, parent, device, user, say)
-    train_limit, epochs = plan.scale(spec)
-    cfg = make_config(spec.n, plan.dataset, plan.preset, method=spec.method, epochs=epochs,
-                      train_limit=train_limit, device=device, data_dir=data_dir, **spec.overrides)
-    found = find_run(store, tag, lambda run: same_recipe(run, cfg))
+    cfg = _set_config(plan, spec, device, data_dir)
+    found = _stored(store, plan, spec, None, cfg)
     if found is not None and found.status == "finished":
         return found
 
@@ -259,19 +284,25 @@ def evaluate_set(store: Store, plan: Plan, spec: SetSpec, run: Run, device: str,
 def reproduce(store: Store, preset: str, *, quick: bool = False, out: Path = Path("results"), device: str = "auto",
               data_dir: str | None = None, callbacks: Callbacks | None = None, say: Say | None = None,
               plan: Plan | None = None, jobs: int = 1,
-              callbacks_for: Callable[[str], Callbacks] | None = None) -> Path:
+              callbacks_for: Callable[[str], Callbacks] | None = None, report_only: bool = False) -> Path:
     """Train and evaluate every set of the plan (resuming), then write `out/<dataset>.md` and its figures.
 
     `plan` replaces `make_plan(preset, quick)` (a notebook user's own selection of sets). `jobs` > 1
     works on that many sets at once in worker processes (`deflect.jobs`), sharing the CPU threads.
-    `callbacks_for(label)` gives each set its own callbacks (a bar per set); else `callbacks` serve all."""
+    `callbacks_for(label)` gives each set its own callbacks (a bar per set); else `callbacks` serve all.
+    `report_only` trains and evaluates nothing: the report shows what is stored and lists the rest as pending."""
     if jobs < 1:
         raise DeflectError(f"--jobs must be at least 1, got {jobs}")
     plan = plan or make_plan(preset, quick)
     per_set = callbacks_for or (lambda label: callbacks or Callbacks())
     start = time.perf_counter()
     runs: dict[str, Run] = {}
-    if jobs > 1:
+    if report_only:
+        runs = stored_runs(store, plan)
+        if not runs:
+            raise DeflectError(f"no set of the {plan.name} reproduction is finished in {store.path} yet; "
+                               "run the command without --report-only to train them")
+    elif jobs > 1:
         from deflect.jobs import run_sets
 
         runs = run_sets(store, plan, device, data_dir, jobs, per_set, say)
@@ -316,6 +347,8 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
                 jobs: int = 1) -> tuple[str, dict[str, Any]]:
     """The Markdown report and the data behind its figures."""
     figures: dict[str, Path] = {}
+    pending = [s.label for s in plan.sets if s.label not in runs]
+    plan = dataclasses.replace(plan, sets=tuple(s for s in plan.sets if s.label in runs))
     main = [s for s in plan.sets if not s.ablation]
     ablations = [s for s in plan.sets if s.ablation]
     transfer = {label: _newest(store, run, "transfer") for label, run in runs.items()}
@@ -333,6 +366,9 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
         f"(this invocation: {seconds / 60:.1f} min; steps already stored are not redone). "
         f"Every evaluation is on a seeded subset of {plan.limit} test images; numbers are what was measured.",
         "",
+        *([f"**Partial report** (`--report-only`, the reproduction still under way): {len(runs)} of "
+           f"{len(runs) + len(pending)} sets finished; pending: {', '.join(pending)}. A finished set's "
+           "evaluations still running show as '-'.", ""] if pending else []),
         *_targets(store, plan, runs, transfer),
         "## Sets and clean accuracy",
         "",
@@ -362,7 +398,7 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
     lines += ["## Ensemble attack: PGD-20 on m of the n models (Table 5)", "",
               "Accuracy (%) of the models outside the attacker's ensemble, mean over the subsets evaluated.", ""]
     rows = []
-    sizes = range(2, max(runs[s.label].n for s in main))
+    sizes = range(2, max((runs[s.label].n for s in main), default=2))
     for spec in main:
         ens = _newest(store, runs[spec.label], "ensemble")
         cells = [spec.label]

@@ -39,6 +39,17 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
     interrupted = store.list_runs()[1]
     assert interrupted.status == "interrupted" and interrupted.epochs_done == 1
 
+    # a report of the reproduction under way: what is stored, the rest pending, nothing trained
+    result = CliRunner().invoke(app, ["reproduce", "--preset", "digits", "--report-only", "--db", str(store.path),
+                                      "--out", str(tmp_path / "partial")])
+    assert result.exit_code == 2 and "no set of the digits reproduction is finished" in result.output  # its own plan
+    partial = reproduce(store, "digits", out=tmp_path / "partial", plan=plan, report_only=True).read_text()
+    assert len(store.list_runs()) == 2 and store.get_run(interrupted.id).status == "interrupted"
+    assert "1 of 5 sets finished; pending: disjoint n=3, adp n=2, disjoint n=3, no angle, disjoint n=3 grown to 4" \
+        in partial
+    first = [e for e in store.evaluations(store.list_runs()[0].id, "transfer") if e.attack == "fgsm"][-1]
+    assert f"{first.blackbox_mean:.1f} ± {first.blackbox_std:.1f}" in partial
+
     said: list[str] = []
     path = reproduce(store, "digits", out=tmp_path / "results", plan=plan, say=said.append)
     runs = store.list_runs()
