@@ -8,7 +8,10 @@ gradient only, through models in eval mode. An evaluation copy therefore
 * applies ReLU after max-pooling instead of before: ``relu(maxpool(z)) == maxpool(relu(z))`` and
   both give the same input gradient, on a quarter of the elements;
 * freezes the parameters, so autograd never computes or stores weight gradients;
-* on CPU, stores convolutions channels-last (oneDNN's native layout).
+* on CPU, stores convolutions channels-last (oneDNN's native layout), and replaces a global
+  average pool by :class:`GlobalAvgPool`, whose gradient keeps its input's layout: autograd's
+  gives the last ReLU an NCHW gradient against a channels-last input, and that ReLU backward
+  took 2-3 ms of a ~30 ms PGD step instead of 0.2 (the step gains 1.01-1.09×).
 
 Measured on a 2-core CPU (Fashion-MNIST small CNN, width 16, PGD-7, batch 128): 1.8-1.9× the
 images/s of the same loop on the unmodified models (``deflect bench`` reports the figure). The
@@ -64,6 +67,34 @@ def _relu_after_pool(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+class _SpatialMean(torch.autograd.Function):
+    """Mean over H and W (kept as 1×1); the backward is a broadcast view, so it has any layout."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, z: torch.Tensor) -> torch.Tensor:
+        ctx.shape = z.shape  # type: ignore[attr-defined]
+        return z.mean(dim=(2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        shape = ctx.shape  # type: ignore[attr-defined]
+        return (grad / (shape[2] * shape[3])).expand(shape)
+
+
+class GlobalAvgPool(nn.Module):
+    """``AdaptiveAvgPool2d(1)`` with a layout-preserving backward (same values, same gradient)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return _SpatialMean.apply(z)
+
+
+def _swap_global_pools(net: nn.Module) -> None:
+    for name, module in list(net.named_modules()):
+        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+            owner, _, attr = name.rpartition(".")
+            setattr(net.get_submodule(owner) if owner else net, attr, GlobalAvgPool())
+
+
 def inference_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
     """A frozen eval-mode copy of ``model`` on ``device``, optimised for input-gradient work.
 
@@ -84,6 +115,7 @@ def inference_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
     net.requires_grad_(False)
     if dev.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in net.modules()):
         net = net.to(memory_format=torch.channels_last)
+        _swap_global_pools(net)
     net._deflect_inference_copy = True  # type: ignore[assignment]
     return net
 

@@ -17,7 +17,7 @@ from deflect.attacks import make_attack
 from deflect.cli import app
 from deflect.data import dataset_info
 from deflect.evaluate import select_subset, task_seed, transfer_matrix
-from deflect.inference import bf16_crafting, bf16_supported, eval_batch_size, inference_copy
+from deflect.inference import GlobalAvgPool, bf16_crafting, bf16_supported, eval_batch_size, inference_copy
 from deflect.models import build_model
 
 
@@ -53,6 +53,20 @@ def test_copy_matches_logits_and_input_gradient(arch: str, dataset: str, size: i
         ref, out = model(x), fast(x)
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
     assert torch.allclose(_input_grad(fast, x, y), _input_grad(model, x, y), atol=1e-5, rtol=1e-3)
+
+
+def test_global_pool_of_a_copy_keeps_values_gradient_and_the_input_layout() -> None:
+    z = torch.randn(5, 8, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    g = torch.randn(5, 8, 1, 1)
+    (ref,) = torch.autograd.grad(nn.AdaptiveAvgPool2d(1)(z), z, g)
+    out = GlobalAvgPool()(z)
+    (got,) = torch.autograd.grad(out, z, g)
+    assert torch.allclose(out, nn.AdaptiveAvgPool2d(1)(z), atol=1e-6) and torch.equal(got, ref)
+    relu_in = torch.relu(z)  # the gradient reaching the last ReLU: a broadcast view, no NCHW copy
+    assert torch.autograd.grad(GlobalAvgPool()(relu_in), relu_in, g)[0].stride()[2:] == (0, 0)
+    fast = inference_copy(_trained_like("cnn", "fashion-mnist"), "cpu")
+    assert any(isinstance(m, GlobalAvgPool) for m in fast.modules())
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in fast.modules())
 
 
 def test_copy_folds_batchnorm_moves_relu_after_pool_and_freezes() -> None:
