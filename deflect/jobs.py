@@ -11,8 +11,11 @@ grown from another (`SetSpec.grow_from`) waits until that one is finished.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
 import queue
+import signal
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -38,23 +41,28 @@ def _init(threads: int, events: Any) -> None:
     global _events
     torch.set_num_threads(threads)
     _events = events
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an idle worker outlives Ctrl-C; a busy one stops (_one_set)
 
 
 def _one_set(db: str, plan: Plan, spec: SetSpec, device: str, data_dir: str | None, parent_id: str | None) -> str:
     """Worker: train (or resume, or reuse) one set and run its evaluations; returns its run id."""
     from deflect.reproduce import evaluate_set, train_set
 
-    store = Store(db)
-    parent = store.get_run(parent_id) if parent_id else None
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: the run is stored as interrupted
+    try:
+        store = Store(db)
+        parent = store.get_run(parent_id) if parent_id else None
 
-    def say(text: str) -> None:
-        _events.put(("say", spec.label, text))
+        def say(text: str) -> None:
+            _events.put(("say", spec.label, text))
 
-    callbacks = Callbacks(on_start=lambda run, first: _events.put(("start", spec.label, run.id, first)),
-                          on_batch=lambda event: _events.put(("batch", spec.label, event)))
-    run = train_set(store, plan, spec, device, data_dir, callbacks, say, parent)
-    evaluate_set(store, plan, spec, run, device, say)
-    return run.id
+        callbacks = Callbacks(on_start=lambda run, first: _events.put(("start", spec.label, run.id, first)),
+                              on_batch=lambda event: _events.put(("batch", spec.label, event)))
+        run = train_set(store, plan, spec, device, data_dir, callbacks, say, parent)
+        evaluate_set(store, plan, spec, run, device, say)
+        return run.id
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _drain(events: Any, store: Store, callbacks_for: Callable[[str], Callbacks],
@@ -73,6 +81,15 @@ def _drain(events: Any, store: Store, callbacks_for: Callable[[str], Callbacks],
             cbs.on_start(store.get_run(rest[0]), rest[1])
         elif kind == "batch" and cbs.on_batch is not None:
             cbs.on_batch(rest[0])
+
+
+def _interrupt(pool: ProcessPoolExecutor) -> None:
+    """Stop the sets still training after another failed: each worker gets a Ctrl-C, so its run is
+    stored as interrupted (and resumes next time) instead of being waited for, possibly for hours."""
+    for process in list((pool._processes or {}).values()):  # noqa: SLF001 - no public handle on the workers
+        if process.is_alive() and process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGINT)
 
 
 def run_sets(store: Store, plan: Plan, device: str, data_dir: str | None, jobs: int,
@@ -104,8 +121,10 @@ def run_sets(store: Store, plan: Plan, device: str, data_dir: str | None, jobs: 
                 spec = running.pop(future)
                 runs[spec.label] = store.get_run(future.result())
         _drain(events, store, callbacks_for, say, wait=0.0)
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # workers stop at their own Ctrl-C or finish their set
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):  # Ctrl-C reached the workers already
+            _interrupt(pool)
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
     return {spec.label: runs[spec.label] for spec in plan.sets}

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deflect.cli import app
+from deflect.errors import DeflectError
 from deflect.reproduce import SetSpec, make_plan, reproduce
 from deflect.store import Store
 from deflect.train import Callbacks
@@ -166,3 +167,21 @@ def test_reproduce_rejects_zero_jobs(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["reproduce", "--preset", "digits", "--jobs", "0",
                                       "--db", str(tmp_path / "d.db")])
     assert result.exit_code == 2 and "--jobs must be at least 1" in result.output
+
+
+def test_a_failing_set_stops_the_set_training_beside_it(tmp_path: Path) -> None:
+    """One worker's error ends the reproduction at once: the other set is interrupted, not awaited."""
+    store = Store(tmp_path / "deflect.db")
+    plan = dataclasses.replace(  # "long" trains 200 epochs; "broken" fails after "short" (1 epoch) beside it
+        make_plan("digits", quick=True),
+        sets=(SetSpec("long", 3, overrides={"width": 8}),
+              SetSpec("short", 2, "independent", {"width": 8}, ablation=True),
+              SetSpec("broken", 2, overrides={"width": 0}, ablation=True)),
+        attacks=("fgsm",), limit=60, train_limit=320, epochs=200, sweep_steps=2, tsne_images=40,
+        ablation_scale=(320, 1),
+    )
+    with pytest.raises(DeflectError, match="--width must be at least 1"):
+        reproduce(store, "digits", out=tmp_path / "results", plan=plan, jobs=2)
+    runs = {r.config["reproduce"].split("/")[-1]: r for r in store.list_runs()}
+    assert runs["short"].status == "finished"
+    assert runs["long"].status == "interrupted" and runs["long"].epochs_done < 200  # stopped, resumable
