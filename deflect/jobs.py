@@ -6,7 +6,8 @@ results/bench-cpu-fashion-mnist*.json), so two sets trained at once, one thread 
 about 1.45x the work of one set on both threads. Each worker opens the
 database itself (WAL mode, busy timeout, short write transactions, see `deflect.store`) and sends
 its progress over a queue, so the parent process draws every bar and prints every message. A set
-grown from another (`SetSpec.grow_from`) waits until that one is finished.
+grown from another (`SetSpec.grow_from`) waits until that one is finished. A failing set, a Ctrl-C
+or the parent's death stops every set under way at its next batch, stored as interrupted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import queue
 import signal
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from deflect.reproduce import Plan, SetSpec
 
 _events: Any = None  # the worker's end of the parent's queue (set by _init)
+_parent_pid = 0  # the reproduction that started this worker
 
 
 def worker_threads(jobs: int) -> int:
@@ -38,9 +40,9 @@ def worker_threads(jobs: int) -> int:
 
 
 def _init(threads: int, events: Any) -> None:
-    global _events
+    global _events, _parent_pid
     torch.set_num_threads(threads)
-    _events = events
+    _events, _parent_pid = events, os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an idle worker outlives Ctrl-C; a busy one stops (_one_set)
 
 
@@ -53,14 +55,23 @@ def _one_set(db: str, plan: Plan, spec: SetSpec, device: str, data_dir: str | No
         store = Store(db)
         parent = store.get_run(parent_id) if parent_id else None
 
-        def say(text: str) -> None:
-            _events.put(("say", spec.label, text))
+        def send(*event: Any) -> None:
+            if os.getppid() != _parent_pid:  # the reproduction was killed: stop at the next batch or step
+                raise KeyboardInterrupt("the reproduction that started this worker has ended")
+            _events.put(event)
 
-        callbacks = Callbacks(on_start=lambda run, first: _events.put(("start", spec.label, run.id, first)),
-                              on_batch=lambda event: _events.put(("batch", spec.label, event)))
+        def say(text: str) -> None:
+            send("say", spec.label, text)
+
+        callbacks = Callbacks(on_start=lambda run, first: send("start", spec.label, run.id, first),
+                              on_batch=lambda event: send("batch", spec.label, event))
         run = train_set(store, plan, spec, device, data_dir, callbacks, say, parent)
         evaluate_set(store, plan, spec, run, device, say)
         return run.id
+    except KeyboardInterrupt:
+        if os.getppid() != _parent_pid:  # the run is stored as interrupted; nobody is left to report to,
+            os._exit(130)  # and the pool's queues died with the parent, so waiting on them would hang
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -84,8 +95,9 @@ def _drain(events: Any, store: Store, callbacks_for: Callable[[str], Callbacks],
 
 
 def _interrupt(pool: ProcessPoolExecutor) -> None:
-    """Stop the sets still training after another failed: each worker gets a Ctrl-C, so its run is
-    stored as interrupted (and resumes next time) instead of being waited for, possibly for hours."""
+    """Stop the sets still running after a failure or a Ctrl-C: each worker gets a Ctrl-C, so its run
+    is stored as interrupted (and resumes next time) instead of being waited for, possibly for hours.
+    Idle workers ignore it (`_init`)."""
     for process in list((pool._processes or {}).values()):  # noqa: SLF001 - no public handle on the workers
         if process.is_alive() and process.pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -122,8 +134,9 @@ def run_sets(store: Store, plan: Plan, device: str, data_dir: str | None, jobs: 
                 runs[spec.label] = store.get_run(future.result())
         _drain(events, store, callbacks_for, say, wait=0.0)
     except BaseException as exc:
-        if not isinstance(exc, KeyboardInterrupt):  # Ctrl-C reached the workers already
-            _interrupt(pool)
+        if isinstance(exc, KeyboardInterrupt):  # a terminal's Ctrl-C reaches busy workers too: let them stop
+            wait(running, timeout=2.0)
+        _interrupt(pool)
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +190,49 @@ def test_a_failing_set_stops_the_set_training_beside_it(tmp_path: Path) -> None:
     runs = {r.config["reproduce"].split("/")[-1]: r for r in store.list_runs()}
     assert runs["short"].status == "finished"
     assert runs["long"].status == "interrupted" and runs["long"].epochs_done < 200  # stopped, resumable
+
+
+KILLED_PARENT = """
+import dataclasses, sys
+from deflect.reproduce import SetSpec, make_plan, reproduce
+from deflect.store import Store
+if __name__ == "__main__":
+    plan = dataclasses.replace(make_plan("digits", quick=True),
+        sets=(SetSpec("a", 3, overrides={"width": 8}), SetSpec("b", 3, overrides={"width": 8, "seed": 1})),
+        attacks=("fgsm",), limit=60, train_limit=320, epochs=500, sweep_steps=2, tsne_images=40)
+    reproduce(Store(sys.argv[1]), "digits", out=sys.argv[2], plan=plan, jobs=2)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_workers_stop_when_the_reproduction_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves the parent no cleanup: the workers notice at their next batch and stop."""
+    script, db = tmp_path / "repro.py", tmp_path / "deflect.db"
+    script.write_text(KILLED_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(db), str(tmp_path / "results")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # both sets training, one epoch stored each
+            runs = Store(db).list_runs() if db.exists() else []
+            if len(runs) == 2 and all(r.epochs_done >= 1 for r in runs):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the two sets never started training")
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_alive(r.pid) for r in Store(db).list_runs()):
+        time.sleep(0.5)
+    runs = Store(db).list_runs()
+    assert not any(_alive(r.pid) for r in runs)  # no orphan kept training
+    assert all(r.status == "interrupted" and 1 <= r.epochs_done < 500 for r in runs)
