@@ -1,9 +1,9 @@
 """A reproduction's sets trained and evaluated side by side in worker processes (`reproduce --jobs N`).
 
 Why processes: the small CNN's training step gains little from a second thread (`deflect bench`
-on the 2-core CPU: the disjoint reference step runs 1.25 steps/s on 2 threads, 0.91 on one,
-results/bench-cpu-fashion-mnist*.json), so two sets trained at once, one thread each, get through
-about 1.45x the work of one set on both threads. Each worker opens the
+on the 2-core CPU, two runs of the same code: the disjoint reference step ran 1.25 steps/s on 2
+threads and 0.91 on one), so two sets trained at once, one thread each, get through about 1.45x the
+work of one set on both threads. Each worker opens the
 database itself (WAL mode, busy timeout, short write transactions, see `deflect.store`) and sends
 its progress over a queue, so the parent process draws every bar and prints every message. A set
 grown from another (`SetSpec.grow_from`) waits until that one is finished. A failing set, a Ctrl-C
