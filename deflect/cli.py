@@ -855,8 +855,6 @@ def reproduce(
     from deflect.reproduce import reproduce as run_reproduction
     from deflect.train import Callbacks
 
-    if jobs < 1:
-        raise DeflectError(f"--jobs must be at least 1, got {jobs}")
     store = open_store(db)
     progress = training_progress(err_console)
     bars: dict[str, Callbacks] = {}
