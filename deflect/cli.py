@@ -491,9 +491,12 @@ def evaluate(
         if tsne:
             path, row = ev.tsne(limit or 1000)
             payload.append({"evaluation_id": row.id, "kind": "tsne", "png": str(path),
-                            "separation": row.extra["separation"]})
+                            "separation": row.extra["separation"],
+                            "neighbour_agreement": row.extra["neighbour_agreement"], "chance": row.extra["chance"]})
             if not as_json:
-                progress.console.print(f"gradient t-SNE: {path} (silhouette by model {row.extra['separation']:.2f})")
+                progress.console.print(
+                    f"gradient t-SNE: {path} (neighbour agreement {row.extra['neighbour_agreement']:.2f}, "
+                    f"chance {row.extra['chance']:.2f}; silhouette by model {row.extra['separation']:.2f})")
     if as_json:
         typer.echo(json.dumps({"run": ev.run.id, "split": split, "evaluations": payload}))
     else:

@@ -439,3 +439,22 @@ def gradient_tsne(
     perplexity = float(min(30, max(5, (len(flat) - 1) // 3)))
     emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(flat)
     return emb, np.repeat(np.arange(n_models), n_img)
+
+
+def neighbour_agreement(points: np.ndarray, owners: np.ndarray, k: int = 10) -> tuple[float, float]:
+    """Share of each point's k nearest neighbours that belong to the same model, and its chance level.
+
+    The t-SNE figures show each model's gradients as several clusters (one per class or mode), so
+    a centroid or silhouette score stays near 0 even when no cluster mixes models; neighbour
+    agreement measures the mixing the figure shows. Chance is Σ share², 1/n for equal shares.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    owners = np.asarray(owners)
+    if len(points) <= 1 or len(np.unique(owners)) < 2:
+        return float("nan"), float("nan")
+    k = min(k, len(points) - 1)
+    _, idx = NearestNeighbors(n_neighbors=k + 1).fit(points).kneighbors(points)
+    same = owners[idx[:, 1:]] == owners[:, None]
+    shares = np.bincount(owners) / len(owners)
+    return float(same.mean()), float((shares ** 2).sum())

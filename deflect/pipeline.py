@@ -22,6 +22,7 @@ from deflect.evaluate import (
     ensemble_matrix,
     eps_sweep,
     gradient_tsne,
+    neighbour_agreement,
     transfer_matrix,
     with_precision,
 )
@@ -146,6 +147,7 @@ class RunEvaluator:
         points, owners = gradient_tsne(self.models, self.test, n_images, int(self.kw["seed"]), self.device)
         path = tsne_png(points, owners, figures_dir(self.run) / "gradient-tsne.png",
                         f"{self.run.id}: t-SNE of input-gradient signs")
+        agreement, chance = neighbour_agreement(points, owners)
         centroids = np.stack([points[owners == k].mean(0) for k in np.unique(owners)])
         ev = self.store.add_evaluation(
             Evaluation(
@@ -153,6 +155,7 @@ class RunEvaluator:
                 params={"n_images": n_images, "split": self.split},
                 n_examples=int(len(points) // max(len(centroids), 1)), seconds=time.perf_counter() - start,
                 extra={"png": str(path), "separation": _separation(points, owners),
+                       "neighbour_agreement": agreement, "chance": chance,
                        "centroids": centroids.tolist()},
             )
         )

@@ -450,13 +450,22 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
             png = Path((ev.extra or {}).get("png", ""))
             name = f"{plan.name}-tsne-{spec.method}-n{spec.n}.png"
             figures[name] = png
-            tsne.append([spec.label, f"{(ev.extra or {}).get('separation', float('nan')):.2f}", f"![t-SNE]({name})"])
+            extra = ev.extra or {}
+            tsne.append([spec.label, _ratio(extra.get("neighbour_agreement")), _ratio(extra.get("chance")),
+                         _ratio(extra.get("separation")), f"![t-SNE]({name})"])
     if tsne:
         lines += ["## Gradient t-SNE (Figures 3/4)", "",
-                  "Separation: mean distance between the models' centroids over the mean spread within a model "
-                  "(larger: the models' input gradients are more distinct).", "",
-                  _table(["set", "separation", "figure"], tsne), ""]
+                  "Neighbour agreement: the share of each point's 10 nearest neighbours in the embedding that "
+                  "come from the same model (1: no cluster mixes models; chance: the models mix freely). "
+                  "Silhouette by model stays near 0 even for separate clusters, because each model's "
+                  "gradients form several clusters of their own.", "",
+                  _table(["set", "neighbour agreement", "chance", "silhouette", "figure"], tsne), ""]
     return "\n".join(lines), {"sweeps": sweeps, "figures": figures, "ensemble": ensemble_curves}
+
+
+def _ratio(value: float | None) -> str:
+    """A 0-1 score with two decimals; '-' for a score an older evaluation did not store."""
+    return "-" if value is None or value != value else f"{value:.2f}"
 
 
 def _scale_note(plan: Plan) -> list[str]:

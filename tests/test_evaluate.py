@@ -19,6 +19,7 @@ from deflect.evaluate import (
     eps_sweep,
     gradient_tsne,
     model_subsets,
+    neighbour_agreement,
     select_subset,
     transfer_matrix,
 )
@@ -95,6 +96,23 @@ def test_eps_sweep_and_tsne(small_set) -> None:
     assert sweep[1].params["alpha"] == pytest.approx(2.5 * 0.3 / 10)
     points, owners = gradient_tsne(models, test, n_images=40)
     assert points.shape == (120, 2) and list(np.bincount(owners)) == [40, 40, 40]
+
+
+def test_neighbour_agreement_sees_separate_clusters_that_silhouette_misses() -> None:
+    """Each model owning several far-apart clusters: agreement 1, silhouette near 0; mixed: chance."""
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(-50, 50, size=(12, 2))
+    owners = np.repeat(np.arange(3), 200)
+    cluster = np.concatenate([rng.permutation(np.arange(k, 12, 3).repeat(50)) for k in range(3)])
+    points = centres[cluster] + rng.normal(size=(600, 2))
+    agreement, chance = neighbour_agreement(points, owners)
+    assert agreement == pytest.approx(1.0, abs=0.01) and chance == pytest.approx(1 / 3)
+    assert silhouette_score(points, owners) < 0.3
+    mixed, _ = neighbour_agreement(points, rng.permutation(owners))
+    assert abs(mixed - 1 / 3) < 0.05
+    assert np.isnan(neighbour_agreement(points, np.zeros(600, dtype=int))[0])  # one model: nothing to mix
 
 
 def test_disjoint_set_resists_transfer_on_digits(digits_runs) -> None:

@@ -82,6 +82,10 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
     assert f"{ev.blackbox_mean:.1f} ± {ev.blackbox_std:.1f}" in text  # the stored numbers, not others
     assert (tmp_path / "results" / "digits-quick-eps-sweep.png").stat().st_size > 0
     assert (tmp_path / "results" / "digits-quick-tsne-disjoint-n3.png").stat().st_size > 0
+    tsne = next(e for e in store.evaluations(runs[1].id, "tsne"))
+    row = next(line for line in text.split("Gradient t-SNE")[1].splitlines() if line.startswith("| disjoint n=3"))
+    assert 0.0 <= tsne.extra["neighbour_agreement"] <= 1.0 and tsne.extra["chance"] == pytest.approx(1 / 3)
+    assert row.startswith(f"| disjoint n=3 | {tsne.extra['neighbour_agreement']:.2f} | 0.33 |")
     assert (tmp_path / "results" / "digits-quick-ensemble-size.png").stat().st_size > 0
 
     before = len(store.evaluations())
