@@ -371,6 +371,7 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
            f"{len(runs) + len(pending)} sets finished; pending: {', '.join(pending)}. A finished set's "
            "evaluations still running show as '-'.", ""] if pending else []),
         *_targets(store, plan, runs, transfer),
+        *_recipe(plan, runs),
         "## Sets and clean accuracy",
         "",
     ]
@@ -595,6 +596,38 @@ def _beyond_budget(plan: Plan, runs: dict[str, Run], sweeps: Curves,
               "nothing in the objective keeps the models' loss surfaces apart further out, so an attack with a "
               "larger budget reaches directions the models share, and transfers again.", ""]
     return lines
+
+
+TUNING_RECORD = {"fashion-mnist": "fashion-mnist-preset.md", "digits": "digits-preset.md"}
+
+
+def _recipe(plan: Plan, runs: dict[str, Run]) -> list[str]:
+    """The disjoint sets' hyperparameters, read from a stored run, and where the choices are recorded."""
+    labels = [s.label for s in plan.sets if s.method == "disjoint" and not s.ablation and s.label in runs]
+    run = runs[labels[0]] if labels else None
+    if run is None:
+        return []
+    c = run.config
+
+    def window(key: str) -> str:
+        w = c.get(key) or {}
+        return f"epochs {w.get('first', 1)}-{w['last'] if w.get('last') else 'end'}"
+
+    rows = [["architecture", f"{c['arch']}, width {c['width']}"],
+            ["schedule", f"{c['epochs']} epochs, batch {c['batch_size']}, one-cycle lr peak {c['lr_max']:g}"],
+            ["transfer loss 1 (ε1·∇)",
+             f"ε1 = {c['eps1']:g}, weight {c['w_transfer1']:g}, {window('transfer1_window')}"],
+            ["transfer loss 2 (ε2·tanh ∇)",
+             f"ε2 = {c['eps2']:g}, weight {c['w_transfer2']:g}, {window('transfer2_window')}"],
+            ["transfer clamp", "each image's loss increase (`image`)" if c.get("transfer_clamp") == "image"
+             else "the batch mean's increase (`batch`, the released code)"],
+            ["angular loss", f"weight {c['w_angle']:g}, {window('angle_window')}"]]
+    record = TUNING_RECORD.get(plan.preset)
+    why = (f"Each value that departs from the paper's was chosen on a validation split carved from the training "
+           f"data, never on the test split; what each change did is in [{record}]({record})."
+           if record else "The paper's released hyperparameters.")
+    return ["## Recipe", "", f"The disjoint sets' `{plan.preset}` preset, as stored with "
+            f"{run.id}. {why}", "", _table(["setting", "value"], rows), ""]
 
 
 def _verdict(ok: bool | None) -> str:

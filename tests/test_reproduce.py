@@ -67,7 +67,7 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
     assert path.name == "digits-quick.md"
     for heading in ("Sets and clean accuracy", "Black-box accuracy", "Whole-set accuracy", "Ensemble attack",
                     "Ablations (Table 6)", "ε sweep (Figure 5)", "Gradient t-SNE", "Targets",
-                    "Ensemble size (Figure 6)", "Larger sets (Table 7)", "Beyond the budget"):
+                    "Ensemble size (Figure 6)", "Larger sets (Table 7)", "Beyond the budget", "## Recipe"):
         assert heading in text, heading
     grown = next(r for r in runs if r.config.get("reproduce", "").endswith("grown to 4"))
     assert grown.n == 4 and grown.config["parent"] == runs[1].id  # grown from the plan's disjoint n=3 set
@@ -82,6 +82,9 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
     assert f"{ev.blackbox_mean:.1f} ± {ev.blackbox_std:.1f}" in text  # the stored numbers, not others
     assert (tmp_path / "results" / "digits-quick-eps-sweep.png").stat().st_size > 0
     assert (tmp_path / "results" / "digits-quick-tsne-disjoint-n3.png").stat().st_size > 0
+    cfg = runs[1].config
+    assert f"| transfer loss 2 (ε2·tanh ∇) | ε2 = {cfg['eps2']:g}, weight {cfg['w_transfer2']:g}," in text
+    assert "[digits-preset.md](digits-preset.md)" in text  # where the preset's choices are recorded
     tsne = next(e for e in store.evaluations(runs[1].id, "tsne"))
     row = next(line for line in text.split("Gradient t-SNE")[1].splitlines() if line.startswith("| disjoint n=3"))
     assert 0.0 <= tsne.extra["neighbour_agreement"] <= 1.0 and tsne.extra["chance"] == pytest.approx(1 / 3)
