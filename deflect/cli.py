@@ -849,6 +849,8 @@ def reproduce(
     report_only: Annotated[bool, typer.Option(
         "--report-only", help="Write the report from what is stored, training and evaluating nothing "
                               "(sets not finished are listed as pending).")] = False,
+    width: Annotated[int | None, typer.Option(
+        help="Small CNN width of every set (default: the preset's); the report is named <dataset>-w<W>.md.")] = None,
 ) -> None:
     """Train the comparison sets, evaluate them and write results/<dataset>.md; resumes if stopped.
 
@@ -874,7 +876,7 @@ def reproduce(
         with progress:
             path = run_reproduction(store, preset, quick=quick, out=out, device=device,
                                     data_dir=str(data_dir) if data_dir else None, jobs=jobs,
-                                    report_only=report_only,
+                                    report_only=report_only, width=width,
                                     callbacks_for=callbacks_for,
                                     say=lambda text: progress.console.print(f"[bold]reproduce[/] {text}"))
     except KeyboardInterrupt:

@@ -74,10 +74,17 @@ class Plan:
     tsne_images: int
     # (training images, epochs) of the ablation sets when they differ from the other sets' scale
     ablation_scale: tuple[int | None, int | None] | None = None
+    width: int | None = None  # the small CNN's width for every set; None keeps the preset's
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}{'-quick' if self.quick else ''}"
+        return f"{self.dataset}{'-quick' if self.quick else ''}{f'-w{self.width}' if self.width else ''}"
+
+    @property
+    def command(self) -> str:
+        """The CLI line that makes this plan's report."""
+        return (f"deflect reproduce --preset {self.preset}{' --quick' if self.quick else ''}"
+                f"{f' --width {self.width}' if self.width else ''}")
 
     def scale(self, spec: SetSpec) -> tuple[int | None, int | None]:
         """(training images, epochs) `spec` is trained with; None keeps the preset's value."""
@@ -98,9 +105,18 @@ ABLATION_SCALE = {"fashion-mnist": (20000, 3)}
 ABLATION_BASE = "disjoint n=3, all terms"  # the ablations' reference set, where their scale is their own
 
 
-def make_plan(preset: str, quick: bool = False) -> Plan:
-    """The sets and evaluations of a reproduction; `quick` is the issue's quick check (n=3, 20k images, 3 epochs)."""
+def make_plan(preset: str, quick: bool = False, width: int | None = None) -> Plan:
+    """The sets and evaluations of a reproduction; `quick` is the issue's quick check (n=3, 20k images, 3 epochs).
+
+    `width` trains every set's small CNN at another width (capacity is the main lever on the gap between
+    black-box and clean accuracy, results/fashion-mnist-preset.md); its report and figures are named
+    after it, so they sit beside the preset's own."""
     dataset = preset_dataset(preset)
+    if width is not None:
+        arch = make_config(3, dataset, preset).arch
+        if arch != "cnn":
+            raise DeflectError(f"--width sets the small CNN's width; the {preset} preset trains {arch}")
+        make_config(3, dataset, preset, width=width)  # an impossible width is refused before any training
     scale = None if quick else ABLATION_SCALE.get(preset)
     sets = [SetSpec("independent n=3", 3, "independent"), SetSpec("disjoint n=3", 3)]
     if not quick:
@@ -126,7 +142,7 @@ def make_plan(preset: str, quick: bool = False) -> Plan:
         preset=preset, dataset=dataset, quick=quick, sets=tuple(sets),
         attacks=("pgd2", "mifgsm1") if quick else ATTACKS, limit=500 if quick else 1000,
         train_limit=20000 if quick and preset != "digits" else None, epochs=3 if quick else None,
-        sweep_steps=20 if quick else 100, tsne_images=300 if quick else 1000, ablation_scale=scale,
+        sweep_steps=20 if quick else 100, tsne_images=300 if quick else 1000, ablation_scale=scale, width=width,
     )
 
 
@@ -157,8 +173,9 @@ def find_run(store: Store, tag: str, matches: Callable[[Run], bool] = lambda run
 
 def _set_config(plan: Plan, spec: SetSpec, device: str = "auto", data_dir: str | None = None) -> TrainConfig:
     train_limit, epochs = plan.scale(spec)
+    overrides = {"width": plan.width, **spec.overrides}  # a set's own width (a notebook plan's) wins
     return make_config(spec.n, plan.dataset, plan.preset, method=spec.method, epochs=epochs,
-                       train_limit=train_limit, device=device, data_dir=data_dir, **spec.overrides)
+                       train_limit=train_limit, device=device, data_dir=data_dir, **overrides)
 
 
 def _stored(store: Store, plan: Plan, spec: SetSpec, parent: Run | None, cfg: TrainConfig | None = None) -> Run | None:
@@ -285,16 +302,18 @@ def evaluate_set(store: Store, plan: Plan, spec: SetSpec, run: Run, device: str,
 def reproduce(store: Store, preset: str, *, quick: bool = False, out: Path = Path("results"), device: str = "auto",
               data_dir: str | None = None, callbacks: Callbacks | None = None, say: Say | None = None,
               plan: Plan | None = None, jobs: int = 1,
-              callbacks_for: Callable[[str], Callbacks] | None = None, report_only: bool = False) -> Path:
+              callbacks_for: Callable[[str], Callbacks] | None = None, report_only: bool = False,
+              width: int | None = None) -> Path:
     """Train and evaluate every set of the plan (resuming), then write `out/<dataset>.md` and its figures.
 
     `plan` replaces `make_plan(preset, quick)` (a notebook user's own selection of sets). `jobs` > 1
     works on that many sets at once in worker processes (`deflect.jobs`), sharing the CPU threads.
     `callbacks_for(label)` gives each set its own callbacks (a bar per set); else `callbacks` serve all.
-    `report_only` trains and evaluates nothing: the report shows what is stored and lists the rest as pending."""
+    `report_only` trains and evaluates nothing: the report shows what is stored and lists the rest as pending.
+    `width` trains the plan's small CNNs at that width (`make_plan`)."""
     if jobs < 1:
         raise DeflectError(f"--jobs must be at least 1, got {jobs}")
-    plan = plan or make_plan(preset, quick)
+    plan = plan or make_plan(preset, quick, width)
     per_set = callbacks_for or (lambda label: callbacks or Callbacks())
     start = time.perf_counter()
     runs: dict[str, Run] = {}
@@ -355,11 +374,11 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
     transfer = {label: _newest(store, run, "transfer") for label, run in runs.items()}
     train_min = sum(run.seconds for run in runs.values()) / 60
     eval_min = sum(ev.seconds for run in runs.values() for ev in store.evaluations(run.id)) / 60
+    qualifiers = ", ".join(q for q in ("quick" if plan.quick else "", f"width {plan.width}" if plan.width else "") if q)
     lines = [
-        f"# {plan.dataset}: a measured reproduction{' (quick)' if plan.quick else ''}",
+        f"# {plan.dataset}: a measured reproduction{f' ({qualifiers})' if qualifiers else ''}",
         "",
-        f"Command: `deflect reproduce --preset {plan.preset}{' --quick' if plan.quick else ''}"
-        f"{f' --jobs {jobs}' if jobs > 1 else ''}`. Machine: "
+        f"Command: `{plan.command}{f' --jobs {jobs}' if jobs > 1 else ''}`. Machine: "
         f"{platform.machine()}, {os.cpu_count()} CPU cores, {_threads(jobs)}, "
         f"torch {torch.__version__}"
         f"{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ', CPU only'}. "

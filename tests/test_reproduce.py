@@ -243,3 +243,26 @@ def test_workers_stop_when_the_reproduction_is_killed(tmp_path: Path) -> None:
     runs = Store(db).list_runs()
     assert not any(_alive(r.pid) for r in runs)  # no orphan kept training
     assert all(r.status == "interrupted" and 1 <= r.epochs_done < 500 for r in runs)
+
+
+def test_reproduce_at_another_width_names_its_report_after_it(tmp_path: Path) -> None:
+    """`--width` trains every set's small CNN at that width; the report sits beside the preset's own."""
+    store = Store(tmp_path / "deflect.db")
+    plan = dataclasses.replace(
+        make_plan("digits", quick=True, width=6),
+        sets=(SetSpec("independent n=2", 2, "independent"), SetSpec("disjoint n=2", 2)),
+        attacks=("fgsm",), limit=40, train_limit=200, epochs=1, sweep_steps=2, tsne_images=20)
+    path = reproduce(store, "digits", out=tmp_path, plan=plan)
+    assert path.name == "digits-quick-w6.md"
+    assert {run.config["width"] for run in store.list_runs()} == {6}
+    text = path.read_text()
+    assert text.startswith("# digits: a measured reproduction (quick, width 6)")
+    assert "Command: `deflect reproduce --preset digits --quick --width 6`" in text
+    assert "| architecture | cnn, width 6 |" in text
+    assert make_plan("digits", quick=True).name == "digits-quick"  # the preset's own report keeps its name
+
+    for args, message in ((["--preset", "paper-cifar10", "--width", "8"], "the paper-cifar10 preset trains"),
+                          (["--preset", "digits", "--width", "0"], "--width must be at least 1")):
+        result = CliRunner().invoke(app, ["reproduce", *args, "--db", str(tmp_path / "other.db")])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "other.db").exists() or not Store(tmp_path / "other.db").list_runs()
