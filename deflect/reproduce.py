@@ -331,7 +331,7 @@ def reproduce(store: Store, preset: str, *, quick: bool = False, out: Path = Pat
             parent = runs.get(spec.grow_from) if spec.grow_from else None
             runs[spec.label] = train_set(store, plan, spec, device, data_dir, per_set(spec.label), say, parent)
             evaluate_set(store, plan, spec, runs[spec.label], device, say)
-    return write_report(store, plan, runs, out, time.perf_counter() - start, jobs)
+    return write_report(store, plan, runs, out, time.perf_counter() - start, 0 if report_only else jobs)
 
 
 # the report -----------------------------------------------------------------------------------------
@@ -355,8 +355,12 @@ def _newest(store: Store, run: Run, kind: str) -> dict[str, Evaluation]:
 
 
 def _threads(jobs: int) -> str:
+    """How the sets shared the CPU; `jobs` 0 is a report written from stored sets (`--report-only`)."""
+    if jobs == 0:
+        return "threads and jobs as each sitting of the command set them"
     if jobs == 1:
-        return f"{torch.get_num_threads()} torch threads"
+        threads = torch.get_num_threads()
+        return f"{threads} torch thread{'s' if threads > 1 else ''}"
     from deflect.jobs import worker_threads
 
     threads = worker_threads(jobs)
@@ -374,6 +378,8 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
     transfer = {label: _newest(store, run, "transfer") for label, run in runs.items()}
     train_min = sum(run.seconds for run in runs.values()) / 60
     eval_min = sum(ev.seconds for run in runs.values() for ev in store.evaluations(run.id)) / 60
+    invocation = ("this report: `--report-only`, from the stored sets" if jobs == 0
+                  else f"this invocation: {seconds / 60:.1f} min")
     qualifiers = ", ".join(q for q in ("quick" if plan.quick else "", f"width {plan.width}" if plan.width else "") if q)
     lines = [
         f"# {plan.dataset}: a measured reproduction{f' ({qualifiers})' if qualifiers else ''}",
@@ -383,7 +389,7 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
         f"torch {torch.__version__}"
         f"{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ', CPU only'}. "
         f"Compute behind the numbers: training {train_min:.1f} min, evaluation {eval_min:.1f} min "
-        f"(this invocation: {seconds / 60:.1f} min; steps already stored are not redone). "
+        f"({invocation}; steps already stored are not redone). "
         f"Every evaluation is on a seeded subset of {plan.limit} test images; numbers are what was measured.",
         "",
         *([f"**Partial report** (`--report-only`, the reproduction still under way): {len(runs)} of "
@@ -707,6 +713,7 @@ def _targets(store: Store, plan: Plan, runs: dict[str, Run], transfer: dict[str,
 
 
 def write_report(store: Store, plan: Plan, runs: dict[str, Run], out: Path, seconds: float, jobs: int = 1) -> Path:
+    """`out/<plan.name>.md` and its figures; `jobs` 0 marks a report written from stored sets only."""
     out.mkdir(parents=True, exist_ok=True)
     text, data = report_text(store, plan, runs, seconds, jobs)
     if data["sweeps"]:

@@ -51,6 +51,7 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no set of the digits reproduction is finished" in result.output  # its own plan
     partial = reproduce(store, "digits", out=tmp_path / "partial", plan=plan, report_only=True).read_text()
     assert len(store.list_runs()) == 2 and store.get_run(interrupted.id).status == "interrupted"
+    assert "this report: `--report-only`, from the stored sets" in partial and "torch threads" not in partial
     assert "1 of 5 sets finished; pending: disjoint n=3, adp n=2, disjoint n=3, no angle, disjoint n=3 grown to 4" \
         in partial
     first = [e for e in store.evaluations(store.list_runs()[0].id, "transfer") if e.attack == "fgsm"][-1]
