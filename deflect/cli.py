@@ -850,7 +850,7 @@ def reproduce(
         "--report-only", help="Write the report from what is stored, training and evaluating nothing "
                               "(sets not finished are listed as pending).")] = False,
     width: Annotated[int | None, typer.Option(
-        help="Small CNN width of every set (default: the preset's); the report is named <dataset>-w<W>.md.")] = None,
+        help="Small CNN width of every set (default: the preset's); the report is <dataset>[-quick]-w<W>.md.")] = None,
 ) -> None:
     """Train the comparison sets, evaluate them and write results/<dataset>.md; resumes if stopped.
 

@@ -638,7 +638,8 @@ def _recipe(plan: Plan, runs: dict[str, Run]) -> list[str]:
         w = c.get(key) or {}
         return f"epochs {w.get('first', 1)}-{w['last'] if w.get('last') else 'end'}"
 
-    rows = [["architecture", f"{c['arch']}, width {c['width']}"],
+    width = f", width {c['width']}{' (`--width`)' if plan.width else ''}" if c["arch"] == "cnn" else ""
+    rows = [["architecture", f"{c['arch']}{width}"],
             ["schedule", f"{c['epochs']} epochs, batch {c['batch_size']}, one-cycle lr peak {c['lr_max']:g}"],
             ["transfer loss 1 (ε1·∇)",
              f"ε1 = {c['eps1']:g}, weight {c['w_transfer1']:g}, {window('transfer1_window')}"],

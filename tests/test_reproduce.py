@@ -259,7 +259,7 @@ def test_reproduce_at_another_width_names_its_report_after_it(tmp_path: Path) ->
     text = path.read_text()
     assert text.startswith("# digits: a measured reproduction (quick, width 6)")
     assert "Command: `deflect reproduce --preset digits --quick --width 6`" in text
-    assert "| architecture | cnn, width 6 |" in text
+    assert "| architecture | cnn, width 6 (`--width`) |" in text
     assert make_plan("digits", quick=True).name == "digits-quick"  # the preset's own report keeps its name
 
     for args, message in ((["--preset", "paper-cifar10", "--width", "8"], "the paper-cifar10 preset trains"),
