@@ -112,11 +112,10 @@ def make_plan(preset: str, quick: bool = False, width: int | None = None) -> Pla
     black-box and clean accuracy, results/fashion-mnist-preset.md); its report and figures are named
     after it, so they sit beside the preset's own."""
     dataset = preset_dataset(preset)
-    if width is not None:
-        arch = make_config(3, dataset, preset).arch
+    if width is not None:  # an impossible width, or one the preset's architecture has not, is refused before training
+        arch = make_config(3, dataset, preset, width=width).arch
         if arch != "cnn":
             raise DeflectError(f"--width sets the small CNN's width; the {preset} preset trains {arch}")
-        make_config(3, dataset, preset, width=width)  # an impossible width is refused before any training
     scale = None if quick else ABLATION_SCALE.get(preset)
     sets = [SetSpec("independent n=3", 3, "independent"), SetSpec("disjoint n=3", 3)]
     if not quick:
@@ -628,8 +627,8 @@ TUNING_RECORD = {"fashion-mnist": "fashion-mnist-preset.md", "digits": "digits-p
 
 def _recipe(plan: Plan, runs: dict[str, Run]) -> list[str]:
     """The disjoint sets' hyperparameters, read from a stored run, and where the choices are recorded."""
-    labels = [s.label for s in plan.sets if s.method == "disjoint" and not s.ablation and s.label in runs]
-    run = runs[labels[0]] if labels else None
+    run = next((runs[s.label] for s in plan.sets if s.method == "disjoint" and not s.ablation and s.label in runs),
+               None)
     if run is None:
         return []
     c = run.config
