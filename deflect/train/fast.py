@@ -12,9 +12,12 @@ separate small batch. This step changes the layout, not the maths:
 - `channels_last=True` runs models and inputs in NHWC, which oneDNN's CPU convolutions and max-pooling
   prefer (about 15-20 % per step on the small CNN).
 
-`transfer_batch` is the one option that changes the objective: the transfer terms use only the first
-`transfer_batch` images of each batch (they dominate the cost, and fewer images already carry the
-signal). It is off (None) unless asked for, and never set by a paper-* preset.
+`transfer_batch` is the one option that changes the objective: the pair terms (angle and transfer) use
+only the first `transfer_batch` images of each batch, through their own forward, while
+classification keeps the whole batch (as `deflect grow` does). The input gradients with their graph,
+and so the double backward, then cover those images alone: that is where the step's time goes
+(BatchNorm's double backward alone was 45 % of a width-32 step when the gradients were taken on the
+whole batch and sliced). It is off (None) unless asked for, and never set by a paper-* preset.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deflect.config import TrainConfig
+from deflect.train.distributed import cross_entropy_mean
 from deflect.train.losses import ActiveTerms, LossParts, clamped_increase, clean_terms, plain_loss
 
 
@@ -93,11 +97,20 @@ def fast_disjoint_loss(
     sample = list(range(n)) if sample is None else list(sample)
     zero = x.new_zeros(())
     transfer = active.transfer1 or active.transfer2
-    losses, grads, classification, angle = clean_terms(models, x, y, cfg, active, sample)
-
     tb = cfg.transfer_batch
-    xt, yt = (x[:tb], y[:tb]) if tb is not None and tb < len(x) else (x, y)
-    m = len(xt)
+    m = tb if tb is not None and tb < len(x) and active.any else len(x)
+    xt, yt = x[:m], y[:m]
+    if m == len(x):
+        losses, grads, classification, angle = clean_terms(models, x, y, cfg, active, sample)
+    else:
+        # `transfer_batch` (objective-changing), as `deflect grow` does it: classification on the whole
+        # batch, every pair term on the first m images through their own forward, so the double
+        # backward covers m images, not B. The gradients are rescaled by m/B to the whole-batch
+        # mean's per-image size that ε1 and the tanh scale are set for.
+        ce = torch.stack([cross_entropy_mean(model(x), y) for model in models])
+        classification = ce.sum() if cfg.class_reduction == "sum" else ce.mean()
+        losses, grads, _, angle = clean_terms(models, xt, yt, cfg, active, sample)
+        grads = [None if g is None else g * (m / len(x)) for g in grads]
     scale = x.shape[0] if cfg.eps1_per_sample else 1.0
     t1: dict[tuple[int, int], torch.Tensor] = {}
     t2: dict[tuple[int, int], torch.Tensor] = {}
@@ -109,7 +122,6 @@ def fast_disjoint_loss(
                 continue
             g_j = grads[j]
             assert g_j is not None
-            g_j = g_j[:m]
             if active.transfer1:
                 deltas.append(cfg.eps1 * scale * g_j)
                 keys.append(("t1", j))
@@ -119,8 +131,6 @@ def fast_disjoint_loss(
         clean_i = losses[i]
         assert clean_i is not None
         per_image = clean_i.dim() > 0  # TrainConfig.transfer_clamp == "image"
-        if m < len(x):
-            clean_i = plain_loss(models[i](xt), yt, per_image)
         if batched:
             stacked = (xt.unsqueeze(0) + torch.stack(deltas)).flatten(0, 1)
             with chunked_batchnorm(models[i], len(deltas)):
