@@ -903,7 +903,7 @@ def bench(
     blackbox_bar: Annotated[float, typer.Option(help="--time-to-quality: PGD black-box accuracy % to reach.")] = 88.0,
     data_dir: Annotated[Path | None, typer.Option(help="--time-to-quality: dataset root (as for train).")] = None,
     width: Annotated[int | None, typer.Option(
-        help="Small-CNN width (default: the bench's 16, or the preset's for --time-to-quality).")] = None,
+        help="Small-CNN width (default: 16 for the step figures, 32 for --time-to-quality).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     as_json: JsonOption = False,
 ) -> None:
@@ -919,7 +919,7 @@ def bench(
     from deflect.train import resolve_device
 
     if time_to_quality:
-        from deflect.bench import QualityBar
+        from deflect.bench import TTQ_WIDTH, QualityBar
         from deflect.bench import time_to_quality as ttq
 
         if epochs < 1:
@@ -929,7 +929,8 @@ def bench(
         with err_console.status("time to quality") as status:
             report = ttq(dataset, epochs=epochs, train_limit=limit, bar=QualityBar(clean_bar, blackbox_bar),
                          device=str(resolve_device(device)), progress=lambda text: status.update(text),
-                         data_dir=str(data_dir) if data_dir else None, width=width, fast_epochs=fast_epochs)
+                         data_dir=str(data_dir) if data_dir else None, width=TTQ_WIDTH if width is None else width,
+                         fast_epochs=fast_epochs)
         if as_json:
             typer.echo(json.dumps(report))
             return
