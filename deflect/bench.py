@@ -437,7 +437,7 @@ def time_to_quality(dataset: str = "fashion-mnist", n: int = 3, epochs: int = 8,
                     progress: Progress | None = None, data_dir: str | None = None,
                     width: int | None = TTQ_WIDTH, fast_epochs: int | None = None) -> dict[str, Any]:
     """Train the faithful recipe (the preset, reference step, `epochs`) and the fast recipe
-    (`fast_recipe`, `fast_epochs`, default `epochs`) on the same data, each epoch checking the bar on
+    (FAST_RECIPE, `fast_epochs`, default `epochs`) on the same data, each epoch checking the bar on
     the validation split; report the training seconds each needed to clear it and their ratio (None
     where a recipe never cleared it). Each schedule spans its recipe's epochs, so a recipe's
     epoch count is part of the recipe. `width` sets the small CNN's width for both (None keeps the

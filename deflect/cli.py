@@ -936,9 +936,8 @@ def bench(
             return
         for name in ("faithful", "fast"):
             trace = report[name]
-            most = len(trace["epochs"]) if trace["reached_at"] is None else None
             when = (f"cleared the bar at epoch {trace['reached_epoch']} after {trace['reached_at']:.0f} s of training"
-                    if trace["reached_at"] is not None else f"did not clear the bar in {most} epochs")
+                    if trace["reached_at"] is not None else f"did not clear the bar in {len(trace['epochs'])} epochs")
             typer.echo(f"{name}: {when}")
         ratio = report["time_to_quality_ratio"]
         typer.echo(f"time_to_quality_ratio: {ratio:.2f}" if ratio is not None else "time_to_quality_ratio: -")
