@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from deflect.config import TrainConfig
-from deflect.train.distributed import cross_entropy_mean
 from deflect.train.losses import ActiveTerms, LossParts, clamped_increase, clean_terms, plain_loss
 
 
@@ -107,8 +106,7 @@ def fast_disjoint_loss(
         # batch, every pair term on the first m images through their own forward, so the double
         # backward covers m images, not B. The gradients are rescaled by m/B to the whole-batch
         # mean's per-image size that ε1 and the tanh scale are set for.
-        ce = torch.stack([cross_entropy_mean(model(x), y) for model in models])
-        classification = ce.sum() if cfg.class_reduction == "sum" else ce.mean()
+        _, _, classification, _ = clean_terms(models, x, y, cfg, ActiveTerms(), sample)  # plain forwards
         losses, grads, _, angle = clean_terms(models, xt, yt, cfg, active, sample)
         grads = [None if g is None else g * (m / len(x)) for g in grads]
     scale = x.shape[0] if cfg.eps1_per_sample else 1.0
