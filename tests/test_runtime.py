@@ -48,4 +48,7 @@ def test_freed_tensor_buffers_are_reused_without_page_faults() -> None:
     # glibc unmaps freed buffers: step after step faults them in again (its adaptive mmap threshold
     # lets a few steps reuse them, so the count is ~18-20 steps' worth, not exactly 20)
     assert system["faults"] > 10 * pages
-    assert tuned["faults"] < pages  # reused from the heap: (almost) no fresh pages after the warm-up
+    # reused from the heap: after the warm-up, 20 steps fault in less than two activations' worth in all
+    # (glibc still grows the heap now and then as free blocks fragment: 0-1568 pages in 20 probes on the
+    # 2-core CPU, against ~28 000-31 000 for the system's own thresholds)
+    assert tuned["faults"] < 2 * pages
