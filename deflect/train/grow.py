@@ -63,6 +63,8 @@ def growth_loss(
     new: nn.Module, frozen: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     active: ActiveTerms,
     pair_scale: float = 1.0,
+    *,
+    create_graph: bool = True,
 ) -> LossParts:
     """w1·CE(new) + s·(w2·angle(new, f) + w3·T1 + w4·T2) over the pairs (new, f) of the `frozen` models given.
 
@@ -72,6 +74,7 @@ def growth_loss(
     T1/T2 average 2·S terms: the new model under each frozen model's perturbation (frozen → new) and
     each frozen model under the new model's perturbation (new → frozen); the latter reaches the new
     model through its input gradient (double backprop), exactly as in the joint loss.
+    `create_graph=False` (under `torch.no_grad()`) gives the value alone, for validation.
     """
     zero = x.new_zeros(())
     transfer = active.transfer1 or active.transfer2
@@ -80,7 +83,7 @@ def growth_loss(
     if not (active.angle or transfer):
         loss_new, g_new, losses_f, grads_f = F.cross_entropy(new(x), y), None, [], []
     elif m == len(x):
-        (pair_new,), (g_new,) = input_gradients([new], x, y, create_graph=True, per_image=per_image)
+        (pair_new,), (g_new,) = input_gradients([new], x, y, create_graph=create_graph, per_image=per_image)
         losses_f, grads_f = input_gradients(frozen, x, y, create_graph=False, per_image=per_image)
         loss_new = mean_loss(pair_new)
     else:
@@ -89,7 +92,8 @@ def growth_loss(
         # The gradients are rescaled by m/B to the whole-batch mean's per-image size that ε1 and the
         # tanh scale are set for.
         loss_new = F.cross_entropy(new(x), y)
-        (pair_new,), (g_new,) = input_gradients([new], x[:m], y[:m], create_graph=True, per_image=per_image)
+        (pair_new,), (g_new,) = input_gradients([new], x[:m], y[:m], create_graph=create_graph,
+                                                per_image=per_image)
         losses_f, grads_f = input_gradients(frozen, x[:m], y[:m], create_graph=False, per_image=per_image)
         g_new, grads_f = g_new * (m / len(x)), [g * (m / len(x)) for g in grads_f]
     losses_f = [loss.detach() for loss in losses_f]
@@ -168,7 +172,8 @@ def growth_validation_loss(
         idx = torch.arange(start, min(start + batch_size, len(data)))
         x, y = data.batch(idx)
         x, y = x.to(device), y.to(device)
-        parts = growth_loss(new, frozen, x, y, cfg, active, pair_scale)
+        with torch.no_grad():
+            parts = growth_loss(new, frozen, x, y, cfg, active, pair_scale, create_graph=False)
         total += float(parts.total.detach()) * len(idx)
         count += len(idx)
     return total / max(count, 1)

@@ -89,15 +89,18 @@ def input_gradients(
     Each model reads its own leaf copy of x, so one `grad` of the summed losses returns every
     model's gradient at once (the models share no parameters). The gradient is always that of the
     batch-mean loss; `per_image` returns each model's per-image losses instead of their mean.
+    Grad mode is switched on here, so a caller that only reads the loss (validation) can run the
+    rest under `torch.no_grad()` with `create_graph=False` and keep no forward's activations.
     """
     n = len(models)
-    xs = x.detach().unsqueeze(0).expand(n, *x.shape).clone().requires_grad_(True)
-    if per_image:
-        images = [F.cross_entropy(m(xs[i]), y, reduction="none") for i, m in enumerate(models)]
-        losses = [batch_mean(v) for v in images]
-    else:
-        losses = [cross_entropy_mean(m(xs[i]), y) for i, m in enumerate(models)]
-    (grads,) = torch.autograd.grad(torch.stack(losses).sum(), xs, create_graph=create_graph)
+    with torch.enable_grad():
+        xs = x.detach().unsqueeze(0).expand(n, *x.shape).clone().requires_grad_(True)
+        if per_image:
+            images = [F.cross_entropy(m(xs[i]), y, reduction="none") for i, m in enumerate(models)]
+            losses = [batch_mean(v) for v in images]
+        else:
+            losses = [cross_entropy_mean(m(xs[i]), y) for i, m in enumerate(models)]
+        (grads,) = torch.autograd.grad(torch.stack(losses).sum(), xs, create_graph=create_graph)
     return (images if per_image else losses), list(grads.unbind(0))
 
 
@@ -143,11 +146,12 @@ def loss_increase(
 
 def clean_terms(
     models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, active: ActiveTerms,
-    sample: Sequence[int],
+    sample: Sequence[int], *, create_graph: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor, torch.Tensor]:
-    """Each model's clean loss, the input gradients (with graph) the active terms need, and the
-    classification and angular terms of Eq. 5. Models no term needs a gradient of get a plain forward.
-    The clean losses are per image when ``cfg.transfer_clamp == "image"`` (see the module doc)."""
+    """Each model's clean loss, the input gradients (with graph unless `create_graph` is False) the
+    active terms need, and the classification and angular terms of Eq. 5. Models no term needs a
+    gradient of get a plain forward. The clean losses are per image when
+    ``cfg.transfer_clamp == "image"`` (see the module doc)."""
     n = len(models)
     transfer = active.transfer1 or active.transfer2
     per_image = cfg.transfer_clamp == "image" and transfer
@@ -156,7 +160,7 @@ def clean_terms(
     grads: list[torch.Tensor | None] = [None] * n
     order = sorted(graph_models)
     if order:
-        ls, gs = input_gradients([models[i] for i in order], x, y, create_graph=True, per_image=per_image)
+        ls, gs = input_gradients([models[i] for i in order], x, y, create_graph=create_graph, per_image=per_image)
         for k, i in enumerate(order):
             losses[i], grads[i] = ls[k], gs[k]
     clean = [loss if loss is not None else plain_loss(models[i](x), y, per_image) for i, loss in enumerate(losses)]
@@ -177,18 +181,21 @@ def disjoint_loss(
     cfg: TrainConfig,
     active: ActiveTerms,
     sample: Sequence[int] | None = None,
+    *,
+    create_graph: bool = True,
 ) -> LossParts:
     """Eq. 5: w1·L_class + w2·L_angle + w3·L_transfer1 + w4·L_transfer2.
 
     `sample` lists the models whose ordered pairs enter the transfer terms (all when None);
     classification and the angular term always cover every model, as in main_sample.py.
-    This is the plain per-pair reference: one forward per (i, j, term).
+    This is the plain per-pair reference: one forward per (i, j, term). `create_graph=False`
+    (under `torch.no_grad()`) gives the value alone, for validation.
     """
     n = len(models)
     sample = list(range(n)) if sample is None else list(sample)
     zero = x.new_zeros(())
     transfer = active.transfer1 or active.transfer2
-    losses, grads, classification, angle = clean_terms(models, x, y, cfg, active, sample)
+    losses, grads, classification, angle = clean_terms(models, x, y, cfg, active, sample, create_graph=create_graph)
     t1_terms: list[torch.Tensor] = []
     t2_terms: list[torch.Tensor] = []
     scale = batch_size(x) if cfg.eps1_per_sample else 1.0
