@@ -85,7 +85,7 @@ class TrainConfig:
     adp_alpha: float = 2.0
     adp_beta: float = 0.5
     step: str = "reference"
-    transfer_batch: int | None = None  # images per batch used by the transfer terms (None: all)
+    transfer_batch: int | None = None  # images per batch the pair terms (angle, transfer) use (None: all)
     augment: bool = False  # random crop (pad 4) + horizontal flip, as for CIFAR-10
     select: str = "val-loss"  # checkpoint kept for load_set: lowest validation loss, or last
     train_limit: int | None = None  # use only the first N (seeded) training images

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deflect.config import TrainConfig
-from deflect.train.losses import ActiveTerms, LossParts, clamped_increase, clean_terms, plain_loss
+from deflect.train.losses import ActiveTerms, LossParts, clamped_increase, clean_terms, pair_rows, plain_loss
 
 
 def _chunked_bn_forward(bn: nn.BatchNorm2d, chunks: int, x: torch.Tensor) -> torch.Tensor:
@@ -96,8 +96,7 @@ def fast_disjoint_loss(
     sample = list(range(n)) if sample is None else list(sample)
     zero = x.new_zeros(())
     transfer = active.transfer1 or active.transfer2
-    tb = cfg.transfer_batch
-    m = tb if tb is not None and tb < len(x) and active.any else len(x)
+    m = pair_rows(cfg, len(x)) if active.any else len(x)
     xt, yt = x[:m], y[:m]
     if m == len(x):
         losses, grads, classification, angle = clean_terms(models, x, y, cfg, active, sample)

@@ -32,6 +32,7 @@ from deflect.train.losses import (
     input_gradients,
     loss_increase,
     mean_loss,
+    pair_rows,
     plain_loss,
 )
 
@@ -79,7 +80,7 @@ def growth_loss(
     zero = x.new_zeros(())
     transfer = active.transfer1 or active.transfer2
     per_image = transfer and cfg.transfer_clamp == "image"  # the clean losses the transfer terms compare to
-    m = cfg.transfer_batch if cfg.transfer_batch is not None and cfg.transfer_batch < len(x) else len(x)
+    m = pair_rows(cfg, len(x))
     if not (active.angle or transfer):
         loss_new, g_new, losses_f, grads_f = F.cross_entropy(new(x), y), None, [], []
     elif m == len(x):

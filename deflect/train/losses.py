@@ -104,6 +104,13 @@ def input_gradients(
     return (images if per_image else losses), list(grads.unbind(0))
 
 
+def pair_rows(cfg: TrainConfig, batch: int) -> int:
+    """How many of a batch's first images the pair terms use: `transfer_batch` (objective-changing)
+    when it is set and smaller than the batch, else the whole batch. Joint and growth steps share it."""
+    tb = cfg.transfer_batch
+    return tb if tb is not None and tb < batch else batch
+
+
 def mean_loss(loss: torch.Tensor) -> torch.Tensor:
     """The batch-mean loss, whether `loss` is already a mean or per image."""
     return loss if loss.dim() == 0 else batch_mean(loss)
