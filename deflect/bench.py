@@ -10,6 +10,8 @@ image shape instead, e.g. PreAct ResNet18 on 32×32 colour images for `paper-cif
 - `reference`: the per-pair disjoint loss (`deflect.train.losses.disjoint_loss`);
 - `fast`: the same objective in the fast layout (`deflect.train.fast`, as `--step fast` runs it here);
 - `cheap`: an objective-changing recipe: only the ε2·tanh transfer term, on 32 images per batch;
+- `fast_k5`: the fast layout with transfer term 2's perturbation refined to 5 sign steps
+  (`--transfer-steps 5`, objective-changing): what the refinement's first-order passes add;
 - `reference_bf16` (where bf16 is native: a GPU, or a CPU with AVX512-BF16/AMX): the reference step
   under bf16 autocast, as `--bf16` trains.
 Each rate also gives the seconds one epoch of the dataset's training split would take at that rate
@@ -127,6 +129,7 @@ def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[st
         "reference": {},
         "fast": {"step": "fast"},
         "cheap": {"step": "fast", "transfer_batch": 32, "w_transfer1": 0.0, "w_angle": 0.0},
+        "fast_k5": {"step": "fast", "transfer_steps": 5},
     }
     if bf16_supported(device):
         recipes["reference_bf16"] = {"bf16": True}
@@ -158,7 +161,8 @@ def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[st
 def grow_rates(settings: BenchSettings, device: torch.device, frozen_n: int = 3) -> dict[str, float]:
     """Steps per second of one model trained alone (the reference cost of `deflect grow`'s target)
     and of one new model grown against `frozen_n` frozen ones, S = 2 sampled per step (the default),
-    S = 1, and S = 2 with the transfer terms on 32 images (`--transfer-batch 32`)."""
+    S = 1, and S = 2 with the transfer terms on 32 images (`--transfer-batch 32`); and S = 3 on 32
+    images with one-step and 5-step transfer-2 perturbations (`--sample 3 --transfer-steps 5`)."""
     from deflect.inference import inference_copy
     from deflect.train.grow import growth_loss
 
@@ -166,6 +170,8 @@ def grow_rates(settings: BenchSettings, device: torch.device, frozen_n: int = 3)
     frozen = [inference_copy(m, device) for m in _models(settings, frozen_n, device)]
     recipes: dict[str, tuple[int, dict[str, Any]]] = {
         "one_model": (0, {}), "grow_s2": (2, {}), "grow_s1": (1, {}), "grow_s2_tb32": (2, {"transfer_batch": 32}),
+        "grow_s3_tb32": (3, {"transfer_batch": 32}),
+        "grow_s3_tb32_k5": (3, {"transfer_batch": 32, "transfer_steps": 5}),
     }
     rates: dict[str, float] = {}
     for name, (sample, overrides) in recipes.items():
@@ -352,11 +358,14 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
         result.ratios[f"reference_cost_vs_independent_n{n}"] = rates["independent"] / rates["reference"]
         result.ratios[f"fast_vs_reference_n{n}"] = rates["fast"] / rates["reference"]
         result.ratios[f"cheap_vs_reference_n{n}"] = rates["cheap"] / rates["reference"]
+        result.ratios[f"fast_k5_cost_vs_fast_n{n}"] = rates["fast"] / rates["fast_k5"]
         if "reference_bf16" in rates:
             result.ratios[f"bf16_vs_reference_n{n}"] = rates["reference_bf16"] / rates["reference"]
     for name, rate in result.grow_steps_per_s.items():
         if name != "one_model":
             result.ratios[f"{name}_cost_vs_one_model"] = result.grow_steps_per_s["one_model"] / rate
+    grown = result.grow_steps_per_s
+    result.ratios["grow_s3_tb32_k5_cost_vs_grow_s3_tb32"] = grown["grow_s3_tb32"] / grown["grow_s3_tb32_k5"]
     if "torchattacks_images_per_s" in result.matrix:
         result.ratios["matrix_vs_torchattacks"] = (result.matrix["deflect_images_per_s"]
                                                    / result.matrix["torchattacks_images_per_s"])

@@ -127,6 +127,8 @@ def train(
     transfer_clamp: Annotated[str | None, typer.Option(
         help="batch | image: clamp the transfer terms' mean increase (released code) or each image's "
              "(preset default).")] = None,
+    transfer_steps: Annotated[int | None, typer.Option(
+        help="Sign steps of transfer loss 2's perturbation (changes the objective; default 1, Eq. 4).")] = None,
     select: Annotated[str | None, typer.Option(help="Kept checkpoint: val-loss | last.")] = None,
     limit: Annotated[int | None, typer.Option(help="Train on a seeded subset of N images.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -158,7 +160,7 @@ def train(
             sample_models=sample, select=select, train_limit=limit, seed=seed, device=device,
             bf16=bf16, data_dir=str(data_dir) if data_dir else None, download=download,
             eps1_per_sample=eps1_per_sample or None, step=step, transfer_batch=transfer_batch, at_eps=at_eps,
-            transfer_clamp=transfer_clamp,
+            transfer_clamp=transfer_clamp, transfer_steps=transfer_steps,
         )
         if angle_epochs is not None:
             overrides["angle_window"] = TermWindow(1, angle_epochs)
@@ -220,6 +222,9 @@ def grow(
     transfer_batch: Annotated[int | None, typer.Option(
         help="Pair terms on the first B images of each batch (changes the objective; default: the parent's).")]
     = None,
+    transfer_steps: Annotated[int | None, typer.Option(
+        help="Sign steps of transfer loss 2's perturbations (changes the objective; default: the parent's).")]
+    = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per new model (default: the parent's).")] = None,
     pair_scale: Annotated[float | None, typer.Option(
         help="Multiply the set's angular and transfer weights in the new models' loss (default 1).")] = None,
@@ -254,6 +259,7 @@ def grow(
             fail(f"run {base.id} is {base.status}; only a finished set can be grown")
         passed = [(f"--{name}", value) for name, value in (("sample", sample), ("epochs", epochs), ("seed", seed),
                                                             ("transfer-batch", transfer_batch),
+                                                            ("transfer-steps", transfer_steps),
                                                             ("pair-scale", pair_scale))
                   if value is not None]
         args = [str(a) for pair in passed for a in pair] + ["--device", device]
@@ -292,6 +298,7 @@ def grow(
         with progress:
             run_id = run_grow(store, run, add or 1, sample=sample, epochs=epochs, seed=seed, device=device,
                               pool=pool, transfer_batch=transfer_batch, pair_scale=pair_scale,
+                              transfer_steps=transfer_steps,
                               callbacks=GrowCallbacks(on_start, on_batch, None, on_model))
     except KeyboardInterrupt:
         typer.echo(f"deflect: interrupted; run {task.get('run', '?')} is marked interrupted and "

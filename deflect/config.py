@@ -72,6 +72,8 @@ class TrainConfig:
     # Eq. 4: step eps2 * tanh(tanh_scale * grad); the released code uses tanh(2e4 * g).
     eps2: float = 0.031
     tanh_scale: float = 2e4
+    # deflect's option: transfer term 2's perturbation carried this many sign steps (1: Eq. 4's one step)
+    transfer_steps: int = 1
     cosine: str = "channel"  # "channel": per (sample, channel) as in the code; "sample": Eq. 2
     # transfer terms: "batch" clamps the batch-mean increase (released code), "image" each image's
     transfer_clamp: str = "batch"
@@ -115,6 +117,8 @@ class TrainConfig:
             raise DeflectError(f"unknown step {self.step!r}; choose one of: {', '.join(STEPS)}")
         if self.transfer_batch is not None and self.transfer_batch < 2:
             raise DeflectError(f"--transfer-batch must be at least 2, got {self.transfer_batch}")
+        if self.transfer_steps < 1:
+            raise DeflectError(f"--transfer-steps must be at least 1, got {self.transfer_steps}")
         if self.width < 1:
             raise DeflectError(f"--width must be at least 1, got {self.width}")
         if self.epochs < 1:

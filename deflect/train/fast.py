@@ -31,7 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from deflect.config import TrainConfig
-from deflect.train.losses import ActiveTerms, LossParts, clamped_increase, clean_terms, pair_rows, plain_loss
+from deflect.train.losses import (
+    ActiveTerms,
+    LossParts,
+    clamped_increase,
+    clean_terms,
+    pair_rows,
+    plain_loss,
+    transfer2_delta,
+)
 
 
 def _chunked_bn_forward(bn: nn.BatchNorm2d, chunks: int, x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +119,8 @@ def fast_disjoint_loss(
     scale = x.shape[0] if cfg.eps1_per_sample else 1.0
     t1: dict[tuple[int, int], torch.Tensor] = {}
     t2: dict[tuple[int, int], torch.Tensor] = {}
+    deltas2 = {j: transfer2_delta(models[j], xt, yt, grads[j], cfg)  # type: ignore[arg-type]
+               for j in (sample if active.transfer2 else [])}
     for i in (sample if transfer else []):
         deltas: list[torch.Tensor] = []
         keys: list[tuple[str, int]] = []
@@ -123,7 +133,7 @@ def fast_disjoint_loss(
                 deltas.append(cfg.eps1 * scale * g_j)
                 keys.append(("t1", j))
             if active.transfer2:
-                deltas.append(cfg.eps2 * torch.tanh(cfg.tanh_scale * g_j))
+                deltas.append(deltas2[j])
                 keys.append(("t2", j))
         clean_i = losses[i]
         assert clean_i is not None

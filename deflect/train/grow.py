@@ -34,6 +34,7 @@ from deflect.train.losses import (
     mean_loss,
     pair_rows,
     plain_loss,
+    transfer2_delta,
 )
 
 DEFAULT_SAMPLE = 2  # frozen models per step: 2·S ordered pairs per transfer term, S angular pairs
@@ -108,14 +109,14 @@ def growth_loss(
         assert g_new is not None
         scale = x.shape[0] if cfg.eps1_per_sample else 1.0
 
-        def deltas(g: torch.Tensor) -> list[torch.Tensor]:
+        def deltas(source: nn.Module, g: torch.Tensor) -> list[torch.Tensor]:
             out = [cfg.eps1 * scale * g] if active.transfer1 else []
-            return out + ([cfg.eps2 * torch.tanh(cfg.tanh_scale * g)] if active.transfer2 else [])
+            return out + ([transfer2_delta(source, xt, yt, g, cfg)] if active.transfer2 else [])
 
-        mine = deltas(g_new)
+        mine = deltas(new, g_new)
         kinds = ([t1_terms] if active.transfer1 else []) + ([t2_terms] if active.transfer2 else [])
         for model, loss_f, g_f in zip(frozen, losses_f, grads_f, strict=True):
-            into_new = [loss_increase(new, xt, yt, pair_new, d) for d in deltas(g_f)]  # frozen → new
+            into_new = [loss_increase(new, xt, yt, pair_new, d) for d in deltas(model, g_f)]  # frozen → new
             into_frozen = _frozen_increase(model, xt, yt, loss_f, mine)  # new → frozen
             for terms, a, b in zip(kinds, into_new, into_frozen, strict=True):
                 terms.extend((a, b))

@@ -125,6 +125,7 @@ def grow(
     transfer_batch: int | None = None,
     pair_scale: float | None = None,
     callbacks: GrowCallbacks | None = None,
+    transfer_steps: int | None = None,
 ) -> str:
     """Train `add` new models against the frozen models of `parent_ref`; return the new run's id.
 
@@ -153,18 +154,19 @@ def grow(
         if pool:
             parent = current_pool(store, base.id) or base
         return _grow(store, parent, add, sample, epochs, seed, device, extra, callbacks or GrowCallbacks(),
-                     transfer_batch, 1.0 if pair_scale is None else pair_scale)
+                     transfer_batch, 1.0 if pair_scale is None else pair_scale, transfer_steps)
 
 
 def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int | None, seed: int | None,
           device_name: str, extra: dict[str, Any], cb: GrowCallbacks, transfer_batch: int | None = None,
-          pair_scale: float = 1.0) -> str:
+          pair_scale: float = 1.0, transfer_steps: int | None = None) -> str:
     if parent.status != "finished":
         raise DeflectError(f"run {parent.id} is {parent.status}; only a finished set can be grown")
     base_cfg = TrainConfig.from_dict(parent.config)
     n = parent.n
     cfg = dataclasses.replace(base_cfg, n=n + add, epochs=epochs or base_cfg.epochs, device=device_name,
-                              transfer_batch=base_cfg.transfer_batch if transfer_batch is None else transfer_batch)
+                              transfer_batch=base_cfg.transfer_batch if transfer_batch is None else transfer_batch,
+                              transfer_steps=base_cfg.transfer_steps if transfer_steps is None else transfer_steps)
     cfg.validate()
     seed = base_cfg.seed if seed is None else seed
     sample = DEFAULT_SAMPLE if sample is None else sample
@@ -178,7 +180,8 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
     run_dir = store.runs_root / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     grow_info: dict[str, Any] = {"parent_n": n, "sample": sample, "epochs": cfg.epochs, "seed": seed,
-                                 "transfer_batch": cfg.transfer_batch, "pair_scale": pair_scale, "seconds": []}
+                                 "transfer_batch": cfg.transfer_batch, "transfer_steps": cfg.transfer_steps,
+                                 "pair_scale": pair_scale, "seconds": []}
     config = {**json.loads(cfg.to_json()), "parent": parent.id, "inherited": list(range(n)),
               "new": list(range(n, n + add)), "grow": grow_info, **extra}
     write_json(run_dir / CONFIG_JSON, config)

@@ -16,6 +16,11 @@ as soon as the *average* increase is ≤ 0, while many images still transfer (on
 terms read ~0.00 by the third epoch with PGD black-box accuracy at 72 %); clamped per image
 every image that still transfers keeps a gradient. The clean losses then travel per image: a 0-d
 clean loss means the released clamp, a per-image vector the per-image clamp.
+
+`TrainConfig.transfer_steps = K > 1` (deflect's option, 1 in every preset) carries transfer term 2's
+perturbation K − 1 sign-gradient steps further on its source model (`transfer2_delta`). Sets trained
+on the one-step perturbation deflect FGSM far better than PGD-20 (a set of 8 at w = 16: 85.9 % against
+78.5 % black-box on Fashion-MNIST at ε = 0.1), so the one step is not where the shared directions are.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from deflect.config import TrainConfig
 from deflect.train.distributed import batch_mean, batch_size, cross_entropy_mean
@@ -143,6 +149,40 @@ def _per_sample(products: torch.Tensor) -> torch.Tensor:
     return batch_mean(cos.flatten(1).mean(1) if cos.dim() > 1 else cos)
 
 
+def refined_delta(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, eps: float, steps: int
+) -> torch.Tensor:
+    """`delta` carried `steps` − 1 sign-gradient steps of 2.5·ε/steps up `model`'s loss, within |δ| ≤ ε.
+
+    Only the value moves: the result is δ + (δ_K − δ).detach(), so the gradient still reaches the
+    source model through the one-step δ (the second-order path of Eqs. 3/4) and the extra steps
+    cost first-order passes alone. They run on copies of the model's buffers, so BatchNorm's running
+    statistics never see the refining forwards, and under `torch.no_grad()` (validation) as well.
+    """
+    if steps <= 1:
+        return delta
+    alpha = 2.5 * eps / steps
+    params = dict(model.named_parameters())
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    x = x.detach()
+    d = delta.detach()
+    with torch.enable_grad():
+        for _ in range(steps - 1):
+            d = d.requires_grad_(True)
+            logits = functional_call(model, (params, buffers), (x + d,))
+            (g,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), d)
+            d = (d + alpha * g.sign()).clamp(-eps, eps).detach()
+    return delta + (d - delta).detach()
+
+
+def transfer2_delta(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, cfg: TrainConfig
+                    ) -> torch.Tensor:
+    """Transfer term 2's perturbation crafted on `model` from its input gradient g: ε2·tanh(s·g) (Eq. 4),
+    refined by `cfg.transfer_steps` − 1 further steps when asked (see `refined_delta`)."""
+    delta = cfg.eps2 * torch.tanh(cfg.tanh_scale * g)
+    return refined_delta(model, x, y, delta, cfg.eps2, cfg.transfer_steps)
+
+
 def loss_increase(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor, delta: torch.Tensor
 ) -> torch.Tensor:
@@ -206,14 +246,15 @@ def disjoint_loss(
     t1_terms: list[torch.Tensor] = []
     t2_terms: list[torch.Tensor] = []
     scale = batch_size(x) if cfg.eps1_per_sample else 1.0
+    deltas2 = {j: transfer2_delta(models[j], x, y, grads[j], cfg)  # type: ignore[arg-type]
+               for j in (sample if active.transfer2 else [])}
     for i, j in itertools.permutations(sample if transfer else [], 2):
         g_j = grads[j]
         assert g_j is not None and losses[i] is not None
         if active.transfer1:
             t1_terms.append(loss_increase(models[i], x, y, losses[i], cfg.eps1 * scale * g_j))
         if active.transfer2:
-            delta = cfg.eps2 * torch.tanh(cfg.tanh_scale * g_j)
-            t2_terms.append(loss_increase(models[i], x, y, losses[i], delta))
+            t2_terms.append(loss_increase(models[i], x, y, losses[i], deltas2[j]))
     transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero
     transfer2 = torch.stack(t2_terms).mean() if t2_terms else zero
     total = (

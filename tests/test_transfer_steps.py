@@ -1,0 +1,148 @@
+"""`--transfer-steps`: transfer term 2's perturbation refined by sign steps (deflect.train.losses)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import deflect
+from deflect.cli import app
+from deflect.config import make_config
+from deflect.data import dataset_info
+from deflect.inference import inference_copy
+from deflect.models import build_model
+from deflect.store import Store
+from deflect.train.fast import fast_disjoint_loss
+from deflect.train.grow import growth_loss
+from deflect.train.losses import ActiveTerms, disjoint_loss, refined_delta, transfer2_delta
+
+runner = CliRunner()
+
+
+def _digits_batch(count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    return deflect.load_dataset("digits", "test").batch(torch.arange(count))
+
+
+def test_one_step_is_the_papers_perturbation() -> None:
+    model = build_model("cnn", dataset_info("digits"), width=8)
+    x, y = _digits_batch()
+    delta = torch.rand_like(x)
+    assert refined_delta(model, x, y, delta, 0.1, 1) is delta
+    g = torch.randn_like(x)
+    cfg = make_config(3, "digits")
+    assert torch.equal(transfer2_delta(model, x, y, g, cfg), cfg.eps2 * torch.tanh(cfg.tanh_scale * g))
+
+
+def test_refinement_from_zero_is_torchattacks_pgd(digits_runs) -> None:
+    """From δ = 0, K steps are PGD with K − 1 steps of 2.5ε/K and no random start; images inside
+    [ε, 1 − ε] keep torchattacks' [0, 1] clip out of the comparison."""
+    torchattacks = pytest.importorskip("torchattacks")
+    store, ids = digits_runs
+    model = deflect.load_set(ids["independent"], store)[0].eval()
+    x, y = _digits_batch()
+    x = 0.2 + 0.6 * x
+    eps, steps = 0.1, 5
+    ours = refined_delta(model, x, y, torch.zeros_like(x), eps, steps)
+    attack = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps - 1, random_start=False)
+    theirs = attack(x, y) - x
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert float(ours.abs().max()) == pytest.approx(eps)
+
+
+def test_refinement_raises_the_source_loss_and_keeps_the_one_step_gradient(digits_runs) -> None:
+    store, ids = digits_runs
+    model = deflect.load_set(ids["independent"], store)[0]
+    model.train()  # as in training: BatchNorm on batch statistics, running statistics must not move
+    x, y = _digits_batch()
+    cfg = dataclasses.replace(make_config(3, "digits"), transfer_steps=5)
+    xs = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xs), y), xs, create_graph=True)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    one = cfg.eps2 * torch.tanh(cfg.tanh_scale * g)
+    refined = transfer2_delta(model, x, y, g, cfg)
+    assert model.training
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert float(refined.detach().abs().max()) <= cfg.eps2 + 1e-7
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy
+        assert float(ce(model(x + refined), y)) > float(ce(model(x + one), y)) + 0.05
+    # the value is the refined one, the gradient to the model's weights the one-step path's
+    weights = torch.randn_like(x)
+    params = [p for p in model.parameters()]
+    via_refined = torch.autograd.grad((weights * refined).sum(), params, retain_graph=True, allow_unused=True)
+    via_one = torch.autograd.grad((weights * one).sum(), params, allow_unused=True)
+    assert any(a is not None and float(a.abs().sum()) > 0 for a in via_one)
+    for a, b in zip(via_refined, via_one, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_fast_step_equals_the_reference_with_refined_perturbations() -> None:
+    torch.manual_seed(0)
+    info = dataset_info("fashion-mnist")
+    models = [build_model("cnn", info, width=8) for _ in range(3)]
+    twins = copy.deepcopy(models)
+    x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    cfg = make_config(3, "fashion-mnist", width=8, transfer_steps=4)
+    active = ActiveTerms.all_enabled(cfg)
+    results = []
+    for fn, ms, kw in ((disjoint_loss, models, {}), (fast_disjoint_loss, twins, {"batched": True})):
+        for m in ms:
+            m.train()
+        parts = fn(ms, x, y, cfg, active, **kw)
+        parts.total.backward()
+        results.append((parts, [p.grad.clone() for m in ms for p in m.parameters()],
+                        [b.clone() for m in ms for b in m.buffers()]))
+    (ref, ref_grads, ref_buffers), (fast, fast_grads, fast_buffers) = results
+    for name in ("total", "transfer1", "transfer2"):
+        assert float(getattr(fast, name)) == pytest.approx(float(getattr(ref, name)), abs=1e-5, rel=1e-4)
+    for a, b in zip(ref_grads, fast_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    for a, b in zip(ref_buffers, fast_buffers, strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    one = disjoint_loss(copy.deepcopy(models), x, y, dataclasses.replace(cfg, transfer_steps=1), active)
+    assert float(ref.transfer2) > float(one.transfer2)  # the refined perturbation transfers more
+    with torch.no_grad():  # the validation objective: values alone, no graph
+        value = disjoint_loss(models, x, y, cfg, active, create_graph=False)
+    assert value.total.grad_fn is None and torch.isfinite(value.total)
+
+
+def test_growth_loss_refines_both_directions(digits_runs) -> None:
+    store, ids = digits_runs
+    new, *frozen = deflect.load_set(ids["independent"], store)
+    new.eval()
+    frozen = [inference_copy(m, "cpu") for m in frozen]
+    x, y = _digits_batch(32)
+    cfg = make_config(3, "digits")
+    active = ActiveTerms(transfer2=True)
+    one = growth_loss(new, frozen, x, y, cfg, active).as_floats()
+    five = growth_loss(new, frozen, x, y, dataclasses.replace(cfg, transfer_steps=5), active).as_floats()
+    assert five["transfer2"] > one["transfer2"] > 0
+    assert five["class"] == one["class"]
+
+
+def test_cli_train_and_grow_store_the_steps(store: Store) -> None:
+    db = ["--db", str(store.path)]
+    result = runner.invoke(app, ["train", "--n", "2", "--epochs", "3", "--limit", "320", "--width", "8",
+                                 "--transfer-steps", "3", *db, "--json"])
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout)
+    assert run["config"]["transfer_steps"] == 3
+    rows = store.epochs(run["id"])
+    assert [r.epoch for r in rows] == [1, 2, 3]
+    assert rows[0].loss_transfer2 == 0 and math.isfinite(rows[2].loss_transfer2) and rows[2].loss_transfer2 >= 0
+    grown = runner.invoke(app, ["grow", run["id"], "--epochs", "1", *db, "--json"])
+    assert grown.exit_code == 0, grown.output
+    assert json.loads(grown.stdout)["config"]["grow"]["transfer_steps"] == 3  # the parent's recipe
+    again = runner.invoke(app, ["grow", run["id"], "--epochs", "1", "--transfer-steps", "1", *db, "--json"])
+    assert json.loads(again.stdout)["config"]["transfer_steps"] == 1
+    bad = runner.invoke(app, ["train", "--transfer-steps", "0", *db])
+    assert bad.exit_code == 2 and "--transfer-steps must be at least 1" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert len(store.list_runs()) == 3  # the refused run stored nothing
+
