@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,8 +83,8 @@ def check(condition: bool, message: str) -> None:
         raise DeflectError(message)
 
 
-def ce_grad(model: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:
-    """Gradient of the batch-mean cross-entropy w.r.t. the input only.
+def ce_grad(model: Callable[[Tensor], Tensor], x_adv: Tensor, y: Tensor) -> Tensor:
+    """Gradient of the batch-mean cross-entropy w.r.t. the input only (`model`: any logits function).
 
     The mean (not sum) reduction matches torchattacks, so sign-based attacks agree bit-for-bit.
     """

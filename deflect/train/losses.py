@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from deflect.attacks.base import ce_grad
 from deflect.config import TrainConfig
 from deflect.train.distributed import batch_mean, batch_size, cross_entropy_mean
 
@@ -164,14 +165,15 @@ def refined_delta(
     alpha = 2.5 * eps / steps
     params = dict(model.named_parameters())
     buffers = {name: b.clone() for name, b in model.named_buffers()}
+
+    def logits(inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, (params, buffers), (inputs,))
+
     x = x.detach()
     d = delta.detach()
     with torch.enable_grad():
-        for _ in range(steps - 1):
-            d = d.requires_grad_(True)
-            logits = functional_call(model, (params, buffers), (x + d,))
-            (g,) = torch.autograd.grad(F.cross_entropy(logits.float(), y, reduction="sum"), d)
-            d = (d + alpha * g.sign()).clamp(-eps, eps).detach()
+        for _ in range(steps - 1):  # the attacks' PGD step, without their [0, 1] clip (Eqs. 3/4 have none)
+            d = (d + alpha * ce_grad(logits, x + d, y).sign()).clamp(-eps, eps)
     return delta + (d - delta).detach()
 
 
