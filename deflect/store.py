@@ -154,15 +154,21 @@ class Store:
         )
         event.listen(self.engine, "connect", _pragmas)
         try:
-            for attempt in range(5):
+            for attempt in range(8):
+                started = time.monotonic()
                 try:
                     self._prepare_schema()
                     break
                 except OperationalError as exc:
-                    # two processes opening a new (or old) database at once: the other one created the
-                    # table or added the column between our check and our statement; look again
-                    racing = "already exists" in str(exc.orig) or "duplicate column" in str(exc.orig)
-                    if not racing or attempt == 4:
+                    # two processes opening a new (or old) database at once (torchrun's ranks): the other
+                    # one created the table or added the column between our check and our statement, or
+                    # both read the schema and then wanted to write it, and SQLite refuses one at once
+                    # rather than wait (a deadlock, not a lock held); look again. A lock held past the
+                    # busy timeout is a real one and is reported.
+                    message = str(exc.orig)
+                    racing = "already exists" in message or "duplicate column" in message or (
+                        "locked" in message and time.monotonic() - started < 1.0)
+                    if not racing or attempt == 7:
                         raise
                     time.sleep(0.05 * (attempt + 1))
         except OperationalError as exc:

@@ -422,7 +422,10 @@ def test_key_never_logged_or_stored(digits_runs: tuple[Store, dict[str, str]], t
                     "accessible by group or others", "chmod 600")
 
 
-def _open_store(path: str, results: Any) -> None:
+def _open_store(path: str, results: Any, start: float) -> None:
+    Store(f"{path}-{os.getpid()}.db")  # SQLAlchemy's first-use imports done, so nothing staggers the start
+    while time.time() < start:  # every process reaches SQLite at the same moment, as torchrun's ranks do
+        pass
     try:
         Store(path)
         results.put("ok")
@@ -431,13 +434,17 @@ def _open_store(path: str, results: Any) -> None:
 
 
 def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> None:
-    """`deflect train` and a dashboard or test poller may create the same new database together."""
+    """`deflect train` and a dashboard or test poller may create the same new database together, and
+    torchrun's ranks always do; SQLite refuses one of two schema writers at once (a deadlock, not a
+    lock held), without the retry about one run of this test in two fails."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork")
-    for round_ in range(8):
+    for round_ in range(60):
         results = ctx.Queue()
-        procs = [ctx.Process(target=_open_store, args=(str(tmp_path / f"new-{round_}.db"), results)) for _ in range(4)]
+        start = time.time() + 0.2
+        procs = [ctx.Process(target=_open_store, args=(str(tmp_path / f"new-{round_}.db"), results, start))
+                 for _ in range(4)]
         for p in procs:
             p.start()
         for p in procs:
