@@ -129,6 +129,9 @@ def train(
              "(preset default).")] = None,
     transfer_steps: Annotated[int | None, typer.Option(
         help="Sign steps of transfer loss 2's perturbation (changes the objective; default 1, Eq. 4).")] = None,
+    transfer_refine: Annotated[float | None, typer.Option(
+        help="Share of each batch whose transfer-2 perturbation --transfer-steps refines (default 1; the "
+             "rest keeps Eq. 4's one step).")] = None,
     select: Annotated[str | None, typer.Option(help="Kept checkpoint: val-loss | last.")] = None,
     limit: Annotated[int | None, typer.Option(help="Train on a seeded subset of N images.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -160,7 +163,7 @@ def train(
             sample_models=sample, select=select, train_limit=limit, seed=seed, device=device,
             bf16=bf16, data_dir=str(data_dir) if data_dir else None, download=download,
             eps1_per_sample=eps1_per_sample or None, step=step, transfer_batch=transfer_batch, at_eps=at_eps,
-            transfer_clamp=transfer_clamp, transfer_steps=transfer_steps,
+            transfer_clamp=transfer_clamp, transfer_steps=transfer_steps, transfer_refine=transfer_refine,
         )
         if angle_epochs is not None:
             overrides["angle_window"] = TermWindow(1, angle_epochs)
@@ -225,6 +228,9 @@ def grow(
     transfer_steps: Annotated[int | None, typer.Option(
         help="Sign steps of transfer loss 2's perturbations (changes the objective; default: the parent's).")]
     = None,
+    transfer_refine: Annotated[float | None, typer.Option(
+        help="Share of each batch those steps refine (changes the objective; default: the parent's).")]
+    = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per new model (default: the parent's).")] = None,
     pair_scale: Annotated[float | None, typer.Option(
         help="Multiply the set's angular and transfer weights in the new models' loss (default 1).")] = None,
@@ -260,6 +266,7 @@ def grow(
         passed = [(f"--{name}", value) for name, value in (("sample", sample), ("epochs", epochs), ("seed", seed),
                                                             ("transfer-batch", transfer_batch),
                                                             ("transfer-steps", transfer_steps),
+                                                            ("transfer-refine", transfer_refine),
                                                             ("pair-scale", pair_scale))
                   if value is not None]
         args = [str(a) for pair in passed for a in pair] + ["--device", device]
@@ -298,7 +305,7 @@ def grow(
         with progress:
             run_id = run_grow(store, run, add or 1, sample=sample, epochs=epochs, seed=seed, device=device,
                               pool=pool, transfer_batch=transfer_batch, pair_scale=pair_scale,
-                              transfer_steps=transfer_steps,
+                              transfer_steps=transfer_steps, transfer_refine=transfer_refine,
                               callbacks=GrowCallbacks(on_start, on_batch, None, on_model))
     except KeyboardInterrupt:
         typer.echo(f"deflect: interrupted; run {task.get('run', '?')} is marked interrupted and "

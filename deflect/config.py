@@ -74,6 +74,7 @@ class TrainConfig:
     tanh_scale: float = 2e4
     # deflect's option: transfer term 2's perturbation carried this many sign steps (1: Eq. 4's one step)
     transfer_steps: int = 1
+    transfer_refine: float = 1.0  # share of each batch whose term-2 perturbation those steps refine
     cosine: str = "channel"  # "channel": per (sample, channel) as in the code; "sample": Eq. 2
     # transfer terms: "batch" clamps the batch-mean increase (released code), "image" each image's
     transfer_clamp: str = "batch"
@@ -119,6 +120,8 @@ class TrainConfig:
             raise DeflectError(f"--transfer-batch must be at least 2, got {self.transfer_batch}")
         if self.transfer_steps < 1:
             raise DeflectError(f"--transfer-steps must be at least 1, got {self.transfer_steps}")
+        if not 0 < self.transfer_refine <= 1:
+            raise DeflectError(f"--transfer-refine must be in (0, 1], got {self.transfer_refine}")
         if self.width < 1:
             raise DeflectError(f"--width must be at least 1, got {self.width}")
         if self.epochs < 1:

@@ -1,4 +1,5 @@
-"""`--transfer-steps`: transfer term 2's perturbation refined by sign steps (deflect.train.losses)."""
+"""`--transfer-steps` / `--transfer-refine`: transfer term 2's perturbation refined by sign steps on a
+share of each batch (deflect.train.losses)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,31 @@ def test_refinement_raises_the_source_loss_and_keeps_the_one_step_gradient(digit
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_a_share_refines_the_leading_images_and_leaves_the_rest_one_step(digits_runs) -> None:
+    store, ids = digits_runs
+    model = deflect.load_set(ids["independent"], store)[0]
+    model.train()
+    x, y = _digits_batch(64)
+    xs = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xs), y), xs, create_graph=True)
+    cfg = dataclasses.replace(make_config(3, "digits"), transfer_steps=5)
+    one = cfg.eps2 * torch.tanh(cfg.tanh_scale * g)
+    whole = transfer2_delta(model, x, y, g, cfg)
+    assert torch.equal(whole, refined_delta(model, x, y, one, cfg.eps2, 5, 1.0))
+    for share, m in ((0.5, 32), (0.3, 20), (0.001, 1)):
+        part = transfer2_delta(model, x, y, g, dataclasses.replace(cfg, transfer_refine=share))
+        alone = refined_delta(model, x[:m], y[:m], one[:m], cfg.eps2, 5)
+        assert torch.allclose(part[:m], alone, atol=1e-7)  # refined exactly as a batch of its own
+        assert not torch.allclose(part[:m], one[:m])
+        assert torch.equal(part[m:].detach(), one[m:].detach())  # the rest keeps Eq. 4's step
+        weights = torch.randn_like(x)
+        params = list(model.parameters())
+        via_part = torch.autograd.grad((weights * part).sum(), params, retain_graph=True, allow_unused=True)
+        via_one = torch.autograd.grad((weights * one).sum(), params, retain_graph=True, allow_unused=True)
+        for a, b in zip(via_part, via_one, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_fast_step_equals_the_reference_with_refined_perturbations() -> None:
     torch.manual_seed(0)
     info = dataset_info("fashion-mnist")
@@ -129,20 +155,27 @@ def test_growth_loss_refines_both_directions(digits_runs) -> None:
 def test_cli_train_and_grow_store_the_steps(store: Store) -> None:
     db = ["--db", str(store.path)]
     result = runner.invoke(app, ["train", "--n", "2", "--epochs", "3", "--limit", "320", "--width", "8",
-                                 "--transfer-steps", "3", *db, "--json"])
+                                 "--transfer-steps", "3", "--transfer-refine", "0.5", *db, "--json"])
     assert result.exit_code == 0, result.output
     run = json.loads(result.stdout)
-    assert run["config"]["transfer_steps"] == 3
+    assert run["config"]["transfer_steps"] == 3 and run["config"]["transfer_refine"] == 0.5
     rows = store.epochs(run["id"])
     assert [r.epoch for r in rows] == [1, 2, 3]
     assert rows[0].loss_transfer2 == 0 and math.isfinite(rows[2].loss_transfer2) and rows[2].loss_transfer2 >= 0
     grown = runner.invoke(app, ["grow", run["id"], "--epochs", "1", *db, "--json"])
     assert grown.exit_code == 0, grown.output
-    assert json.loads(grown.stdout)["config"]["grow"]["transfer_steps"] == 3  # the parent's recipe
-    again = runner.invoke(app, ["grow", run["id"], "--epochs", "1", "--transfer-steps", "1", *db, "--json"])
+    grow_info = json.loads(grown.stdout)["config"]["grow"]
+    assert grow_info["transfer_steps"] == 3 and grow_info["transfer_refine"] == 0.5  # the parent's recipe
+    again = runner.invoke(app, ["grow", run["id"], "--epochs", "1", "--transfer-steps", "1",
+                                "--transfer-refine", "1", *db, "--json"])
     assert json.loads(again.stdout)["config"]["transfer_steps"] == 1
+    assert json.loads(again.stdout)["config"]["transfer_refine"] == 1.0
     bad = runner.invoke(app, ["train", "--transfer-steps", "0", *db])
     assert bad.exit_code == 2 and "--transfer-steps must be at least 1" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    for value in ("0", "1.5"):
+        bad = runner.invoke(app, ["grow", run["id"], "--transfer-refine", value, *db])
+        assert bad.exit_code == 2 and f"--transfer-refine must be in (0, 1], got {float(value)}" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
     assert len(store.list_runs()) == 3  # the refused run stored nothing
 

@@ -126,6 +126,7 @@ def grow(
     pair_scale: float | None = None,
     callbacks: GrowCallbacks | None = None,
     transfer_steps: int | None = None,
+    transfer_refine: float | None = None,
 ) -> str:
     """Train `add` new models against the frozen models of `parent_ref`; return the new run's id.
 
@@ -154,19 +155,21 @@ def grow(
         if pool:
             parent = current_pool(store, base.id) or base
         return _grow(store, parent, add, sample, epochs, seed, device, extra, callbacks or GrowCallbacks(),
-                     transfer_batch, 1.0 if pair_scale is None else pair_scale, transfer_steps)
+                     transfer_batch, 1.0 if pair_scale is None else pair_scale, transfer_steps, transfer_refine)
 
 
 def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int | None, seed: int | None,
           device_name: str, extra: dict[str, Any], cb: GrowCallbacks, transfer_batch: int | None = None,
-          pair_scale: float = 1.0, transfer_steps: int | None = None) -> str:
+          pair_scale: float = 1.0, transfer_steps: int | None = None, transfer_refine: float | None = None
+          ) -> str:
     if parent.status != "finished":
         raise DeflectError(f"run {parent.id} is {parent.status}; only a finished set can be grown")
     base_cfg = TrainConfig.from_dict(parent.config)
     n = parent.n
     cfg = dataclasses.replace(base_cfg, n=n + add, epochs=epochs or base_cfg.epochs, device=device_name,
                               transfer_batch=base_cfg.transfer_batch if transfer_batch is None else transfer_batch,
-                              transfer_steps=base_cfg.transfer_steps if transfer_steps is None else transfer_steps)
+                              transfer_steps=base_cfg.transfer_steps if transfer_steps is None else transfer_steps,
+                              transfer_refine=base_cfg.transfer_refine if transfer_refine is None else transfer_refine)
     cfg.validate()
     seed = base_cfg.seed if seed is None else seed
     sample = DEFAULT_SAMPLE if sample is None else sample
@@ -181,6 +184,7 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
     run_dir.mkdir(parents=True, exist_ok=False)
     grow_info: dict[str, Any] = {"parent_n": n, "sample": sample, "epochs": cfg.epochs, "seed": seed,
                                  "transfer_batch": cfg.transfer_batch, "transfer_steps": cfg.transfer_steps,
+                                 "transfer_refine": cfg.transfer_refine,
                                  "pair_scale": pair_scale, "seconds": []}
     config = {**json.loads(cfg.to_json()), "parent": parent.id, "inherited": list(range(n)),
               "new": list(range(n, n + add)), "grow": grow_info, **extra}
