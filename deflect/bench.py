@@ -130,6 +130,7 @@ def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[st
         "fast": {"step": "fast"},
         "cheap": {"step": "fast", "transfer_batch": 32, "w_transfer1": 0.0, "w_angle": 0.0},
         "fast_k5": {"step": "fast", "transfer_steps": 5},
+        "fast_k5_r50": {"step": "fast", "transfer_steps": 5, "transfer_refine": 0.5},
     }
     if bf16_supported(device):
         recipes["reference_bf16"] = {"bf16": True}
@@ -162,7 +163,8 @@ def grow_rates(settings: BenchSettings, device: torch.device, frozen_n: int = 3)
     """Steps per second of one model trained alone (the reference cost of `deflect grow`'s target)
     and of one new model grown against `frozen_n` frozen ones, S = 2 sampled per step (the default),
     S = 1, and S = 2 with the transfer terms on 32 images (`--transfer-batch 32`); and S = 3 on 32
-    images with one-step and 5-step transfer-2 perturbations (`--sample 3 --transfer-steps 5`)."""
+    images with one-step and 5-step transfer-2 perturbations (`--sample 3 --transfer-steps 5`), the
+    latter on the whole batch and on half of it (`--transfer-refine 0.5`)."""
     from deflect.inference import inference_copy
     from deflect.train.grow import growth_loss
 
@@ -172,6 +174,7 @@ def grow_rates(settings: BenchSettings, device: torch.device, frozen_n: int = 3)
         "one_model": (0, {}), "grow_s2": (2, {}), "grow_s1": (1, {}), "grow_s2_tb32": (2, {"transfer_batch": 32}),
         "grow_s3_tb32": (3, {"transfer_batch": 32}),
         "grow_s3_tb32_k5": (3, {"transfer_batch": 32, "transfer_steps": 5}),
+        "grow_s3_tb32_k5_r50": (3, {"transfer_batch": 32, "transfer_steps": 5, "transfer_refine": 0.5}),
     }
     rates: dict[str, float] = {}
     for name, (sample, overrides) in recipes.items():
@@ -359,6 +362,7 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
         result.ratios[f"fast_vs_reference_n{n}"] = rates["fast"] / rates["reference"]
         result.ratios[f"cheap_vs_reference_n{n}"] = rates["cheap"] / rates["reference"]
         result.ratios[f"fast_k5_cost_vs_fast_n{n}"] = rates["fast"] / rates["fast_k5"]
+        result.ratios[f"fast_k5_r50_cost_vs_fast_n{n}"] = rates["fast"] / rates["fast_k5_r50"]
         if "reference_bf16" in rates:
             result.ratios[f"bf16_vs_reference_n{n}"] = rates["reference_bf16"] / rates["reference"]
     for name, rate in result.grow_steps_per_s.items():
@@ -366,6 +370,7 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
             result.ratios[f"{name}_cost_vs_one_model"] = result.grow_steps_per_s["one_model"] / rate
     grown = result.grow_steps_per_s
     result.ratios["grow_s3_tb32_k5_cost_vs_grow_s3_tb32"] = grown["grow_s3_tb32"] / grown["grow_s3_tb32_k5"]
+    result.ratios["grow_s3_tb32_k5_r50_cost_vs_grow_s3_tb32"] = grown["grow_s3_tb32"] / grown["grow_s3_tb32_k5_r50"]
     if "torchattacks_images_per_s" in result.matrix:
         result.ratios["matrix_vs_torchattacks"] = (result.matrix["deflect_images_per_s"]
                                                    / result.matrix["torchattacks_images_per_s"])

@@ -116,5 +116,5 @@ def test_a_digits_run_on_cuda_trains_stores_and_reloads(tmp_path) -> None:
 def test_bench_times_the_paper_preset_with_bf16() -> None:
     settings = default_settings("cuda", "paper-cifar10")
     rates = step_rates(BenchSettings(**{**settings.__dict__, "steps": 1}), 3, torch.device("cuda"))
-    assert set(rates) == {"independent", "reference", "fast", "cheap", "fast_k5", "reference_bf16"}
+    assert set(rates) == {"independent", "reference", "fast", "cheap", "fast_k5", "fast_k5_r50", "reference_bf16"}
     assert min(rates.values()) > 0 and rates["independent"] > rates["reference"]
