@@ -154,22 +154,21 @@ def grow(
     with lock:
         if pool:
             parent = current_pool(store, base.id) or base
+        given = {"transfer_batch": transfer_batch, "transfer_steps": transfer_steps, "transfer_refine": transfer_refine}
+        recipe = {name: value for name, value in given.items() if value is not None}  # the rest: the parent's
         return _grow(store, parent, add, sample, epochs, seed, device, extra, callbacks or GrowCallbacks(),
-                     transfer_batch, 1.0 if pair_scale is None else pair_scale, transfer_steps, transfer_refine)
+                     recipe, 1.0 if pair_scale is None else pair_scale)
 
 
 def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int | None, seed: int | None,
-          device_name: str, extra: dict[str, Any], cb: GrowCallbacks, transfer_batch: int | None = None,
-          pair_scale: float = 1.0, transfer_steps: int | None = None, transfer_refine: float | None = None
-          ) -> str:
+          device_name: str, extra: dict[str, Any], cb: GrowCallbacks, recipe: dict[str, Any],
+          pair_scale: float = 1.0) -> str:
+    """`recipe`: the config fields the new models take from the caller instead of the parent."""
     if parent.status != "finished":
         raise DeflectError(f"run {parent.id} is {parent.status}; only a finished set can be grown")
     base_cfg = TrainConfig.from_dict(parent.config)
     n = parent.n
-    cfg = dataclasses.replace(base_cfg, n=n + add, epochs=epochs or base_cfg.epochs, device=device_name,
-                              transfer_batch=base_cfg.transfer_batch if transfer_batch is None else transfer_batch,
-                              transfer_steps=base_cfg.transfer_steps if transfer_steps is None else transfer_steps,
-                              transfer_refine=base_cfg.transfer_refine if transfer_refine is None else transfer_refine)
+    cfg = dataclasses.replace(base_cfg, n=n + add, epochs=epochs or base_cfg.epochs, device=device_name, **recipe)
     cfg.validate()
     seed = base_cfg.seed if seed is None else seed
     sample = DEFAULT_SAMPLE if sample is None else sample
