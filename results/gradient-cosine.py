@@ -33,11 +33,10 @@ def pair_cosines(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor
 
 
 for run, db in zip(sys.argv[1::2], sys.argv[2::2], strict=True):
-    record = Store(db).get_run(run)
-    val = select_subset(load_dataset(record.dataset, "val"), 500)
-    x = torch.stack([val[i][0] for i in range(len(val))])
-    y = torch.tensor([int(val[i][1]) for i in range(len(val))])
-    models = [m.eval() for m in load_set(run, db)]
+    store = Store(db)
+    val = select_subset(load_dataset(store.get_run(run).dataset, "val"), 500)
+    x, y = val.batch(torch.arange(len(val)))
+    models = load_set(run, store)
     cos = pair_cosines(models, x, y)
     n = len(models)
     print(f"{run} n={n} mean {sum(cos) / len(cos):.3f} lowest pair {min(cos):.3f} "
