@@ -105,14 +105,26 @@ def test_torchrun_run_matches_a_single_process_run(tmp_path: Path) -> None:
     ddp_store = Store(tmp_path / "ddp.db")
     runs = ddp_store.list_runs()
     assert len(runs) == 1 and runs[0].status == "finished" and runs[0].device == "cpu x2"
-    single_store = Store(tmp_path / "one.db")
-    single = train(make_config(n=2, dataset="digits", epochs=3, train_limit=384), single_store)
-    ours, theirs = ddp_store.epochs(runs[0].id), single_store.epochs(single)
-    assert len(ours) == len(theirs) == 3
+    # The single-process reference at one and at two threads: the clamped transfer terms are small and
+    # amplify float summation order over epochs, so the reference's own spread across thread counts
+    # is part of the tolerance (it moves loss_transfer2 by a few per cent with some torch builds).
+    threads = torch.get_num_threads()
+    refs = []
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        try:
+            ref_store = Store(tmp_path / f"one-{count}.db")
+            refs.append((ref_store, train(make_config(n=2, dataset="digits", epochs=3, train_limit=384), ref_store)))
+        finally:
+            torch.set_num_threads(threads)
+    single_store, single = refs[0]
+    ours, theirs, other = ddp_store.epochs(runs[0].id), single_store.epochs(single), refs[1][0].epochs(refs[1][1])
+    assert len(ours) == len(theirs) == len(other) == 3
     assert theirs[-1].loss_transfer2 > 0  # the transfer terms ran in the compared epochs
-    for a, b in zip(ours, theirs, strict=True):
+    for a, b, c in zip(ours, theirs, other, strict=True):
         for key in ("loss_total", "loss_class", "loss_angle", "loss_transfer1", "loss_transfer2", "val_loss"):
-            assert getattr(a, key) == pytest.approx(getattr(b, key), rel=2e-3, abs=1e-5), (a.epoch, key)
+            spread = 2 * abs(getattr(b, key) - getattr(c, key))
+            assert getattr(a, key) == pytest.approx(getattr(b, key), rel=2e-3, abs=max(1e-5, spread)), (a.epoch, key)
     for ma, mb in zip(deflect.load_set(runs[0].id, ddp_store), deflect.load_set(single, single_store), strict=True):
         for (name, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values(), strict=True):
             if pa.is_floating_point():
