@@ -109,16 +109,16 @@ def test_torchrun_run_matches_a_single_process_run(tmp_path: Path) -> None:
     # amplify float summation order over epochs, so the reference's own spread across thread counts
     # is part of the tolerance (it moves loss_transfer2 by a few per cent with some torch builds).
     threads = torch.get_num_threads()
-    refs = []
+    refs: dict[int, tuple[Store, str]] = {}
     for count in (1, 2):
         torch.set_num_threads(count)
         try:
             ref_store = Store(tmp_path / f"one-{count}.db")
-            refs.append((ref_store, train(make_config(n=2, dataset="digits", epochs=3, train_limit=384), ref_store)))
+            refs[count] = ref_store, train(make_config(n=2, dataset="digits", epochs=3, train_limit=384), ref_store)
         finally:
             torch.set_num_threads(threads)
-    single_store, single = refs[0]
-    ours, theirs, other = ddp_store.epochs(runs[0].id), single_store.epochs(single), refs[1][0].epochs(refs[1][1])
+    (single_store, single), (two_store, two) = refs[1], refs[2]
+    ours, theirs, other = ddp_store.epochs(runs[0].id), single_store.epochs(single), two_store.epochs(two)
     assert len(ours) == len(theirs) == len(other) == 3
     assert theirs[-1].loss_transfer2 > 0  # the transfer terms ran in the compared epochs
     for a, b, c in zip(ours, theirs, other, strict=True):
