@@ -293,9 +293,15 @@ def grow(
         if "id" not in task:
             task["id"] = progress.add_task("grow", total=event.batches * event.epochs * event.models, model="",
                                            epoch="", losses="", rate="")
+        task["at"] = (event.model, event.models, event.epoch, event.epochs)
         progress.update(task["id"], advance=1, model=f"{event.model}/{event.models}",
                         epoch=f"epoch {event.epoch}/{event.epochs} batch {event.batch}/{event.batches}",
                         losses=format_losses(event), rate=f"{event.images_per_s:.0f} img/s")
+
+    def on_epoch(metric: Any) -> None:  # a line per epoch, as `deflect train` logs, also where no bar is drawn
+        model, models, epoch, epochs = task["at"]
+        progress.console.print(f"new {model}/{models} epoch {epoch}/{epochs}: loss {metric.loss_total:.4f} "
+                               f"val {metric.val_loss:.4f} clean % {metric.clean_acc[0]:.1f}")
 
     def on_model(done: Any) -> None:
         progress.console.print(f"m{done.index} (new {done.position}): clean {done.clean_acc:.1f}% "
@@ -306,7 +312,7 @@ def grow(
             run_id = run_grow(store, run, add or 1, sample=sample, epochs=epochs, seed=seed, device=device,
                               pool=pool, transfer_batch=transfer_batch, pair_scale=pair_scale,
                               transfer_steps=transfer_steps, transfer_refine=transfer_refine,
-                              callbacks=GrowCallbacks(on_start, on_batch, None, on_model))
+                              callbacks=GrowCallbacks(on_start, on_batch, on_epoch, on_model))
     except KeyboardInterrupt:
         typer.echo(f"deflect: interrupted; run {task.get('run', '?')} is marked interrupted and "
                    f"{task.get('parent', run)} is unchanged", err=True)

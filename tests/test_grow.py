@@ -106,6 +106,7 @@ def test_cli_grow_prints_the_new_run(store: Store, small_parent: str) -> None:
     assert data["n"] == 4 and data["status"] == "finished" and data["config"]["parent"] == small_parent
     assert data["config"]["grow"]["sample"] == 1 and len(data["config"]["grow"]["seconds"]) == 2
     assert "m3 (new 2)" in result.stderr
+    assert "new 1/2 epoch 1/1: loss " in result.stderr and "new 2/2 epoch 1/1: loss " in result.stderr
     plain = runner.invoke(app, ["grow", data["id"], "--epochs", "1", "--db", str(store.path)])
     assert plain.exit_code == 0 and store.get_run(plain.stdout.strip()).config["parent"] == data["id"]
     scaled = runner.invoke(app, ["grow", small_parent, "--epochs", "1", "--pair-scale", "0.25",
