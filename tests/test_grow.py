@@ -235,6 +235,7 @@ def test_cli_refill_grows_the_pool_in_the_background(store: Store, small_parent:
         time.sleep(0.5)
     pool = current_pool(store, small_parent)
     assert pool is not None and pool.n == 3, Path(job["log"]).read_text()
+    assert "new 1/1 epoch 1/1: loss " in Path(job["log"]).read_text()  # the log follows the epochs
     again = runner.invoke(app, ["grow", small_parent, "--refill", "1", *db])
     assert again.exit_code == 0 and "already holds 1 model" in again.stdout
 
