@@ -150,7 +150,7 @@ def train(
     torchrun --nproc-per-node 2 -m deflect train --n 3 (each process a shard of every batch)
     """
     from deflect.config import TermWindow, make_config
-    from deflect.console import err_console, training_progress
+    from deflect.console import err_console, format_epoch, training_progress
     from deflect.train import Callbacks
     from deflect.train import train as run_training
 
@@ -191,10 +191,7 @@ def train(
     on_batch = _training_bar(progress, task)
 
     def on_epoch(metric: Any) -> None:
-        accs = " ".join(f"{a:.1f}" for a in metric.clean_acc)
-        progress.console.print(
-            f"epoch {metric.epoch}: loss {metric.loss_total:.4f} val {metric.val_loss:.4f} clean % {accs}"
-        )
+        progress.console.print(f"epoch {metric.epoch}: {format_epoch(metric)}")
 
     try:
         with progress:
@@ -245,7 +242,7 @@ def grow(
     angular term, with the parent's weights and schedule). The grown set is a new run that records
     its parent. Example: deflect grow latest --add 3 ; deflect grow RUN --refill 4
     """
-    from deflect.console import err_console, format_losses, grow_progress
+    from deflect.console import err_console, format_epoch, format_losses, grow_progress
     from deflect.store import run_to_dict
     from deflect.train.grow_run import GrowCallbacks
     from deflect.train.grow_run import grow as run_grow
@@ -300,8 +297,7 @@ def grow(
 
     def on_epoch(metric: Any) -> None:  # a line per epoch, as `deflect train` logs, also where no bar is drawn
         model, models, epoch, epochs = task["at"]
-        progress.console.print(f"new {model}/{models} epoch {epoch}/{epochs}: loss {metric.loss_total:.4f} "
-                               f"val {metric.val_loss:.4f} clean % {metric.clean_acc[0]:.1f}")
+        progress.console.print(f"new {model}/{models} epoch {epoch}/{epochs}: {format_epoch(metric)}")
 
     def on_model(done: Any) -> None:
         progress.console.print(f"m{done.index} (new {done.position}): clean {done.clean_acc:.1f}% "

@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from deflect.store import Run
+from deflect.store import EpochMetric, Run
 from deflect.train.disjoint import BatchEvent
 
 err_console = Console(stderr=True)
@@ -76,6 +76,12 @@ def format_losses(event: BatchEvent) -> str:
     if event.losses["transfer1"] or event.losses["transfer2"]:
         parts.append(f"t1 {event.losses['transfer1']:.3f} t2 {event.losses['transfer2']:.3f}")
     return " ".join(parts)
+
+
+def format_epoch(metric: EpochMetric) -> str:
+    """An epoch's log line after its label: `train` and `grow` print the same fields, one line per epoch."""
+    accs = " ".join(f"{a:.1f}" for a in metric.clean_acc)
+    return f"loss {metric.loss_total:.4f} val {metric.val_loss:.4f} clean % {accs}"
 
 
 def runs_table(runs: Sequence[Run], best_blackbox: dict[str, float]) -> Table:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -18,6 +19,7 @@ def test_train_prints_run_id_and_runs_lists_it(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     run_id = result.stdout.strip().splitlines()[-1]
     assert run_id.startswith("digits-disjoint-n2-")
+    assert re.search(r"^epoch 1: loss [\d.]+ val [\d.]+ clean % [\d.]+ [\d.]+$", result.stderr, re.M), result.stderr
     listed = runner.invoke(app, ["runs", "--json"])
     rows = json.loads(listed.stdout)
     assert [r["id"] for r in rows] == [run_id] and rows[0]["status"] == "finished"
