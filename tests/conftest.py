@@ -11,6 +11,12 @@ from deflect.config import TrainConfig, make_config
 from deflect.store import Store
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread for the whole session, so every test sees the same thread count whatever
+    ran before it (some tests pin one thread for their own comparisons and do not restore it)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own working directory, database and run folder."""
