@@ -12,8 +12,9 @@ from deflect.store import Store
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One torch thread for the whole session, so every test sees the same thread count whatever
-    ran before it (some tests pin one thread for their own comparisons and do not restore it)."""
+    """One torch thread for the whole session, set once here rather than by tests that pin it and
+    may not restore it: every test then sees the same thread count whatever ran before it, and
+    tests that compare with a one-thread process (the distributed workers) get it for free."""
     torch.set_num_threads(1)
 
 

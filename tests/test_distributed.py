@@ -32,7 +32,6 @@ SAMPLE = [0, 2]
 def _setup() -> tuple:
     """Three digits models fitted a little to one batch, so every transfer term is positive."""
     fast_cpu_math()  # as training does: denormal flushing moves tiny input gradients
-    torch.set_num_threads(1)
     cfg = make_config(n=3, dataset="digits", eps1=3000.0, eps2=0.5)
     models = build_set(cfg)
     gen = torch.Generator().manual_seed(0)
