@@ -78,6 +78,9 @@ class TrainConfig:
     cosine: str = "channel"  # "channel": per (sample, channel) as in the code; "sample": Eq. 2
     # transfer terms: "batch" clamps the batch-mean increase (released code), "image" each image's
     transfer_clamp: str = "batch"
+    # deflect's option: the transfer terms compare with a detached clean loss, so their gradient lowers
+    # the perturbed loss only; the released code's live clean loss is also pushed up wherever a term is active
+    detach_clean: bool = False
     angle_window: TermWindow = field(default_factory=lambda: TermWindow(1, 4))
     transfer1_window: TermWindow = field(default_factory=lambda: TermWindow(2, None))
     transfer2_window: TermWindow = field(default_factory=lambda: TermWindow(3, None))

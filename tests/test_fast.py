@@ -40,14 +40,15 @@ def step(fn, models, x, y, cfg, sample, **kw):
     return parts, grads, buffers
 
 
-@pytest.mark.parametrize("n, sample, clamp", [(3, None, "batch"), (5, [0, 2, 4], "batch"), (3, None, "image")])
+@pytest.mark.parametrize("n, sample, clamp, detach", [(3, None, "batch", False), (5, [0, 2, 4], "batch", False),
+                                                      (3, None, "image", False), (3, None, "image", True)])
 # the NHWC layout sums in another order; tanh(2e4·g) magnifies that rounding in float32, so its
 # equality is checked in float64, where rounding is far below the tolerance
 @pytest.mark.parametrize("batched, channels_last, dtype", [(True, False, torch.float32), (False, True, torch.float64)])
-def test_fast_step_equals_the_reference(n: int, sample, clamp: str, batched: bool, channels_last: bool,
+def test_fast_step_equals_the_reference(n: int, sample, clamp: str, detach: bool, batched: bool, channels_last: bool,
                                         dtype) -> None:
     models, x, y, cfg = setup(n)
-    cfg = dataclasses.replace(cfg, transfer_clamp=clamp)
+    cfg = dataclasses.replace(cfg, transfer_clamp=clamp, detach_clean=detach)
     models = [m.to(dtype) for m in models]
     x = x.to(dtype)
     twins = copy.deepcopy(models)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from deflect.config import TermWindow, make_config
+from deflect.train.grow import growth_loss
 from deflect.train.losses import (
     ActiveTerms,
     angular_loss,
@@ -83,6 +84,20 @@ def two_linear_models(seed: int, batch: int):
     return x, y, w, b, [linear_model(wi, bi) for wi, bi in zip(w, b, strict=True)]
 
 
+def by_hand(x: np.ndarray, y: np.ndarray, w: list, b: list):
+    """Flattened images, each linear model's logits and batch-mean input gradient, and per-image
+    cross-entropy, with numpy."""
+    xf = x.reshape(len(x), -1)
+    onehot = np.eye(3)[y]
+    z = [xf @ wi.T + bi for wi, bi in zip(w, b, strict=True)]
+    grads = [(softmax(zi) - onehot) @ wi / len(x) for zi, wi in zip(z, w, strict=True)]
+
+    def per_image(logits: np.ndarray) -> np.ndarray:
+        return -np.log(softmax(logits)[np.arange(len(x)), y])
+
+    return xf, z, grads, per_image
+
+
 def test_transfer_terms_hand_values() -> None:
     """L_transfer1/2 of Eqs. 3-4 for two linear models, computed by hand with numpy."""
     x, y, w, b, models = two_linear_models(1, 5)
@@ -121,13 +136,7 @@ def test_per_image_clamp_hand_values() -> None:
     image = disjoint_loss(models, torch.tensor(x), torch.tensor(y), make_config(**kw, transfer_clamp="image"), active)
     batch = disjoint_loss(models, torch.tensor(x), torch.tensor(y), make_config(**kw), active)
 
-    xf = x.reshape(6, -1)
-    onehot = np.eye(3)[y]
-    z = [xf @ wi.T + bi for wi, bi in zip(w, b, strict=True)]
-    grads = [(softmax(zi) - onehot) @ wi / 6 for zi, wi in zip(z, w, strict=True)]
-
-    def per_image(logits: np.ndarray) -> np.ndarray:
-        return -np.log(softmax(logits)[np.arange(6), y])
+    xf, z, grads, per_image = by_hand(x, y, w, b)
 
     def increase(i: int, delta: np.ndarray) -> float:
         return float(np.mean(np.maximum(per_image((xf + delta) @ w[i].T + b[i]) - per_image(z[i]), 0.0)))
@@ -139,6 +148,45 @@ def test_per_image_clamp_hand_values() -> None:
     assert image.classification.item() == pytest.approx(batch.classification.item(), rel=1e-12)
     # mean of clamps >= clamp of means, strictly here: some images lose, others gain
     assert image.transfer2.item() > batch.transfer2.item() >= 0
+
+
+@pytest.mark.parametrize("clamp", ["batch", "image"])
+@pytest.mark.parametrize("grow", [False, True])
+def test_detached_clean_loss_changes_only_the_gradient(clamp: str, grow: bool) -> None:
+    """detach_clean: the same values, and a gradient that lacks exactly the live clean loss's share,
+    −w·(1/pairs)·(1/B)·Σ ∇ℓ_i(x_k) over the images (per-image clamp) or batches (batch clamp) where
+    the term is active; in the joint loss and in a grown model's (model 0 new, model 1 frozen)."""
+    x, y, w, b, models = two_linear_models(3, 6)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    kw = dict(n=2, eps2=0.4, w_class=0.0, w_angle=0.0, w_transfer1=0.0, w_transfer2=0.7, transfer_clamp=clamp)
+    active = ActiveTerms(False, False, True)
+
+    def run(detach: bool) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
+        for m in models:
+            m.zero_grad()
+        cfg = make_config(**kw, detach_clean=detach)
+        parts = (growth_loss(models[0], models[1:], xt, yt, cfg, active) if grow
+                 else disjoint_loss(models, xt, yt, cfg, active))
+        parts.total.backward()
+        weights = [m[1].weight.grad.clone() for m in models]
+        return float(parts.total.detach()), weights, [m[1].bias.grad.clone() for m in models]
+
+    live, live_w, live_b = run(False)
+    fixed, fixed_w, fixed_b = run(True)
+    assert fixed == pytest.approx(live, rel=1e-12) and live > 0
+
+    # which images (or the whole batch) the term is active on, from the hand formula of Eq. 4
+    xf, z, grads, per_image = by_hand(x, y, w, b)
+
+    for i, j in ((0, 1),) if grow else ((0, 1), (1, 0)):  # a frozen model's clean loss is a constant
+        rise = per_image((xf + 0.4 * np.tanh(2e4 * grads[j])) @ w[i].T + b[i]) - per_image(z[i])
+        mask = rise > 0 if clamp == "image" else np.full(6, rise.mean() > 0)
+        models[i].zero_grad()
+        clean = F.cross_entropy(models[i](xt), yt, reduction="none")
+        (-0.7 / 2 / 6 * clean[torch.tensor(mask)].sum()).backward()  # the live clean loss's share
+        assert torch.allclose(live_w[i] - fixed_w[i], models[i][1].weight.grad, atol=1e-10)
+        assert torch.allclose(live_b[i] - fixed_b[i], models[i][1].bias.grad, atol=1e-10)
+    assert not torch.allclose(live_w[0], fixed_w[0])  # the check has a share to find
 
 
 def test_mean_reduction_and_inactive_terms() -> None:

@@ -182,3 +182,21 @@ def test_cli_train_and_grow_store_the_steps(store: Store) -> None:
         assert len(bad.stderr.strip().splitlines()) == 1
     assert len(store.list_runs()) == 3  # the refused run stored nothing
 
+
+
+def test_cli_detach_clean_is_stored_and_grown_with(store: Store) -> None:
+    """`--detach-clean` reaches the stored config, a grown model keeps the parent's choice, and the
+    run's transfer terms stay finite."""
+    db = ["--db", str(store.path)]
+    result = runner.invoke(app, ["train", "--n", "2", "--epochs", "2", "--limit", "320", "--width", "8",
+                                 "--detach-clean", *db, "--json"])
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout)
+    assert run["config"]["detach_clean"] is True
+    rows = store.epochs(run["id"])
+    assert math.isfinite(rows[1].loss_transfer1) and rows[1].loss_transfer1 >= 0
+    grown = runner.invoke(app, ["grow", run["id"], "--epochs", "1", *db, "--json"])
+    assert grown.exit_code == 0, grown.output
+    assert json.loads(grown.stdout)["config"]["detach_clean"] is True
+    plain = runner.invoke(app, ["train", "--n", "2", "--epochs", "1", "--limit", "320", "--width", "8", *db, "--json"])
+    assert json.loads(plain.stdout)["config"]["detach_clean"] is False  # the released code's live clean loss

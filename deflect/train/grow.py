@@ -35,6 +35,7 @@ from deflect.train.losses import (
     pair_rows,
     plain_loss,
     transfer2_delta,
+    transfer_baseline,
 )
 
 DEFAULT_SAMPLE = 2  # frozen models per step: 2·S ordered pairs per transfer term, S angular pairs
@@ -114,9 +115,10 @@ def growth_loss(
             return out + ([transfer2_delta(source, xt, yt, g, cfg)] if active.transfer2 else [])
 
         mine = deltas(new, g_new)
+        base_new = transfer_baseline(pair_new, cfg)
         kinds = ([t1_terms] if active.transfer1 else []) + ([t2_terms] if active.transfer2 else [])
         for model, loss_f, g_f in zip(frozen, losses_f, grads_f, strict=True):
-            into_new = [loss_increase(new, xt, yt, pair_new, d) for d in deltas(model, g_f)]  # frozen → new
+            into_new = [loss_increase(new, xt, yt, base_new, d) for d in deltas(model, g_f)]  # frozen → new
             into_frozen = _frozen_increase(model, xt, yt, loss_f, mine)  # new → frozen
             for terms, a, b in zip(kinds, into_new, into_frozen, strict=True):
                 terms.extend((a, b))

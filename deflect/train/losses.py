@@ -10,6 +10,11 @@ Faithfulness notes (each differs from the paper's text, and the code produced it
 - tanh(2e4·g) is the soft sign of Eq. 4.
 Each term is averaged over the model pairs it covers (§5.1).
 
+`TrainConfig.detach_clean` (deflect's option, off in every preset) detaches that clean loss. The
+live one is pushed up wherever a term is active: with the preset's weight 3 at n = 3, an image on
+which both pairs' perturbations raise model i's loss gets as much push up on its clean loss from
+one term as the classification term's push down.
+
 `TrainConfig.transfer_clamp = "image"` (deflect's option, off in every paper-* preset) clamps each
 image's loss increase before the batch mean instead. With the released clamp a term stops pulling
 as soon as the *average* increase is ≤ 0, while many images still transfer (on Fashion-MNIST both
@@ -208,10 +213,11 @@ def clean_terms(
     models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, active: ActiveTerms,
     sample: Sequence[int], *, create_graph: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor, torch.Tensor]:
-    """Each model's clean loss, the input gradients (with graph unless `create_graph` is False) the
-    active terms need, and the classification and angular terms of Eq. 5. Models no term needs a
-    gradient of get a plain forward. The clean losses are per image when
-    ``cfg.transfer_clamp == "image"`` (see the module doc)."""
+    """Each model's clean loss (the transfer terms' baseline, `transfer_baseline`), the input
+    gradients (with graph unless `create_graph` is False) the active terms need, and the
+    classification and angular terms of Eq. 5. Models no term needs a gradient of get a plain
+    forward. The clean losses are per image when ``cfg.transfer_clamp == "image"`` (see the module
+    doc)."""
     n = len(models)
     transfer = active.transfer1 or active.transfer2
     per_image = cfg.transfer_clamp == "image" and transfer
@@ -227,7 +233,14 @@ def clean_terms(
     ce = torch.stack([mean_loss(c) for c in clean])
     classification = ce.sum() if cfg.class_reduction == "sum" else ce.mean()
     angle = angular_loss(grads, cfg.cosine) if active.angle else x.new_zeros(())  # type: ignore[arg-type]
-    return clean, grads, classification, angle
+    return [transfer_baseline(c, cfg) for c in clean], grads, classification, angle
+
+
+def transfer_baseline(clean_loss: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The clean loss a transfer term compares with: live, as in the released code (the term's
+    gradient then also raises the clean loss of every image it is active on), or detached
+    (`cfg.detach_clean`), so the term only lowers the perturbed loss."""
+    return clean_loss.detach() if cfg.detach_clean else clean_loss
 
 
 def plain_loss(logits: torch.Tensor, y: torch.Tensor, per_image: bool) -> torch.Tensor:
