@@ -10,10 +10,12 @@ Faithfulness notes (each differs from the paper's text, and the code produced it
 - tanh(2e4·g) is the soft sign of Eq. 4.
 Each term is averaged over the model pairs it covers (§5.1).
 
-`TrainConfig.detach_clean` (deflect's option, off in every preset) detaches that clean loss. The
-live one is pushed up wherever a term is active: with the preset's weight 3 at n = 3, an image on
-which both pairs' perturbations raise model i's loss gets as much push up on its clean loss from
-one term as the classification term's push down.
+`TrainConfig.detach_clean` (deflect's option, off in every preset) detaches the clean loss the
+transfer terms subtract. The live one is pushed up wherever a term is active: with the
+`fashion-mnist` preset's weight 3 at n = 3, an image on which both other models' perturbations raise
+model i's loss gets as much push up on its clean loss from each term as classification's push down.
+That push is part of what makes the models disjoint: detached, a set of 3 fits better and loses the
+CW κ = 40 side of the bar (results/fashion-mnist-transfer-steps.md).
 
 `TrainConfig.transfer_clamp = "image"` (deflect's option, off in every paper-* preset) clamps each
 image's loss increase before the batch mean instead. With the released clamp a term stops pulling
