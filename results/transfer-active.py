@@ -15,6 +15,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from deflect.attacks.base import ce_grad
 from deflect.data import load_dataset
 from deflect.sets import load_set
 from deflect.store import Store
@@ -30,14 +31,9 @@ def active_shares(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tenso
     cases = 0
     for start in range(0, len(x), batch):
         xb, yb = x[start:start + batch], y[start:start + batch]
-        clean, grads = [], []
-        for model in models:
-            xr = xb.clone().requires_grad_(True)
-            loss = F.cross_entropy(model(xr), yb, reduction="none")
-            (g,) = torch.autograd.grad(loss.mean(), xr)
-            clean.append(loss.detach())
-            grads.append(g)
+        grads = [ce_grad(model, xb, yb) for model in models]
         with torch.no_grad():
+            clean = [F.cross_entropy(model(xb), yb, reduction="none") for model in models]
             for i, j in itertools.permutations(range(len(models)), 2):
                 deltas = {"transfer1": eps1 * grads[j], "transfer2": eps2 * torch.tanh(tanh_scale * grads[j])}
                 for term, delta in deltas.items():

@@ -105,11 +105,8 @@ def test_transfer_terms_hand_values() -> None:
                       class_reduction="sum")
     parts = disjoint_loss(models, torch.tensor(x), torch.tensor(y), cfg, ActiveTerms(True, True, True))
 
-    xf = x.reshape(5, -1)
-    onehot = np.eye(3)[y]
-    z = [xf @ wi.T + bi for wi, bi in zip(w, b, strict=True)]
+    xf, z, grads, _ = by_hand(x, y, w, b)
     clean = [ce(zi, y) for zi in z]
-    grads = [(softmax(zi) - onehot) @ wi / 5 for zi, wi in zip(z, w, strict=True)]
 
     def increase(i: int, delta: np.ndarray) -> float:
         return max(ce((xf + delta) @ w[i].T + b[i], y) - clean[i], 0.0)

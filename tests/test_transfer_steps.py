@@ -183,7 +183,6 @@ def test_cli_train_and_grow_store_the_steps(store: Store) -> None:
     assert len(store.list_runs()) == 3  # the refused run stored nothing
 
 
-
 def test_cli_detach_clean_is_stored_and_grown_with(store: Store) -> None:
     """`--detach-clean` reaches the stored config, a grown model keeps the parent's choice, and the
     run's transfer terms stay finite."""
