@@ -116,6 +116,9 @@ def train(
     w_transfer1: Annotated[float | None, typer.Option(help="Weight of transfer loss 1.")] = None,
     w_transfer2: Annotated[float | None, typer.Option(help="Weight of transfer loss 2.")] = None,
     angle_epochs: Annotated[int | None, typer.Option(help="Angular loss active for the first N epochs.")] = None,
+    transfer_until: Annotated[int | None, typer.Option(help=(
+        "Transfer losses off after epoch N, so the last epochs train on classification alone "
+        "(default: on to the end)."))] = None,
     sample: Annotated[int | None, typer.Option(help="Models sampled per iteration for the transfer terms.")] = None,
     no_angle: Annotated[bool, typer.Option("--no-angle", help="Ablation: drop the angular loss.")] = False,
     no_transfer: Annotated[bool, typer.Option("--no-transfer", help="Ablation: drop both transfer losses.")] = False,
@@ -171,6 +174,8 @@ def train(
         )
         if angle_epochs is not None:
             overrides["angle_window"] = TermWindow(1, angle_epochs)
+        if transfer_until is not None:
+            overrides["transfer_until"] = transfer_until
         if no_angle:
             overrides["w_angle"] = 0.0
         if no_transfer:

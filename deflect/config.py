@@ -229,6 +229,14 @@ def make_config(
     values: dict[str, Any] = {"n": n, "dataset": dataset, "preset": name}
     values.update(PRESET_BUILDERS[name](max(n, 2)))
     given = {k: v for k, v in overrides.items() if v is not None}
+    until = given.pop("transfer_until", None)
+    if until is not None:  # both transfer windows keep their preset start and end after epoch `until`
+        for key in ("transfer1_window", "transfer2_window"):
+            window = given.get(key, values[key])
+            if until < window.first:
+                raise DeflectError(f"--transfer-until {until} ends before the transfer losses start "
+                                   f"(epoch {window.first})")
+            given[key] = TermWindow(window.first, until)
     if given.get("method") == "fast-at":
         # Wong et al. keep the last epoch (early-stopped on catastrophic overfitting), 50 epochs on CIFAR-10
         values["select"] = "last"

@@ -160,7 +160,7 @@ _OPTIONS: dict[str, dict[str, st.SearchStrategy[str]]] = {
     "train": {"--n": _ints, "--epochs": _ints, "--batch-size": _ints, "--limit": _ints, "--lr": _floats,
               "--eps1": _floats, "--eps2": _floats, "--w-angle": _floats, "--sample": _ints, "--dataset": _words,
               "--method": _words, "--preset": _words, "--arch": _words, "--select": _words, "--device": _words,
-              "--resume": _words, "--angle-epochs": _ints, "--seed": _ints},
+              "--resume": _words, "--angle-epochs": _ints, "--transfer-until": _ints, "--seed": _ints},
     "evaluate": {"--attack": _words, "--ensemble": _ints, "--limit": _ints, "--eps": _floats, "--alpha": _floats,
                  "--steps": _ints, "--batch-size": _ints, "--split": _words, "--device": _words, "--seed": _ints},
     "simulate": {"--adversary": _words, "--k": _ints, "--run": _words, "--attack": _words, "--clients": _ints,

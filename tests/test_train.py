@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import deflect
 from deflect.checkpoint import model_file
+from deflect.cli import app
 from deflect.config import make_config
 from deflect.errors import DeflectError
 from deflect.inference import bf16_supported
@@ -166,3 +170,28 @@ def test_bf16_training_is_refused_where_it_is_not_native(store: Store, monkeypat
     with pytest.raises(DeflectError, match="native bf16"):
         train(tiny_config(bf16=True), store)
     assert store.list_runs() == []  # refused before a run is created
+
+
+def test_transfer_until_ends_the_transfer_terms(store: Store) -> None:
+    """`--transfer-until N`: both transfer windows keep their start and end at N, the later epochs
+    train on classification alone, and the epochs before match a run without the option."""
+    runner = CliRunner()
+    base = ["train", "--n", "3", "--epochs", "3", "--limit", "320", "--width", "8", "--db", str(store.path), "--json"]
+    cut = runner.invoke(app, [*base, "--transfer-until", "2"])
+    assert cut.exit_code == 0, cut.output
+    run = json.loads(cut.stdout)
+    assert run["config"]["transfer1_window"] == {"first": 2, "last": 2}
+    assert run["config"]["transfer2_window"] == {"first": 2, "last": 2}
+    rows = store.epochs(run["id"])
+    assert rows[1].loss_transfer2 > 0
+    last = rows[2]  # the digits preset's angular term ends at epoch 2 too
+    assert last.loss_transfer1 == last.loss_transfer2 == last.loss_angle == 0.0
+    assert last.loss_total == pytest.approx(last.loss_class)
+    full = json.loads(runner.invoke(app, base).stdout)
+    assert full["config"]["transfer1_window"]["last"] is None
+    full_rows = store.epochs(full["id"])
+    assert [r.loss_total for r in full_rows[:2]] == [r.loss_total for r in rows[:2]]
+    assert full_rows[2].loss_transfer2 > 0
+    early = runner.invoke(app, [*base, "--transfer-until", "1"])
+    assert early.exit_code == 2 and "before the transfer losses start (epoch 2)" in early.output
+    assert len(early.output.strip().splitlines()) == 1
