@@ -117,8 +117,8 @@ def train(
     w_transfer2: Annotated[float | None, typer.Option(help="Weight of transfer loss 2.")] = None,
     angle_epochs: Annotated[int | None, typer.Option(help="Angular loss active for the first N epochs.")] = None,
     transfer_until: Annotated[int | None, typer.Option(help=(
-        "Transfer losses off after epoch N, so the last epochs train on classification alone "
-        "(default: on to the end)."))] = None,
+        "Transfer losses off after epoch N (default: on to the end); once the angular loss is over too "
+        "(--angle-epochs), the later epochs train on classification alone."))] = None,
     sample: Annotated[int | None, typer.Option(help="Models sampled per iteration for the transfer terms.")] = None,
     no_angle: Annotated[bool, typer.Option("--no-angle", help="Ablation: drop the angular loss.")] = False,
     no_transfer: Annotated[bool, typer.Option("--no-transfer", help="Ablation: drop both transfer losses.")] = False,

@@ -230,7 +230,7 @@ def make_config(
     values.update(PRESET_BUILDERS[name](max(n, 2)))
     given = {k: v for k, v in overrides.items() if v is not None}
     until = given.pop("transfer_until", None)
-    if until is not None:  # both transfer windows keep their preset start and end after epoch `until`
+    if until is not None:  # both transfer windows keep their preset start and end with epoch `until`
         for key in ("transfer1_window", "transfer2_window"):
             window = given.get(key, values[key])
             if until < window.first:
