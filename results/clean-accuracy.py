@@ -14,27 +14,18 @@ import torch
 from deflect.data import load_dataset
 from deflect.sets import load_set
 from deflect.store import Store
+from deflect.train.disjoint import clean_accuracy
 
 torch.set_num_threads(1)
-
-
-def accuracies(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    """Each model's share of correctly classified images, in %."""
-    out = []
-    with torch.no_grad():
-        for model in models:
-            pred = torch.cat([model(chunk).argmax(1) for chunk in x.split(1000)])
-            out.append(100.0 * (pred == y).float().mean().item())
-    return out
-
 
 split = sys.argv[1]
 for run, db in zip(sys.argv[2::2], sys.argv[3::2], strict=True):
     store = Store(db)
     data = load_dataset(store.get_run(run).dataset, split)
-    x, y = data.batch(torch.arange(len(data)))
-    accs = accuracies(load_set(run, store), x, y)
+    with torch.no_grad():
+        accs = clean_accuracy(load_set(run, store), data, torch.device("cpu"), 1000)
     mean = sum(accs) / len(accs)
     # the mean of n models on the same images: at most as noisy as one model's binomial error
-    se = 100.0 * math.sqrt((mean / 100.0) * (1 - mean / 100.0) / len(y))
-    print(f"{run} {split} ({len(y)} images): {' / '.join(f'{a:.2f}' for a in accs)}; mean {mean:.2f} (se ≤ {se:.2f})")
+    se = 100.0 * math.sqrt((mean / 100.0) * (1 - mean / 100.0) / len(data))
+    each = " / ".join(f"{a:.2f}" for a in accs)
+    print(f"{run} {split} ({len(data)} images): {each}; mean {mean:.2f} (se ≤ {se:.2f})")
