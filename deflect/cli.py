@@ -133,6 +133,10 @@ def train(
     detach_clean: Annotated[bool, typer.Option("--detach-clean", help=(
         "Transfer losses compare with a detached clean loss, so they never raise it (changes the "
         "objective; the released code's is live)."))] = False,
+    clean_bn_stats: Annotated[bool, typer.Option("--clean-bn-stats", help=(
+        "BatchNorm running statistics from clean images only: the transfer losses' perturbed forwards "
+        "leave them alone (the trained weights are the same; the released code lets every forward "
+        "update them)."))] = False,
     transfer_steps: Annotated[int | None, typer.Option(
         help="Sign steps of transfer loss 2's perturbation (changes the objective; default 1, Eq. 4).")] = None,
     transfer_refine: Annotated[float | None, typer.Option(
@@ -170,7 +174,7 @@ def train(
             bf16=bf16, data_dir=str(data_dir) if data_dir else None, download=download,
             eps1_per_sample=eps1_per_sample or None, step=step, transfer_batch=transfer_batch, at_eps=at_eps,
             transfer_clamp=transfer_clamp, transfer_steps=transfer_steps, transfer_refine=transfer_refine,
-            detach_clean=detach_clean or None,
+            detach_clean=detach_clean or None, clean_bn_stats=clean_bn_stats or None,
         )
         if angle_epochs is not None:
             overrides["angle_window"] = TermWindow(1, angle_epochs)

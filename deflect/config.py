@@ -81,6 +81,9 @@ class TrainConfig:
     # deflect's option: the transfer terms compare with a detached clean loss, so their gradient lowers
     # the perturbed loss only; the released code's live clean loss is also pushed up wherever a term is active
     detach_clean: bool = False
+    # deflect's option: the transfer terms' perturbed forwards leave BatchNorm's running statistics alone,
+    # so a model is deployed with statistics of clean images (training itself is unchanged)
+    clean_bn_stats: bool = False
     angle_window: TermWindow = field(default_factory=lambda: TermWindow(1, 4))
     transfer1_window: TermWindow = field(default_factory=lambda: TermWindow(2, None))
     transfer2_window: TermWindow = field(default_factory=lambda: TermWindow(3, None))

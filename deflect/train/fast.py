@@ -38,6 +38,7 @@ from deflect.train.losses import (
     clean_terms,
     pair_rows,
     plain_loss,
+    running_stats_kept,
     transfer2_delta,
 )
 
@@ -140,12 +141,13 @@ def fast_disjoint_loss(
         per_image = clean_i.dim() > 0  # TrainConfig.transfer_clamp == "image"
         if batched:
             stacked = (xt.unsqueeze(0) + torch.stack(deltas)).flatten(0, 1)
-            with chunked_batchnorm(models[i], len(deltas)):
+            with chunked_batchnorm(models[i], len(deltas)), running_stats_kept(models[i], cfg.clean_bn_stats):
                 logits = models[i](stacked)
             rows = F.cross_entropy(logits, yt.repeat(len(deltas)), reduction="none").view(len(deltas), m)
             values = list((rows if per_image else rows.mean(1)).unbind(0))
         else:
-            values = [plain_loss(models[i](xt + d), yt, per_image) for d in deltas]
+            with running_stats_kept(models[i], cfg.clean_bn_stats):
+                values = [plain_loss(models[i](xt + d), yt, per_image) for d in deltas]
         for (term, j), value in zip(keys, values, strict=True):
             (t1 if term == "t1" else t2)[(i, j)] = clamped_increase(value, clean_i)
 

@@ -118,7 +118,8 @@ def growth_loss(
         base_new = transfer_baseline(pair_new, cfg)
         kinds = ([t1_terms] if active.transfer1 else []) + ([t2_terms] if active.transfer2 else [])
         for model, loss_f, g_f in zip(frozen, losses_f, grads_f, strict=True):
-            into_new = [loss_increase(new, xt, yt, base_new, d) for d in deltas(model, g_f)]  # frozen → new
+            into_new = [loss_increase(new, xt, yt, base_new, d, cfg.clean_bn_stats)  # frozen → new
+                        for d in deltas(model, g_f)]
             into_frozen = _frozen_increase(model, xt, yt, loss_f, mine)  # new → frozen
             for terms, a, b in zip(kinds, into_new, into_frozen, strict=True):
                 terms.extend((a, b))

@@ -24,6 +24,13 @@ terms read ~0.00 by the third epoch with PGD black-box accuracy at 72 %); clampe
 every image that still transfers keeps a gradient. The clean losses then travel per image: a 0-d
 clean loss means the released clamp, a per-image vector the per-image clamp.
 
+`TrainConfig.clean_bn_stats` (deflect's option, off in every preset) keeps the perturbed forwards of
+the transfer terms out of BatchNorm's running statistics. In training mode every forward updates
+them (momentum 0.1), and a step's last forwards are the perturbed ones, so the statistics a model is
+evaluated and deployed with describe perturbed images more than clean ones. Training is unchanged:
+in training mode BatchNorm normalises with the batch's own statistics, so the parameters are
+bit-identical with the option and without it; only the running statistics differ.
+
 `TrainConfig.transfer_steps = K > 1` (deflect's option, 1 in every preset) carries transfer term 2's
 perturbation K − 1 sign-gradient steps further on its source model (`transfer2_delta`), on the
 share `transfer_refine` of each batch (1: all of it). Sets trained on the one-step perturbation
@@ -33,9 +40,10 @@ Fashion-MNIST at ε = 0.1), so the one step is not where the shared directions a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +167,25 @@ def _per_sample(products: torch.Tensor) -> torch.Tensor:
     return batch_mean(cos.flatten(1).mean(1) if cos.dim() > 1 else cos)
 
 
+@contextlib.contextmanager
+def running_stats_kept(model: nn.Module, keep: bool = True) -> Iterator[None]:
+    """Within the block, `model`'s BatchNorm layers leave their running statistics alone (when `keep`).
+
+    Training-mode forwards still normalise with the batch's statistics (and back-propagate through
+    them) exactly as before; `TrainConfig.clean_bn_stats` wraps the transfer terms' perturbed
+    forwards in it so that the statistics a model is deployed with come from clean images alone.
+    """
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats] if keep else []
+    for bn in bns:
+        bn.track_running_stats = False
+    try:
+        yield
+    finally:
+        for bn in bns:
+            bn.track_running_stats = True
+
+
 def refined_delta(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, eps: float, steps: int,
     share: float = 1.0,
@@ -204,11 +231,15 @@ def transfer2_delta(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch
 
 
 def loss_increase(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor, delta: torch.Tensor
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor, delta: torch.Tensor,
+    keep_stats: bool = False,
 ) -> torch.Tensor:
     """max(L_i(x+δ, y) − L_i(x, y), 0), the clamp applied after the batch mean (Eqs. 3-4); with
-    per-image clean losses, the batch mean of each image's clamped increase."""
-    return clamped_increase(plain_loss(model(x + delta), y, clean_loss.dim() > 0), clean_loss)
+    per-image clean losses, the batch mean of each image's clamped increase. `keep_stats`: the
+    perturbed forward leaves BatchNorm's running statistics alone (`TrainConfig.clean_bn_stats`)."""
+    with running_stats_kept(model, keep_stats):
+        logits = model(x + delta)
+    return clamped_increase(plain_loss(logits, y, clean_loss.dim() > 0), clean_loss)
 
 
 def clean_terms(
@@ -280,9 +311,9 @@ def disjoint_loss(
         g_j = grads[j]
         assert g_j is not None and losses[i] is not None
         if active.transfer1:
-            t1_terms.append(loss_increase(models[i], x, y, losses[i], cfg.eps1 * scale * g_j))
+            t1_terms.append(loss_increase(models[i], x, y, losses[i], cfg.eps1 * scale * g_j, cfg.clean_bn_stats))
         if active.transfer2:
-            t2_terms.append(loss_increase(models[i], x, y, losses[i], deltas2[j]))
+            t2_terms.append(loss_increase(models[i], x, y, losses[i], deltas2[j], cfg.clean_bn_stats))
     transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero
     transfer2 = torch.stack(t2_terms).mean() if t2_terms else zero
     total = (
