@@ -1,27 +1,22 @@
 """`--clean-bn-stats`: the transfer terms' perturbed forwards leave BatchNorm's running statistics
-alone, and change nothing else (deflect.train.losses.running_stats_kept)."""
+alone, and change nothing else (deflect.train.losses.running_stats_kept). The CLI flag is tested with
+`--detach-clean` in test_transfer_steps.py."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from deflect.cli import app
 from deflect.config import make_config
 from deflect.data import dataset_info
 from deflect.inference import inference_copy
 from deflect.models import build_model
-from deflect.store import Store
 from deflect.train.fast import fast_disjoint_loss
 from deflect.train.grow import growth_loss
 from deflect.train.losses import ActiveTerms, disjoint_loss, running_stats_kept
-
-runner = CliRunner()
 
 
 def _setup(n: int = 3, batch: int = 32):
@@ -123,17 +118,3 @@ def test_running_stats_kept_restores_tracking_and_leaves_eval_alone() -> None:
     out = model(x)
     with running_stats_kept(model):
         assert torch.equal(model(x), out)  # eval mode still normalises with the running statistics
-
-
-def test_cli_clean_bn_stats_is_stored_and_grown_with(store: Store) -> None:
-    db = ["--db", str(store.path)]
-    result = runner.invoke(app, ["train", "--n", "2", "--epochs", "2", "--limit", "320", "--width", "8",
-                                 "--clean-bn-stats", *db, "--json"])
-    assert result.exit_code == 0, result.output
-    run = json.loads(result.stdout)
-    assert run["config"]["clean_bn_stats"] is True
-    grown = runner.invoke(app, ["grow", run["id"], "--epochs", "1", *db, "--json"])
-    assert grown.exit_code == 0, grown.output
-    assert json.loads(grown.stdout)["config"]["clean_bn_stats"] is True
-    plain = runner.invoke(app, ["train", "--n", "2", "--epochs", "1", "--limit", "320", "--width", "8", *db, "--json"])
-    assert json.loads(plain.stdout)["config"]["clean_bn_stats"] is False  # the released code's statistics

@@ -183,19 +183,22 @@ def test_cli_train_and_grow_store_the_steps(store: Store) -> None:
     assert len(store.list_runs()) == 3  # the refused run stored nothing
 
 
-def test_cli_detach_clean_is_stored_and_grown_with(store: Store) -> None:
-    """`--detach-clean` reaches the stored config, a grown model keeps the parent's choice, and the
-    run's transfer terms stay finite."""
+@pytest.mark.parametrize("flag", ["--detach-clean", "--clean-bn-stats"])
+def test_cli_flag_is_stored_and_grown_with(store: Store, flag: str) -> None:
+    """`--detach-clean` and `--clean-bn-stats` reach the stored config, a grown model keeps the
+    parent's choice, the run's transfer terms stay finite, and both are off unless asked for (the
+    released code's live clean loss and running statistics)."""
+    key = flag[2:].replace("-", "_")
     db = ["--db", str(store.path)]
     result = runner.invoke(app, ["train", "--n", "2", "--epochs", "2", "--limit", "320", "--width", "8",
-                                 "--detach-clean", *db, "--json"])
+                                 flag, *db, "--json"])
     assert result.exit_code == 0, result.output
     run = json.loads(result.stdout)
-    assert run["config"]["detach_clean"] is True
+    assert run["config"][key] is True
     rows = store.epochs(run["id"])
     assert math.isfinite(rows[1].loss_transfer1) and rows[1].loss_transfer1 >= 0
     grown = runner.invoke(app, ["grow", run["id"], "--epochs", "1", *db, "--json"])
     assert grown.exit_code == 0, grown.output
-    assert json.loads(grown.stdout)["config"]["detach_clean"] is True
+    assert json.loads(grown.stdout)["config"][key] is True
     plain = runner.invoke(app, ["train", "--n", "2", "--epochs", "1", "--limit", "320", "--width", "8", *db, "--json"])
-    assert json.loads(plain.stdout)["config"]["detach_clean"] is False  # the released code's live clean loss
+    assert json.loads(plain.stdout)["config"][key] is False
