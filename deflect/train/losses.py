@@ -51,7 +51,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from deflect.attacks.base import ce_grad
 from deflect.config import TrainConfig
@@ -200,24 +199,18 @@ def refined_delta(
 
     Only the value moves: the result is δ + (δ_K − δ).detach(), so the gradient still reaches the
     source model through the one-step δ (the second-order path of Eqs. 3/4) and the extra steps
-    cost first-order passes alone. They run on copies of the model's buffers, so BatchNorm's running
+    cost first-order passes alone. They run inside `running_stats_kept`, so BatchNorm's running
     statistics never see the refining forwards, and under `torch.no_grad()` (validation) as well.
     """
     if steps <= 1:
         return delta
     alpha = 2.5 * eps / steps
-    params = dict(model.named_parameters())
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-
-    def logits(inputs: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, (params, buffers), (inputs,))
-
     m = max(1, math.ceil(round(share * x.shape[0], 6)))  # 0.14 · 50 is 7.000000000000001 in floats: 7 images
     x, y = x[:m].detach(), y[:m]
     d = delta[:m].detach()
-    with torch.enable_grad():
+    with torch.enable_grad(), running_stats_kept(model):
         for _ in range(steps - 1):  # the attacks' PGD step, without their [0, 1] clip (Eqs. 3/4 have none)
-            d = (d + alpha * ce_grad(logits, x + d, y).sign()).clamp(-eps, eps)
+            d = (d + alpha * ce_grad(model, x + d, y).sign()).clamp(-eps, eps)
     if m < delta.shape[0]:
         d = torch.cat([d, delta[m:].detach()])
     return delta + (d - delta).detach()
