@@ -75,7 +75,7 @@ def test_reference_statistics_are_those_of_the_clean_forward() -> None:
     """With the option, the one forward per model that sees clean images is all the statistics record:
     the same as a train-mode forward of the clean batch alone (a step without the pair terms)."""
     models, x, y, cfg = _setup()
-    _, _, stats = _step(lambda m, *a: disjoint_loss(m, *a), models, x, y, dataclasses.replace(cfg, clean_bn_stats=True))
+    _, _, stats = _step(STEPS["reference"], models, x, y, dataclasses.replace(cfg, clean_bn_stats=True))
     twins = copy.deepcopy(models)
     with torch.no_grad():
         for m in twins:
