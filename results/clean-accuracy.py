@@ -8,6 +8,7 @@ Run: `python results/clean-accuracy.py SPLIT RUN DB [RUN DB ...]` (one line per 
 
 import math
 import sys
+from functools import cache
 
 import torch
 
@@ -19,9 +20,11 @@ from deflect.train.disjoint import clean_accuracy
 torch.set_num_threads(1)
 
 split = sys.argv[1]
+dataset_split = cache(load_dataset)  # runs of one dataset share its split: read it once
+
 for run, db in zip(sys.argv[2::2], sys.argv[3::2], strict=True):
     store = Store(db)
-    data = load_dataset(store.get_run(run).dataset, split)
+    data = dataset_split(store.get_run(run).dataset, split)
     with torch.no_grad():
         accs = clean_accuracy(load_set(run, store), data, torch.device("cpu"), 1000)
     mean = sum(accs) / len(accs)

@@ -9,6 +9,7 @@ Run: `python results/recalibrated-bn.py SPLIT RUN DB [RUN DB ...]` (one line per
 """
 
 import sys
+from functools import cache
 
 import torch
 from torch.optim.swa_utils import update_bn
@@ -22,10 +23,12 @@ torch.set_num_threads(1)
 device = torch.device("cpu")
 
 split = sys.argv[1]
+dataset_split = cache(load_dataset)  # runs of one dataset share its splits: read them once
+
 for run, db in zip(sys.argv[2::2], sys.argv[3::2], strict=True):
     store = Store(db)
     dataset = store.get_run(run).dataset
-    data, train = load_dataset(dataset, split), load_dataset(dataset, "train")
+    data, train = dataset_split(dataset, split), dataset_split(dataset, "train")
     picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(123))[:10_000]
     loader = [train.batch(picked[i : i + 500])[0] for i in range(0, len(picked), 500)]
     models = load_set(run, store)
