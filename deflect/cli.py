@@ -339,9 +339,8 @@ def runs(db: DbOption = None, as_json: JsonOption = False) -> None:
 
     Example: deflect runs --json
     """
-    from rich.console import Console
 
-    from deflect.console import runs_table
+    from deflect.console import runs_table, stdout_console
     from deflect.store import run_to_dict
 
     store = open_store(db)
@@ -356,7 +355,7 @@ def runs(db: DbOption = None, as_json: JsonOption = False) -> None:
     if not rows:
         typer.echo("no runs yet; create one with 'deflect train' or 'deflect demo'")
         return
-    Console().print(runs_table(rows, best))
+    stdout_console().print(runs_table(rows, best))
 
 
 def _progress_callback(progress: Any, description: str, unit: str) -> Callable[[int, int], None]:
@@ -375,10 +374,9 @@ def _progress_callback(progress: Any, description: str, unit: str) -> Callable[[
 
 def _evaluate_adaptive(store: Any, run: str, settings: Any, device: str, as_json: bool) -> None:
     """`evaluate --adaptive`: every adaptive attacker, one progress task per attack, then the table."""
-    from rich.console import Console
 
     from deflect.adaptive import evaluate_adaptive, rich_table
-    from deflect.console import err_console, work_progress
+    from deflect.console import err_console, stdout_console, work_progress
 
     with work_progress(err_console) as progress:
         tasks: dict[str, Any] = {}
@@ -395,7 +393,7 @@ def _evaluate_adaptive(store: Any, run: str, settings: Any, device: str, as_json
         typer.echo(json.dumps({"run": report.run_id, "split": settings.split, "kind": "adaptive",
                                **{k: v for k, v in report.to_dict().items() if k != "run"}}))
         return
-    out = Console()
+    out = stdout_console()
     out.print(rich_table(report))
     out.print(f"stored {len(report.rows)} adaptive evaluation(s) for {report.run_id}", highlight=False)
 
@@ -443,9 +441,8 @@ def evaluate(
     Example: deflect evaluate latest --attack pgd1 ; deflect evaluate RUN --all --limit 500 ;
     deflect evaluate RUN --adaptive --k 2
     """
-    from rich.console import Console
 
-    from deflect.console import err_console, key_value_table, matrix_table, work_progress
+    from deflect.console import err_console, key_value_table, matrix_table, stdout_console, work_progress
     from deflect.pipeline import RunEvaluator, parse_attacks
 
     for name, value in (("--eps", eps), ("--alpha", alpha)):
@@ -473,7 +470,7 @@ def evaluate(
                       bf16=bf16)
     if ensemble is not None and not 1 <= ensemble <= ev.run.n:
         fail(f"--ensemble must be between 1 and the set size {ev.run.n}, got {ensemble}")
-    out = Console()
+    out = stdout_console()
     payload: list[dict[str, Any]] = []
     labels = [f"m{i}" for i in range(ev.run.n)]
     with work_progress(err_console) as progress:
@@ -544,9 +541,9 @@ def compare(
 
     Example: deflect compare RUN_INDEPENDENT RUN_DISJOINT --metric whole-set
     """
-    from rich.console import Console
     from rich.table import Table
 
+    from deflect.console import stdout_console
     from deflect.report import comparison_rows, latest_per_attack
 
     if metric not in ("blackbox", "whole-set"):
@@ -564,7 +561,7 @@ def compare(
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @app.command()
@@ -755,9 +752,8 @@ def simulate(
 
     Example: deflect simulate --adversary oracle --k 2 ; deflect simulate --scenario scenarios/zero-day.toml
     """
-    from rich.console import Console
 
-    from deflect.console import err_console
+    from deflect.console import err_console, stdout_console
     from deflect.scenario import Scenario, load_scenario, with_overrides
     from deflect.simulate import simulate as run_simulation
 
@@ -773,7 +769,7 @@ def simulate(
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
         return
-    out = Console()
+    out = stdout_console()
     out.print(_rounds_table(result))
     out.print(_simulation_summary(result), highlight=False)
 
@@ -795,11 +791,10 @@ def demo(
 
     Example: deflect demo
     """
-    from rich.console import Console
     from rich.table import Table
 
     from deflect.config import make_config
-    from deflect.console import err_console, training_progress
+    from deflect.console import err_console, stdout_console, training_progress
     from deflect.pipeline import RunEvaluator, parse_attacks
     from deflect.scenario import Scenario, with_overrides
     from deflect.simulate import simulate as run_simulation
@@ -845,7 +840,7 @@ def demo(
                                "simulations": {m: {a: s.to_dict() for a, s in per.items()}
                                                for m, per in sims.items()}}))
         return
-    out = Console()
+    out = stdout_console()
     table = Table(title=f"digits, n={n}: deflection rate % [95% CI] (expected from transfer matrices)",
                   header_style="bold")
     for col in ("set", "clean %", f"{attack} black-box acc. %", "static", "skilled", "oracle k=2"):
@@ -940,11 +935,10 @@ def bench(
 
     Example: deflect bench ; deflect bench --quick --json ; deflect bench --preset paper-cifar10
     """
-    from rich.console import Console
     from rich.table import Table
 
     from deflect.bench import default_settings, run_bench
-    from deflect.console import err_console, work_progress
+    from deflect.console import err_console, stdout_console, work_progress
     from deflect.train import resolve_device
 
     if time_to_quality:
@@ -1011,7 +1005,7 @@ def bench(
         epoch = result.epoch_seconds.get(n, {})
         table.add_row(n, *(f"{rates[r]:.2f} ({epoch[r]:.0f})" if r in epoch else f"{rates[r]:.2f}"
                            for r in recipes))
-    console = Console()
+    console = stdout_console()
     console.print(table)
     grown = result.grow_steps_per_s.items()
     console.print("growing one model (steps/s): " + "  ".join(f"{k} {v:.2f}" for k, v in grown))

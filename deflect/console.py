@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,21 @@ from deflect.store import EpochMetric, Run
 from deflect.train.disjoint import BatchEvent
 
 err_console = Console(stderr=True)
+
+PIPE_WIDTH = 240  # room for the widest table (`deflect runs`) in one line per row
+
+
+def stdout_console() -> Console:
+    """The console for a command's tables and results.
+
+    Off a terminal Rich assumes 80 columns and folds a wide table's cells into one letter per line,
+    so `deflect runs > runs.txt` or `deflect runs | grep failed` would see no whole row. Written to a
+    file or a pipe, deflect's output keeps its natural width instead; `COLUMNS` still decides.
+    """
+    console = Console()
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(width=PIPE_WIDTH)
 
 
 def training_progress(console: Console = err_console) -> Progress:

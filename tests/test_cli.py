@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from deflect.cli import app
@@ -14,7 +15,8 @@ runner = CliRunner()
 TINY = ["--epochs", "1", "--limit", "256"]
 
 
-def test_train_prints_run_id_and_runs_lists_it(tmp_path: Path) -> None:
+def test_train_prints_run_id_and_runs_lists_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
     result = runner.invoke(app, ["train", "--n", "2", *TINY])
     assert result.exit_code == 0, result.output
     run_id = result.stdout.strip().splitlines()[-1]
@@ -24,6 +26,9 @@ def test_train_prints_run_id_and_runs_lists_it(tmp_path: Path) -> None:
     rows = json.loads(listed.stdout)
     assert [r["id"] for r in rows] == [run_id] and rows[0]["status"] == "finished"
     assert (tmp_path / "runs" / run_id / "model_1.safetensors").exists()
+    table = runner.invoke(app, ["runs"]).stdout  # not a terminal: whole rows, not 80 folded columns
+    row = next(line for line in table.splitlines() if run_id in line)
+    assert all(cell in row for cell in ("disjoint", "digits", "finished", "1/1")), table
 
 
 def _one_line_error(args: list[str], needle: str) -> None:
