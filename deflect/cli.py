@@ -442,7 +442,14 @@ def evaluate(
     deflect evaluate RUN --adaptive --k 2
     """
 
-    from deflect.console import err_console, key_value_table, matrix_table, stdout_console, work_progress
+    from deflect.console import (
+        err_console,
+        key_value_table,
+        matrix_table,
+        result_console,
+        stdout_console,
+        work_progress,
+    )
     from deflect.pipeline import RunEvaluator, parse_attacks
 
     for name, value in (("--eps", eps), ("--alpha", alpha)):
@@ -474,6 +481,7 @@ def evaluate(
     payload: list[dict[str, Any]] = []
     labels = [f"m{i}" for i in range(ev.run.n)]
     with work_progress(err_console) as progress:
+        shown = result_console(progress.console)
         for name in names:
             kw = {k: v for k, v in overrides.items() if v is not None}
             if ensemble is not None:
@@ -483,22 +491,22 @@ def evaluate(
                 if not as_json:
                     rows = [",".join(map(str, s)) for s in res.subsets]
                     s = res.summary()
-                    progress.console.print(matrix_table(
-                        f"{ev.run.id} · {name} on {ensemble}-model ensembles (accuracy %)", res.matrix, rows, labels,
-                        caption=f"all models {s['mean_all']:.1f} · not owned {s['mean_unowned']:.1f} · "
-                                f"owned {s['mean_owned']:.1f}"))
+                    shown.print(matrix_table(
+                        f"{ev.run.id} · {name} on {ensemble}-model ensembles (accuracy %)", res.matrix, rows, labels))
+                    shown.print(f"{name} m={ensemble}: all models {s['mean_all']:.1f} · not owned "
+                                f"{s['mean_unowned']:.1f} · owned {s['mean_owned']:.1f}", highlight=False)
                 continue
             res, row = ev.transfer(name, kw, _progress_callback(progress, name, "batches"))
             payload.append({"evaluation_id": row.id, **res.to_dict()})
             if not as_json:
                 s = res.summary()
                 crafted = ", bf16 crafting" if bf16 else ""
-                progress.console.print(matrix_table(
-                    f"{ev.run.id} · {name} (accuracy %, {res.n_examples} images{crafted})", res.matrix, labels, labels,
-                    caption=f"black-box {s['blackbox_mean']:.1f}±{s['blackbox_std']:.1f} · whole set "
+                shown.print(matrix_table(
+                    f"{ev.run.id} · {name} (accuracy %, {res.n_examples} images{crafted})", res.matrix, labels, labels))
+                shown.print(f"{name}: black-box {s['blackbox_mean']:.1f}±{s['blackbox_std']:.1f} · whole set "
                             f"{s['whole_set_mean']:.1f} · white-box {s['whitebox_mean']:.1f} · "
                             f"transfer success {s['success_rate']:.1f}% · clean "
-                            + " ".join(f"{c:.1f}" for c in res.clean)))
+                            + " ".join(f"{c:.1f}" for c in res.clean), highlight=False)
         if eps_sweep:
             task: dict[str, Any] = {}
 
@@ -511,7 +519,7 @@ def evaluate(
             payload.append({"evaluation_id": row.id, "kind": "eps-sweep",
                             "points": [{"eps": r.params["eps"], **r.summary()} for r in results]})
             if not as_json:
-                progress.console.print(key_value_table(
+                shown.print(key_value_table(
                     f"{ev.run.id} · PGD-{steps or 100} ε sweep (black-box / whole set %)",
                     [(f"ε={r.params['eps']:.4g}", f"{r.blackbox_mean:.1f} / {r.whole_set_mean:.1f}") for r in results]))
         if tsne:
@@ -520,7 +528,7 @@ def evaluate(
                             "separation": row.extra["separation"],
                             "neighbour_agreement": row.extra["neighbour_agreement"], "chance": row.extra["chance"]})
             if not as_json:
-                progress.console.print(
+                shown.print(
                     f"gradient t-SNE: {path} (neighbour agreement {row.extra['neighbour_agreement']:.2f}, "
                     f"chance {row.extra['chance']:.2f}; silhouette by model {row.extra['separation']:.2f})")
     if as_json:

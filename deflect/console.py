@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -25,17 +26,29 @@ err_console = Console(stderr=True)
 PIPE_WIDTH = 240  # room for the widest table (`deflect runs`) in one line per row
 
 
-def stdout_console() -> Console:
-    """The console for a command's tables and results.
+def stdout_console(file: IO[str] | None = None) -> Console:
+    """The console for a command's tables and results (standard output, or `file`).
 
     Off a terminal Rich assumes 80 columns and folds a wide table's cells into one letter per line,
     so `deflect runs > runs.txt` or `deflect runs | grep failed` would see no whole row. Written to a
     file or a pipe, deflect's output keeps its natural width instead; `COLUMNS` still decides.
     """
-    console = Console()
+    console = Console(file=file)
     if console.is_terminal or "COLUMNS" in os.environ:
         return console
-    return Console(width=PIPE_WIDTH)
+    return Console(file=file, width=PIPE_WIDTH)
+
+
+def result_console(live: Console) -> Console:
+    """Where a command prints its results while `live` (standard error) shows a progress bar.
+
+    Results belong on standard output, so `deflect evaluate RUN > eval.txt` keeps its matrices. While
+    a bar is live on a terminal, Rich swaps `sys.stdout` for a proxy that writes above the bar; the
+    proxied file is the real standard output. When that is the terminal too, results go through the
+    live console, which redraws the bar below them.
+    """
+    stdout = getattr(sys.stdout, "rich_proxied_file", sys.stdout)
+    return live if stdout.isatty() else stdout_console(stdout)
 
 
 def training_progress(console: Console = err_console) -> Progress:
@@ -134,9 +147,10 @@ def accuracy_style(value: float) -> str:
 
 
 def matrix_table(title: str, matrix: Sequence[Sequence[float]], row_labels: Sequence[str],
-                 col_labels: Sequence[str], caption: str | None = None) -> Table:
-    """An accuracy matrix with coloured cells; diagonal (white-box) cells are underlined."""
-    table = Table(title=title, caption=caption, header_style="bold")
+                 col_labels: Sequence[str]) -> Table:
+    """An accuracy matrix with coloured cells; diagonal (white-box) cells are underlined. Its summary
+    goes on a line of its own: a caption would wrap to the width of a 2-model table."""
+    table = Table(title=title, header_style="bold")
     table.add_column("source \\ target")
     for label in col_labels:
         table.add_column(label, justify="right")

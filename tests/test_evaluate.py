@@ -151,6 +151,13 @@ def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
     assert len(lines) == 1 + 4 + 4 + 2  # header, two 2x2 matrices, one 1x2 ensemble row set
     assert list((tmp_path / "exp").glob("*.png"))
 
+    shown = runner.invoke(app, ["evaluate", run_id, "--attack", "fgsm", "--limit", "50"])  # results on stdout
+    assert shown.exit_code == 0, shown.output
+    stored = Store(tmp_path / "deflect.db").evaluations(run_id)[-1]
+    summary = next(line for line in shown.stdout.splitlines() if line.startswith("fgsm: black-box "))
+    assert summary.split()[2].startswith(f"{stored.blackbox_mean:.1f}±"), (summary, stored.blackbox_mean)
+    assert sum(line.lstrip("│ ").startswith(("m0 ", "m1 ")) for line in shown.stdout.splitlines()) == 2, shown.stdout
+
 
 @pytest.mark.parametrize(
     ("args", "needle"),
