@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -26,29 +26,28 @@ err_console = Console(stderr=True)
 PIPE_WIDTH = 240  # room for the widest table (`deflect runs`) in one line per row
 
 
-def stdout_console(file: IO[str] | None = None) -> Console:
-    """The console for a command's tables and results (standard output, or `file`).
+def stdout_console() -> Console:
+    """The console for a command's tables and results (standard output).
 
     Off a terminal Rich assumes 80 columns and folds a wide table's cells into one letter per line,
     so `deflect runs > runs.txt` or `deflect runs | grep failed` would see no whole row. Written to a
     file or a pipe, deflect's output keeps its natural width instead; `COLUMNS` still decides.
     """
-    console = Console(file=file)
+    console = Console()
     if console.is_terminal or "COLUMNS" in os.environ:
         return console
-    return Console(file=file, width=PIPE_WIDTH)
+    return Console(width=PIPE_WIDTH)
 
 
 def result_console(live: Console) -> Console:
     """Where a command prints its results while `live` (standard error) shows a progress bar.
 
-    Results belong on standard output, so `deflect evaluate RUN > eval.txt` keeps its matrices. While
-    a bar is live on a terminal, Rich swaps `sys.stdout` for a proxy that writes above the bar; the
-    proxied file is the real standard output. When that is the terminal too, results go through the
-    live console, which redraws the bar below them.
+    Results belong on standard output, so `deflect evaluate RUN > eval.txt` keeps its matrices (while
+    a bar is live Rich swaps `sys.stdout` for a proxy, but a Console writes to the file behind it).
+    When standard output is the terminal too, results go through the live console, which redraws
+    the bar below them.
     """
-    stdout = getattr(sys.stdout, "rich_proxied_file", sys.stdout)
-    return live if stdout.isatty() else stdout_console(stdout)
+    return live if sys.stdout.isatty() else stdout_console()
 
 
 def training_progress(console: Console = err_console) -> Progress:

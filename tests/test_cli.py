@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+from rich.file_proxy import FileProxy
 from typer.testing import CliRunner
 
 from deflect.cli import app
+from deflect.console import result_console
 
 runner = CliRunner()
 TINY = ["--epochs", "1", "--limit", "256"]
@@ -47,3 +52,21 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path: Path) -> None:
     (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
     _one_line_error(["runs", "--db", str(tmp_path / "junk.db")], "not a deflect database")
     assert (tmp_path / "junk.db").read_bytes() == b"this is not sqlite" * 100
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stdout_is_tty", [False, True])
+def test_results_reach_standard_output_behind_a_live_bar(monkeypatch: pytest.MonkeyPatch, stdout_is_tty: bool) -> None:
+    """While a bar is live on a terminal Rich swaps sys.stdout for a proxy that writes to the bar's
+    console (stderr): results must still reach the real standard output when it is a file or pipe."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    live_file, real = io.StringIO(), _Tty() if stdout_is_tty else io.StringIO()
+    live = Console(file=live_file)
+    monkeypatch.setattr(sys, "stdout", FileProxy(live, real))
+    result_console(live).print("fgsm: black-box 88.8")
+    assert ("fgsm: black-box 88.8" in live_file.getvalue()) is stdout_is_tty
+    assert ("fgsm: black-box 88.8" in real.getvalue()) is not stdout_is_tty
