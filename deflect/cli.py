@@ -33,7 +33,8 @@ DbOption = Annotated[
     Path | None,
     typer.Option("--db", envvar="DEFLECT_DB", help="SQLite database (default ./deflect.db).", show_default=False),
 ]
-ATTACK_HELP = "Attack or comma list: fgsm, fgm, rfgsm, pgd1, pgd2, mifgsm1, mifgsm2, cw1, cw2, ead1, ead2."
+ATTACK_HELP = ("Attack or comma list: fgsm, fgm, rfgsm, pgd1, pgd2, mifgsm1, mifgsm2, cw1, cw2, ead1, ead2 (Table 1); "
+               "di-ti-mifgsm, di-ti-mifgsm-cw, di-ti-mifgsm-2eps, di-ti-mifgsm-cw-2eps, square (adaptive).")
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
@@ -122,7 +123,8 @@ def train(
     sample: Annotated[int | None, typer.Option(help="Models sampled per iteration for the transfer terms.")] = None,
     no_angle: Annotated[bool, typer.Option("--no-angle", help="Ablation: drop the angular loss.")] = False,
     no_transfer: Annotated[bool, typer.Option("--no-transfer", help="Ablation: drop both transfer losses.")] = False,
-    eps1_per_sample: Annotated[bool, typer.Option(help="Scale ε1 by the batch size (batch-size independent).")] = False,
+    eps1_per_sample: Annotated[bool, typer.Option(
+        "--eps1-per-sample", help="Scale ε1 by the batch size (batch-size independent).")] = False,
     at_eps: Annotated[float | None, typer.Option(help="fast-at: L∞ budget (default: the dataset's ε).")] = None,
     step: Annotated[str, typer.Option(help="reference | fast: same objective, faster layout.")] = "reference",
     transfer_batch: Annotated[int | None, typer.Option(
@@ -298,6 +300,7 @@ def grow(
         err_console.print(f"[bold]run[/] {new.id}  ({role}: {parent.id} n={parent.n} + {new.n - parent.n} new, "
                           f"{new.device})")
         task["run"], task["parent"] = new.id, parent.id
+        progress.start()  # not before: an early error (no such run) would print an empty bar's line
 
     def on_batch(event: Any) -> None:
         if "id" not in task:
@@ -317,11 +320,14 @@ def grow(
                                f"(epoch {done.best_epoch}) in {done.seconds:.1f} s")
 
     try:
-        with progress:
+        try:
             run_id = run_grow(store, run, add or 1, sample=sample, epochs=epochs, seed=seed, device=device,
                               pool=pool, transfer_batch=transfer_batch, pair_scale=pair_scale,
                               transfer_steps=transfer_steps, transfer_refine=transfer_refine,
                               callbacks=GrowCallbacks(on_start, on_batch, on_epoch, on_model))
+        finally:
+            if progress.live.is_started:  # Progress.stop() prints a newline off a terminal even unstarted
+                progress.stop()
     except KeyboardInterrupt:
         typer.echo(f"deflect: interrupted; run {task.get('run', '?')} is marked interrupted and "
                    f"{task.get('parent', run)} is unchanged", err=True)
@@ -359,15 +365,18 @@ def runs(db: DbOption = None, as_json: JsonOption = False) -> None:
 
 
 def _progress_callback(progress: Any, description: str, unit: str) -> Callable[[int, int], None]:
-    """Adapt a (done, total) callback to a Rich task with throughput."""
+    """Adapt a (done, total) callback to a Rich task with throughput.
+
+    The first call comes when the first unit is already done, at an unknown cost: the rate counts
+    the units done since then, over the time since then, and stays blank until a second call."""
     state: dict[str, Any] = {}
 
     def update(done: int, total: int) -> None:
+        now = time.perf_counter()
         if "task" not in state:
-            state["task"] = progress.add_task(description, total=total, rate="")
-            state["t0"] = time.perf_counter()
-        elapsed = max(time.perf_counter() - state["t0"], 1e-9)
-        progress.update(state["task"], completed=done, rate=f"{done / elapsed:.2f} {unit}/s")
+            state.update(task=progress.add_task(description, total=total, rate=""), t0=now, first=done)
+        rate = f"{(done - state['first']) / (now - state['t0']):.2f} {unit}/s" if done > state["first"] else ""
+        progress.update(state["task"], completed=done, total=total, rate=rate)
 
     return update
 
@@ -379,14 +388,10 @@ def _evaluate_adaptive(store: Any, run: str, settings: Any, device: str, as_json
     from deflect.console import err_console, stdout_console, work_progress
 
     with work_progress(err_console) as progress:
-        tasks: dict[str, Any] = {}
+        tasks: dict[str, Callable[[int, int], None]] = {}
 
         def on_progress(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = (progress.add_task(what, total=total, rate=""), time.perf_counter())
-            task, t0 = tasks[what]
-            progress.update(task, completed=done, total=total,
-                            rate=f"{done / max(time.perf_counter() - t0, 1e-9):.2f}/s")
+            tasks.setdefault(what, _progress_callback(progress, what, "batches"))(done, total)
 
         report = evaluate_adaptive(store, run, settings, device=device, progress=on_progress)
     if as_json:
@@ -534,7 +539,8 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps({"run": ev.run.id, "split": split, "evaluations": payload}))
     else:
-        out.print(f"stored {len(payload)} evaluation(s) for {ev.run.id}; figures in {Path(ev.run.run_dir) / 'figures'}")
+        out.print(f"stored {len(payload)} evaluation(s) for {ev.run.id}; figures in {Path(ev.run.run_dir) / 'figures'}",
+                  highlight=False)
 
 
 @app.command()
@@ -884,7 +890,7 @@ def reproduce(
     width: Annotated[int | None, typer.Option(
         help="Small CNN width of every set (default: the preset's); the report is <dataset>[-quick]-w<W>.md.")] = None,
 ) -> None:
-    """Train the comparison sets, evaluate them and write results/<dataset>.md; resumes if stopped.
+    """Train the comparison sets, evaluate them and write results/<dataset>[-quick].md; resumes if stopped.
 
     Example: deflect reproduce --preset fashion-mnist --quick
     """
@@ -930,7 +936,7 @@ def bench(
     epochs: Annotated[int, typer.Option(help="--time-to-quality: the faithful recipe's epochs.")] = 8,
     fast_epochs: Annotated[int | None, typer.Option(
         help="--time-to-quality: the fast recipe's epochs (default: --epochs).")] = None,
-    limit: Annotated[int | None, typer.Option(help="--time-to-quality: training images (default 20000).")] = 20000,
+    limit: Annotated[int | None, typer.Option(help="--time-to-quality: training images.")] = 20000,
     clean_bar: Annotated[float, typer.Option(help="--time-to-quality: clean % every model must reach.")] = 88.5,
     blackbox_bar: Annotated[float, typer.Option(help="--time-to-quality: PGD black-box accuracy % to reach.")] = 88.0,
     data_dir: Annotated[Path | None, typer.Option(help="--time-to-quality: dataset root (as for train).")] = None,

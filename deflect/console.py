@@ -21,9 +21,18 @@ from rich.table import Table
 from deflect.store import EpochMetric, Run
 from deflect.train.disjoint import BatchEvent
 
-err_console = Console(stderr=True)
-
 PIPE_WIDTH = 240  # room for the widest table (`deflect runs`) in one line per row
+
+
+def _pipe_width(stream: object) -> int | None:
+    """PIPE_WIDTH for a stream that is not a terminal (unless `COLUMNS` says otherwise), else None
+    (Rich follows the terminal)."""
+    isatty = getattr(stream, "isatty", None)
+    return None if "COLUMNS" in os.environ or (isatty is not None and isatty()) else PIPE_WIDTH
+
+
+# logs and bars: `deflect train ... 2> train.log` and the refill logs get whole lines, not 80 folded columns
+err_console = Console(stderr=True, width=_pipe_width(sys.stderr))
 
 
 def stdout_console() -> Console:
@@ -33,10 +42,7 @@ def stdout_console() -> Console:
     so `deflect runs > runs.txt` or `deflect runs | grep failed` would see no whole row. Written to a
     file or a pipe, deflect's output keeps its natural width instead; `COLUMNS` still decides.
     """
-    console = Console()
-    if console.is_terminal or "COLUMNS" in os.environ:
-        return console
-    return Console(width=PIPE_WIDTH)
+    return Console(width=_pipe_width(sys.stdout))
 
 
 def result_console(live: Console) -> Console:
@@ -44,10 +50,10 @@ def result_console(live: Console) -> Console:
 
     Results belong on standard output, so `deflect evaluate RUN > eval.txt` keeps its matrices (while
     a bar is live Rich swaps `sys.stdout` for a proxy, but a Console writes to the file behind it).
-    When standard output is the terminal too, results go through the live console, which redraws
-    the bar below them.
+    When both streams are the terminal, results go through the live console, which redraws the bar
+    below them; with `2> log` they stay on the terminal.
     """
-    return live if sys.stdout.isatty() else stdout_console()
+    return live if live.is_terminal and sys.stdout.isatty() else stdout_console()
 
 
 def training_progress(console: Console = err_console) -> Progress:
@@ -149,7 +155,7 @@ def matrix_table(title: str, matrix: Sequence[Sequence[float]], row_labels: Sequ
                  col_labels: Sequence[str]) -> Table:
     """An accuracy matrix with coloured cells; diagonal (white-box) cells are underlined. Its summary
     goes on a line of its own: a caption would wrap to the width of a 2-model table."""
-    table = Table(title=title, header_style="bold")
+    table = Table(title=title, header_style="bold", min_width=len(title))  # a title folded mid-id defeats grep
     table.add_column("source \\ target")
     for label in col_labels:
         table.add_column(label, justify="right")
@@ -163,7 +169,7 @@ def matrix_table(title: str, matrix: Sequence[Sequence[float]], row_labels: Sequ
 
 
 def key_value_table(title: str, rows: Sequence[tuple[str, Any]]) -> Table:
-    table = Table(title=title, show_header=False)
+    table = Table(title=title, show_header=False, min_width=len(title))
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
     for key, value in rows:

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.file_proxy import FileProxy
 from typer.testing import CliRunner
 
-from deflect.cli import app
+from deflect.attacks.registry import adaptive_attack_names, attack_names
+from deflect.cli import ATTACK_HELP, app
 from deflect.console import result_console
 
 runner = CliRunner()
@@ -27,6 +28,8 @@ def test_train_prints_run_id_and_runs_lists_it(tmp_path: Path, monkeypatch: pyte
     run_id = result.stdout.strip().splitlines()[-1]
     assert run_id.startswith("digits-disjoint-n2-")
     assert re.search(r"^epoch 1: loss [\d.]+ val [\d.]+ clean % [\d.]+ [\d.]+$", result.stderr, re.M), result.stderr
+    # off a terminal the bar's last state is one whole line at full width, not squeezed into 80 columns
+    assert re.search(r"^epoch 1/1 batch 4/4 " + "━" * 40 + " 4/4 .+ img/s .+ ETA ", result.stderr, re.M), result.stderr
     listed = runner.invoke(app, ["runs", "--json"])
     rows = json.loads(listed.stdout)
     assert [r["id"] for r in rows] == [run_id] and rows[0]["status"] == "finished"
@@ -39,7 +42,7 @@ def test_train_prints_run_id_and_runs_lists_it(tmp_path: Path, monkeypatch: pyte
 def _one_line_error(args: list[str], needle: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = result.stderr.splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert "Traceback" not in result.output
 
@@ -59,14 +62,46 @@ class _Tty(io.StringIO):
         return True
 
 
-@pytest.mark.parametrize("stdout_is_tty", [False, True])
-def test_results_reach_standard_output_behind_a_live_bar(monkeypatch: pytest.MonkeyPatch, stdout_is_tty: bool) -> None:
+@pytest.mark.parametrize(("stdout_is_tty", "stderr_is_tty"), [(False, True), (True, False), (True, True)])
+def test_results_reach_standard_output_behind_a_live_bar(monkeypatch: pytest.MonkeyPatch, stdout_is_tty: bool,
+                                                         stderr_is_tty: bool) -> None:
     """While a bar is live on a terminal Rich swaps sys.stdout for a proxy that writes to the bar's
-    console (stderr): results must still reach the real standard output when it is a file or pipe."""
+    console (stderr): results must still reach the real standard output when it is a file or pipe,
+    and stay on the terminal when the bar's stream is redirected (`2> log`)."""
     monkeypatch.delenv("COLUMNS", raising=False)
-    live_file, real = io.StringIO(), _Tty() if stdout_is_tty else io.StringIO()
+    live_file = _Tty() if stderr_is_tty else io.StringIO()
+    real = _Tty() if stdout_is_tty else io.StringIO()
     live = Console(file=live_file)
     monkeypatch.setattr(sys, "stdout", FileProxy(live, real))
-    result_console(live).print("fgsm: black-box 88.8")
-    assert ("fgsm: black-box 88.8" in live_file.getvalue()) is stdout_is_tty
-    assert ("fgsm: black-box 88.8" in real.getvalue()) is not stdout_is_tty
+    result_console(live).print("fgsm: black-box 88.8", highlight=False)
+    through_bar = stdout_is_tty and stderr_is_tty
+    assert ("fgsm: black-box 88.8" in live_file.getvalue()) is through_bar
+    assert ("fgsm: black-box 88.8" in real.getvalue()) is not through_bar
+
+
+def test_attack_help_names_every_attack() -> None:
+    for name in [*attack_names(), *adaptive_attack_names()]:
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", ATTACK_HELP), name
+
+
+def test_progress_rate_counts_from_the_first_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first report comes when a unit is already done: the rate must not divide it by ~0 s."""
+    from deflect import cli
+
+    class Bar:
+        def __init__(self) -> None:
+            self.rates: list[str] = []
+
+        def add_task(self, description: str, total: int, rate: str) -> int:
+            return 0
+
+        def update(self, task: int, completed: int, total: int, rate: str) -> None:
+            self.rates.append(rate)
+
+    clock = iter([100.0, 100.5, 102.0])
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+    bar = Bar()
+    report = cli._progress_callback(bar, "fgsm", "batches")
+    for done in (1, 2, 4):
+        report(done, 4)
+    assert bar.rates == ["", "2.00 batches/s", "1.50 batches/s"]

@@ -121,7 +121,7 @@ def test_cli_grow_prints_the_new_run(store: Store, small_parent: str) -> None:
 def _one_line_error(args: list[str], needle: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = result.stderr.splitlines()  # not stripped: no empty bar line before the error either
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.output, result.stderr
 
 
