@@ -558,7 +558,7 @@ def compare(
     from rich.table import Table
 
     from deflect.console import stdout_console
-    from deflect.report import comparison_rows, latest_per_attack
+    from deflect.report import comparison_rows, comparison_values, latest_per_attack
 
     if metric not in ("blackbox", "whole-set"):
         fail(f"unknown --metric {metric!r}; choose blackbox or whole-set")
@@ -566,8 +566,9 @@ def compare(
     records = [store.get_run(r) for r in runs]
     evals = {r.id: latest_per_attack(store.evaluations(r.id)) for r in records}
     header, rows = comparison_rows(records, evals, metric)
-    if as_json:
-        typer.echo(json.dumps({"metric": metric, "header": header, "rows": rows}))
+    if as_json:  # "rows" as printed, "values" as numbers for jq and notebooks
+        typer.echo(json.dumps({"metric": metric, "header": header, "rows": rows, "runs": [r.id for r in records],
+                               "values": comparison_values(records, evals, metric)}))
         return
     title = "black-box accuracy (%) mean±std" if metric == "blackbox" else "whole-set accuracy (%)"
     table = Table(title=title, header_style="bold")

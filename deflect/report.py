@@ -118,28 +118,39 @@ def latest_per_attack(
     return out
 
 
-def comparison_rows(runs: Sequence[Run], evals: dict[str, dict[str, Evaluation]],
-                    metric: str) -> tuple[list[str], list[list[str]]]:
-    """Rows of attacks × runs, laid out like the paper's Tables 2/3 (black-box) or 4 (whole set)."""
+def comparison_values(runs: Sequence[Run], evals: dict[str, dict[str, Evaluation]],
+                      metric: str) -> list[dict[str, Any]]:
+    """Attacks × runs as numbers, in the paper's attack order: per attack, a cell per run (in the
+    order given) with its mean (and, for the black-box metric, the std over pairs), or None where
+    the run has no such evaluation."""
     from deflect.attacks import attack_names
 
     order = {name: i for i, name in enumerate(attack_names())}
     attacks = sorted({a for per in evals.values() for a in per}, key=lambda a: (order.get(a, 99), a))
-    header = ["attack", *[f"{r.method} n={r.n} ({r.id})" for r in runs]]
-    rows: list[list[str]] = []
+    values: list[dict[str, Any]] = []
     if metric == "whole-set":
-        rows.append(["no attack", *[_fmt(float(np.mean(r.clean_acc))) if r.clean_acc else "-" for r in runs]])
+        values.append({"attack": "no attack",
+                       "cells": [{"mean": float(np.mean(r.clean_acc))} if r.clean_acc else None for r in runs]})
     for attack in attacks:
-        cells = [attack]
+        cells: list[dict[str, Any] | None] = []
         for r in runs:
             ev = evals.get(r.id, {}).get(attack)
             if ev is None:
-                cells.append("-")
+                cells.append(None)
             elif metric == "whole-set":
-                cells.append(_fmt(ev.whole_set_mean))
+                cells.append({"mean": ev.whole_set_mean})
             else:
-                cells.append(_fmt(ev.blackbox_mean, ev.blackbox_std))
-        rows.append(cells)
+                cells.append({"mean": ev.blackbox_mean, "std": ev.blackbox_std})
+        values.append({"attack": attack, "cells": cells})
+    return values
+
+
+def comparison_rows(runs: Sequence[Run], evals: dict[str, dict[str, Evaluation]],
+                    metric: str) -> tuple[list[str], list[list[str]]]:
+    """Rows of attacks × runs, laid out like the paper's Tables 2/3 (black-box) or 4 (whole set)."""
+    header = ["attack", *[f"{r.method} n={r.n} ({r.id})" for r in runs]]
+    rows = [[v["attack"], *[_fmt(c["mean"], c.get("std")) if c else "-" for c in v["cells"]]]
+            for v in comparison_values(runs, evals, metric)]
     return header, rows
 
 

@@ -145,6 +145,10 @@ def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
 
     cmp = runner.invoke(app, ["compare", run_id, "--json"])
     assert cmp.exit_code == 0 and json.loads(cmp.stdout)["rows"][0][0] == "fgsm"  # Table 1 order
+    numbers = json.loads(cmp.stdout)["values"]  # the same cells as numbers, for jq and notebooks
+    assert [v["attack"] for v in numbers] == ["fgsm", "pgd1"] and json.loads(cmp.stdout)["runs"] == [run_id]
+    stored = {e.attack: e for e in Store(tmp_path / "deflect.db").evaluations(run_id)}
+    assert numbers[1]["cells"][0] == {"mean": stored["pgd1"].blackbox_mean, "std": stored["pgd1"].blackbox_std}
     out = runner.invoke(app, ["export", run_id, "--format", "csv", "--out", str(tmp_path / "exp")])
     assert out.exit_code == 0, out.output
     lines = (tmp_path / "exp" / f"{run_id}.csv").read_text().strip().splitlines()
