@@ -131,8 +131,9 @@ def runs_table(runs: Sequence[Run], best_blackbox: dict[str, float]) -> Table:
     for run in runs:
         clean = f"{sum(run.clean_acc) / len(run.clean_acc):.1f}" if run.clean_acc else "-"
         bb = best_blackbox.get(run.id)
+        origin = " (pool)" if run.config.get("pool_of") else " (grown)" if run.config.get("parent") else ""
         table.add_row(
-            run.id, run.method, run.dataset, run.arch, str(run.n),
+            run.id, run.method + origin, run.dataset, run.arch, str(run.n),
             f"[{colours.get(run.status, 'white')}]{run.status}[/]",
             f"{run.epochs_done}/{run.epochs_total}", clean, f"{bb:.1f}" if bb is not None else "-",
             run.created.strftime("%m-%d %H:%M"),

@@ -109,6 +109,9 @@ def test_cli_grow_prints_the_new_run(store: Store, small_parent: str) -> None:
     assert "new 1/2 epoch 1/1: loss " in result.stderr and "new 2/2 epoch 1/1: loss " in result.stderr
     plain = runner.invoke(app, ["grow", data["id"], "--epochs", "1", "--db", str(store.path)])
     assert plain.exit_code == 0 and store.get_run(plain.stdout.strip()).config["parent"] == data["id"]
+    listed = runner.invoke(app, ["runs", "--db", str(store.path)]).stdout.splitlines()
+    assert " disjoint (grown) " in next(line for line in listed if data["id"] in line)
+    assert " disjoint " in next(line for line in listed if small_parent in line)
     scaled = runner.invoke(app, ["grow", small_parent, "--epochs", "1", "--pair-scale", "0.25",
                                  "--db", str(store.path)])
     assert scaled.exit_code == 0, scaled.output
@@ -200,6 +203,8 @@ def test_pool_feeds_the_staged_release(store: Store, small_parent: str, tmp_path
     assert pool_run.config["pool_of"] == small_parent and pool_run.config["role"] == "pool" and pool_run.n == 3
     assert current_pool(store, small_parent).id == pool_id and pool_size(store, store.get_run(small_parent)) == 1
     assert store.get_run("latest").id == small_parent  # a pool is never 'latest'
+    listed = runner.invoke(app, ["runs", "--db", str(store.path)]).stdout.splitlines()
+    assert " disjoint (pool) " in next(line for line in listed if pool_id in line)
     scenario = with_overrides(Scenario(release=ReleasePolicy(threshold=1)), adversary="skilled", run=small_parent,
                               rounds=3, per_round=60, limit=100, attack="pgd1")
     res = simulate(store, scenario, key_path=key, save=True)
