@@ -11,7 +11,9 @@ unreleased models are used up.
 deflect keeps no record of real releases, so "keeping the pool at N" means topping it up:
 `deflect grow RUN --refill N` grows the missing N − size models in a detached background process
 (a second `deflect grow --pool`) and returns at once; run it again whenever models were taken.
-Only one process grows a given pool at a time (an advisory lock beside the run folders).
+Only one process grows a given pool at a time (an advisory lock beside the run folders). A refill
+takes the lock before it starts the background process and hands it over (the child inherits the
+locked descriptor), so a second refill started at once is refused instead of racing the first to it.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from deflect.errors import DeflectError
 from deflect.store import HELPER_ROLE_KEY, Run, Store
 
 POOL_ROLE = "pool"
 POOL_OF = "pool_of"
+LOCK_FD_ENV = "DEFLECT_POOL_LOCK_FD"  # a refill's child: the descriptor of the pool lock it inherited
 
 
 def is_pool(run: Run) -> bool:
@@ -57,16 +61,38 @@ def pool_config(base_id: str) -> dict[str, str]:
     return {POOL_OF: base_id, HELPER_ROLE_KEY: POOL_ROLE}
 
 
+def _lock_path(store: Store, base_id: str) -> Path:
+    store.runs_root.mkdir(parents=True, exist_ok=True)
+    return store.runs_root / f".pool-{base_id}.lock"
+
+
+def _take(fh: IO[str], base_id: str) -> None:
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DeflectError(f"the pool of run {base_id} is being grown by another process") from None
+
+
+def _inherited_lock(path: Path) -> int | None:
+    """The descriptor of `path`'s lock handed over by `spawn_refill`, if this process holds one."""
+    raw = os.environ.get(LOCK_FD_ENV)
+    if not raw or not raw.isdigit():
+        return None
+    try:
+        held, here = os.fstat(int(raw)), os.stat(path)
+    except OSError:
+        return None
+    return int(raw) if (held.st_dev, held.st_ino) == (here.st_dev, here.st_ino) else None
+
+
 @contextlib.contextmanager
 def pool_lock(store: Store, base_id: str) -> Iterator[None]:
     """Hold the pool of `base_id` for growing; a second grower fails at once instead of racing."""
-    store.runs_root.mkdir(parents=True, exist_ok=True)
-    path = store.runs_root / f".pool-{base_id}.lock"
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DeflectError(f"the pool of run {base_id} is being grown by another process") from None
+    path = _lock_path(store, base_id)
+    fd = _inherited_lock(path)
+    with open(fd, "a", closefd=True) if fd is not None else open(path, "a") as fh:
+        if fd is None:
+            _take(fh, base_id)
         try:
             yield
         finally:
@@ -93,16 +119,18 @@ def spawn_refill(store: Store, base: Run, target: int, extra_args: list[str] | N
     need = target - size
     if need <= 0:
         return Refill(base.id, size, target, 0)
-    busy = [r for r in store.list_runs() if r.status == "running" and (r.config or {}).get(POOL_OF) == base.id]
-    if busy:
-        raise DeflectError(f"the pool of run {base.id} is already being grown (run {busy[0].id}, pid {busy[0].pid})")
-    store.runs_root.mkdir(parents=True, exist_ok=True)
     log = store.runs_root / f"{base.id}.refill.log"
     cmd = [sys.executable, "-m", "deflect", "grow", base.id, "--pool", "--add", str(need),
            "--db", str(store.path.resolve()), *(extra_args or [])]
     root = str(Path(__file__).resolve().parent.parent)  # this deflect, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, start_new_session=True,
-                                env=env)
+    with open(_lock_path(store, base.id), "a") as lock:  # held from here on by the child alone
+        try:
+            _take(lock, base.id)
+        except DeflectError:
+            raise DeflectError(f"the pool of run {base.id} is already being grown; see {log}") from None
+        env[LOCK_FD_ENV] = str(lock.fileno())
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, start_new_session=True,
+                                    env=env, pass_fds=(lock.fileno(),))
     return Refill(base.id, size, target, need, proc.pid, log)

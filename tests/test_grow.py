@@ -235,6 +235,8 @@ def test_cli_refill_grows_the_pool_in_the_background(store: Store, small_parent:
     assert result.exit_code == 0, result.output
     job = json.loads(result.stdout)
     assert job["add"] == 1 and job["size"] == 0 and job["pid"] > 0
+    busy = runner.invoke(app, ["grow", small_parent, "--refill", "2", *db])  # before the child has a run row
+    assert busy.exit_code == 2 and "already being grown" in busy.output, busy.output
     deadline = time.monotonic() + 120
     while current_pool(store, small_parent) is None and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -243,6 +245,7 @@ def test_cli_refill_grows_the_pool_in_the_background(store: Store, small_parent:
     assert "new 1/1 epoch 1/1: loss " in Path(job["log"]).read_text()  # the log follows the epochs
     again = runner.invoke(app, ["grow", small_parent, "--refill", "1", *db])
     assert again.exit_code == 0 and "already holds 1 model" in again.stdout
+    _one_line_error(["grow", pool.id, "--add", "1", *db], f"is the pool of run {small_parent}")
 
 
 @pytest.mark.parametrize("clamp", ["batch", "image"])

@@ -43,7 +43,7 @@ from deflect.data import ImageTensorDataset, dataset_info
 from deflect.errors import DeflectError
 from deflect.inference import bf16_supported, inference_copy
 from deflect.models import build_model
-from deflect.pool import current_pool, pool_base, pool_config, pool_lock
+from deflect.pool import current_pool, is_pool, pool_base, pool_config, pool_lock
 from deflect.runtime import fast_cpu_math
 from deflect.store import EpochMetric, Run, Store
 from deflect.train.disjoint import BatchEvent, clean_accuracy
@@ -146,6 +146,9 @@ def grow(
     if pair_scale is not None and not (math.isfinite(pair_scale) and pair_scale >= 0):
         raise DeflectError(f"--pair-scale must be a finite number >= 0, got {pair_scale}")
     parent = store.get_run(parent_ref)
+    if not pool and is_pool(parent):  # its models past the set's own are unreleased: never a plain set's
+        raise DeflectError(f"run {parent.id} is the pool of run {parent.config['pool_of']}; grow that set, "
+                           "or add to its pool with --pool")
     lock: contextlib.AbstractContextManager = contextlib.nullcontext()
     extra: dict[str, Any] = {}
     if pool:
