@@ -234,3 +234,32 @@ def test_dashboard_command_bad_database_is_one_line_exit_2(tmp_path: Path) -> No
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a deflect database" in lines[0]
+
+
+def test_help_lists_the_dashboards_own_keys_only(tmp_path: Path) -> None:
+    """`?` lists what the screen's keys do: not Textual's focus/copy keys, not Replay on the replay screen."""
+    from deflect.tui.screens.replay import ReplayScreen
+
+    app = DeflectApp(Store(tmp_path / "deflect.db"), poll_interval=0.05)
+
+    async def keys_of(pilot: Pilot) -> str:
+        await pilot.press("question_mark")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        keys = text_of(app.screen.query_one("#help-keys", Static))
+        await pilot.press("escape")
+        return keys
+
+    async def scenario() -> None:
+        async with app.run_test(size=(100, 40)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, WelcomeScreen))
+            welcome = await keys_of(pilot)
+            assert "Replay" in welcome and "Quit" in welcome
+            assert "Focus" not in welcome and "Copy" not in welcome
+            await until(pilot, lambda: isinstance(app.screen, WelcomeScreen))
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, ReplayScreen))
+            replay = await keys_of(pilot)
+            rows = replay.splitlines()[1:]  # below the title, "Keys · Replay"
+            assert any("Play/pause" in r for r in rows) and not any("Replay" in r for r in rows)
+
+    asyncio.run(scenario())

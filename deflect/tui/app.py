@@ -15,6 +15,16 @@ from deflect.tui.screens.help import HelpScreen
 from deflect.tui.screens.welcome import WelcomeScreen
 
 
+def screen_bindings(screen: type) -> list[Binding | tuple[str, ...]]:
+    """The key bindings deflect's screens declare, base classes included; Textual's own (focus, copy)
+    are not the dashboard's keys, so `?` does not list them."""
+    found: list[Binding | tuple[str, ...]] = []
+    for cls in screen.__mro__:
+        if cls.__module__.startswith("deflect.") and "BINDINGS" in vars(cls):
+            found.extend(b for b in vars(cls)["BINDINGS"] if b not in found)
+    return found
+
+
 class DeflectApp(App):
     CSS_PATH = "deflect.tcss"
     TITLE = "deflect"
@@ -63,10 +73,14 @@ class DeflectApp(App):
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             return
+        from deflect.tui.screens.replay import ReplayScreen
+
         keys: list[tuple[str, str]] = []
-        for binding in [*type(self.screen).BINDINGS, *self.BINDINGS]:
+        for binding in [*screen_bindings(type(self.screen)), *self.BINDINGS]:
             if not isinstance(binding, Binding) or not binding.description:
                 continue
+            if binding.action == "replay" and isinstance(self.screen, ReplayScreen):
+                continue  # already there
             entry = (self.get_key_display(binding), binding.description)
             if entry not in keys:
                 keys.append(entry)
