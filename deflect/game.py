@@ -94,9 +94,12 @@ class SuccessTable:
     def fool_probability(self, attack: str, owned: Sequence[int], victim: int) -> float:
         """Chance that an example crafted on `owned` and sent to `victim` counts and fools it.
 
-        A stored ensemble row for exactly these models is used when there is one; otherwise the
-        best single owned source (an attacker who owns several models picks the one that transfers
-        best), white-box when the victim is owned.
+        A stored ensemble row for exactly these models (`deflect evaluate --ensemble k`) is the
+        measured figure and is used when there is one. Without it, the figure for each victim is
+        the best of the owned models' single-source rows (white-box when the victim is owned): an
+        estimate of the averaged-logits example that assumes it does on every model as well as the
+        best single source does, which ensemble attacks come near on their members and often pass
+        on the others, but which no measurement backs.
         """
         if not owned:
             return 0.0
