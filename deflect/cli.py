@@ -721,13 +721,19 @@ def _rounds_table(result: Any) -> Any:
 
 def _simulation_summary(result: Any) -> str:
     hits = " · ".join(f"m{i} {h}/{s}" for i, (h, s) in enumerate(zip(result.hits, result.sent_to, strict=True)))
-    lines = [
+    about = result.scenario or {}
+    lines = [f"scenario {about['name']}" + (f": {about['description']}" if about.get("description") else "")
+             ] if about.get("name") else []
+    lines += [
         f"deflection rate {_rate_ci(result)} (Wilson 95% CI) · expected {_pct(result.expected_rate)}% "
         f"from {result.expected_source}",
         f"attacks sent {result.sent}: counted {result.counted} (succeeded {result.succeeded}, deflected "
         f"{result.deflected}), void {result.void} (victim wrong on the clean image)",
         f"successful attacks / attacks received per model: {hits}",
     ]
+    if result.owned and all(set(rd.released) <= set(result.owned) for rd in result.rounds):
+        lines.append("the attacker owns every deployed model: each attack met a model it was crafted on, so these "
+                     "are the ensemble attack's failures, not deflections by random deployment")
     for e in result.rotations:
         lines.append(f"after round {e['round']}: m{e['retired']} retired after {e['hits']} observed successes, "
                      f"m{e['released']} released to its clients")
@@ -748,7 +754,8 @@ def simulate(
     k: Annotated[int | None, typer.Option("--k", help="Models the oracle owns and ensembles (default 2).")] = None,
     run: Annotated[str | None, typer.Option(help="Run id or prefix (default: latest finished disjoint run).")] = None,
     attack: Annotated[str | None, typer.Option(
-        help="One Table 1 attack (default: pgd1 static, mifgsm2 skilled, pgd2 oracle; cw2: high-confidence).")] = None,
+        help="Any attack of deflect evaluate --attack (default: pgd1 static, mifgsm2 skilled, pgd2 oracle; "
+             "cw2: high-confidence).")] = None,
     clients: Annotated[int | None, typer.Option(help="Number of clients (default 1000).")] = None,
     rounds: Annotated[int | None, typer.Option(help="Rounds of attacks (default 10).")] = None,
     per_round: Annotated[int | None, typer.Option(help="Attacks sent per round (default 100).")] = None,

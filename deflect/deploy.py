@@ -85,7 +85,8 @@ def slot_of(key: bytes, client_id: str, slots: int) -> int:
 class ReleasePolicy:
     """Staged release: `initial` of the n models deployed at first (None: all); a deployed model
     whose observed successful attacks since its release reach `threshold` is retired and replaced
-    by a fresh one (None: never)."""
+    by a fresh one (None: never) when the defender next reviews (`Deployment.rotate`; the simulation
+    reviews after each round)."""
 
     initial: int | None = None
     threshold: int | None = None

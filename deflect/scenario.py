@@ -161,5 +161,8 @@ def with_overrides(base: Scenario, **flags: Any) -> Scenario:
     if scenario.adversary is None:
         raise DeflectError("no adversary: give --adversary static|skilled|oracle or a --scenario file")
     if (combo := _check_combination(scenario)) is not None:
-        raise DeflectError(f"--{combo[0]}: {combo[1]}")
+        key, problem = combo
+        if key in changes or not base.name:
+            raise DeflectError(f"--{key}: {problem}")
+        raise DeflectError(f"scenario {base.name}: key '{key}' = {getattr(scenario, key)}: {problem}")
     return scenario

@@ -145,3 +145,6 @@ def test_scenario_file_errors_and_flag_errors(tmp_path: Path) -> None:
         with_overrides(Scenario(), adversary="static", rounds=0)
     with pytest.raises(DeflectError, match="--k: only the oracle"):
         with_overrides(Scenario(), adversary="static", k=2)
+    oracle = load_scenario("oracle-k2")  # k comes from the file, the adversary from a flag: name the file's key
+    with pytest.raises(DeflectError, match="^scenario oracle-k2: key 'k' = 2: only the oracle adversary chooses k"):
+        with_overrides(oracle, adversary="skilled")

@@ -172,3 +172,21 @@ def test_scenarios_may_use_the_adaptive_attacks(tmp_path: Path) -> None:
     path.write_text('adversary = "oracle"\nk = 2\nattack = "di-ti-nope"\n')
     with pytest.raises(DeflectError, match="unknown attack 'di-ti-nope'"):
         load_scenario(path)
+
+
+def test_summary_names_the_scenario_and_flags_an_oracle_that_owns_every_deployed_model(
+        played: dict[str, dict[str, SimulationResult]]) -> None:
+    """k = n leaves random deployment nothing to do: the summary says what its 'deflections' are."""
+    import dataclasses
+
+    from deflect.cli import _simulation_summary
+
+    oracle = played["disjoint"]["oracle"]  # k = 2 of 3 released
+    lines = _simulation_summary(oracle).splitlines()
+    assert lines[0].startswith("deflection rate") and not any("owns every deployed" in ln for ln in lines)
+    released = sorted({m for rd in oracle.rounds for m in rd.released})
+    described = {**oracle.scenario, "name": "mine", "description": "two stolen models"}
+    every = dataclasses.replace(oracle, owned=released, k=len(released), scenario=described)
+    lines = _simulation_summary(every).splitlines()
+    assert lines[0] == "scenario mine: two stolen models"
+    assert sum("the attacker owns every deployed model" in ln for ln in lines) == 1
