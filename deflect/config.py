@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ from deflect.errors import DeflectError
 from deflect.models import ARCHS
 
 METHODS = ("disjoint", "independent", "fast-at", "adp")
+MAX_N = 256  # models in one set: every model and its optimiser state live in memory at once
 PRESET_DATASET = {"digits": "digits", "fashion-mnist": "fashion-mnist", "paper-cifar10": "cifar10"}
 PRESETS = tuple(PRESET_DATASET)
 
@@ -112,6 +115,8 @@ class TrainConfig:
         """Reject impossible settings with a message that names the value and what is allowed."""
         if self.n < 2:
             raise DeflectError(f"--n must be at least 2 (a set needs two models), got {self.n}")
+        if self.n > MAX_N:
+            raise DeflectError(f"--n must be at most {MAX_N}, got {self.n}")
         if self.method not in METHODS:
             raise DeflectError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.dataset not in DATASETS:
@@ -155,6 +160,26 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
+    def from_stored(cls, data: Any, where: str) -> TrainConfig:
+        """A configuration read from a file deflect did not necessarily write (a run folder's
+        config.json): every known key must have its field's type, and the whole must validate,
+        or the error names the file and the key."""
+        if not isinstance(data, dict):
+            raise DeflectError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            if name in hints and not _fits(value, hints[name]):
+                raise DeflectError(f"{where}: key '{name}' has the wrong type ({value!r})")
+        try:
+            cfg = cls.from_dict(data)
+            cfg.validate()
+        except (TypeError, ValueError) as exc:
+            raise DeflectError(f"{where}: {exc}") from None
+        except DeflectError as exc:
+            raise DeflectError(f"{where}: {exc}") from None
+        return cfg
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
@@ -162,6 +187,26 @@ class TrainConfig:
             if isinstance(values.get(key), dict):
                 values[key] = TermWindow(**values[key])
         return cls(**values)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can stand for a field annotated `hint` (ints for floats; no bools for numbers)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if option is bool and isinstance(value, bool):
+            return True
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and (option is float or (option is int and isinstance(value, int))):
+            return True
+        if option is str and isinstance(value, str):
+            return True
+        if option is TermWindow and isinstance(value, TermWindow):
+            return True
+        if option is TermWindow and isinstance(value, dict) and set(value) <= {"first", "last"}:
+            return _fits(value.get("first", 1), int) and _fits(value.get("last"), int | None)
+    return False
 
 
 def _paper_cifar10(n: int) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from deflect.store import Store
 
 
 def run_config(run_dir: Path) -> TrainConfig:
-    return TrainConfig.from_dict(read_json(run_dir / "config.json"))
+    path = run_dir / "config.json"
+    return TrainConfig.from_stored(read_json(path), str(path))
 
 
 def load_set(run: str | os.PathLike, db: str | os.PathLike | Store | None = None) -> list[nn.Module]:
@@ -48,6 +49,8 @@ def load_set(run: str | os.PathLike, db: str | os.PathLike | Store | None = None
         try:
             model.load_state_dict(load_tensors(file, digests[file.name]))
         except RuntimeError as exc:
-            raise DeflectError(f"{file} does not match architecture {cfg.arch}: {exc}") from exc
+            first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+            raise DeflectError(f"{file} does not match the run's model ({cfg.arch}, width {cfg.width}): "
+                               f"{first}") from exc
         models.append(model.eval())
     return models

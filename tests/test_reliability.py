@@ -86,6 +86,31 @@ def test_must_show_one_line_errors(digits_runs: tuple[Store, dict[str, str]]) ->
                     "--k 9", "more than the 3 released models", strict=True)
 
 
+def test_a_set_larger_than_memory_allows_is_refused_before_any_work(tmp_path: Path) -> None:
+    db = ["--db", str(tmp_path / "x.db")]
+    _one_line_error(["train", "--n", "100000", *db], "--n must be at most 256", "got 100000", strict=True)
+    _one_line_error(["demo", "--n", "100000", *db], "--n must be at most 256", strict=True)
+    assert Store(tmp_path / "x.db").list_runs() == []
+
+
+def test_tampered_config_json_is_one_line_naming_the_key(tmp_path: Path, store: Store) -> None:
+    """A run folder's config.json is read back as untrusted data: wrong types, a non-object, or a
+    model that no longer fits the checkpoints each give one line naming the file."""
+    import json
+
+    run_id = _train_tiny()
+    path = Path(store.get_run(run_id).run_dir) / "config.json"
+    good = json.loads(path.read_text())
+    cases = [({**good, "width": "x"}, "key 'width' has the wrong type"), ({**good, "n": "two"}, "key 'n'"),
+             ([1, 2], "expected a JSON object"), ({**good, "width": 0}, "--width must be at least 1"),
+             ({**good, "width": good["width"] * 2}, "does not match the run's model")]
+    for data, needle in cases:
+        path.write_text(json.dumps(data))
+        _one_line_error(["evaluate", run_id, "--attack", "fgsm", "--limit", "10"], needle, strict=True)
+    path.write_text(json.dumps(good))
+    assert store.evaluations(run_id) == []
+
+
 def test_unreadable_databases_give_one_line(tmp_path: Path) -> None:
     (tmp_path / "folder.db").mkdir()
     _one_line_error(["runs", "--db", str(tmp_path / "folder.db")], "is a directory")
