@@ -7,9 +7,11 @@ dashboard live here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -136,6 +138,26 @@ def _pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _refuse_foreign(path: Path) -> None:
+    """Refuse an existing SQLite file that holds another application's tables, before deflect's first
+    connection would switch it to WAL and add its own tables; read with a read-only connection."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        if "locked" in str(exc):
+            return  # a deflect writer holding it: the engine's busy timeout decides
+        raise DeflectError(f"{path} is not a deflect database or is corrupt: {exc}") from None
+    own = set(SQLModel.metadata.tables)
+    if tables and not tables & own and version == 0:
+        shown = ", ".join(sorted(tables)[:5])
+        raise DeflectError(f"{path} is another application's database (tables: {shown}); "
+                           "give deflect a file of its own with --db")
+
+
 def default_db_path() -> Path:
     return Path(os.environ.get("DEFLECT_DB") or DEFAULT_DB)
 
@@ -149,6 +171,7 @@ class Store:
             raise DeflectError(f"database path {self.path} is a directory")
         if not self.path.parent.exists():
             raise DeflectError(f"database folder {self.path.parent} does not exist")
+        _refuse_foreign(self.path)
         self.engine = create_engine(
             f"sqlite:///{self.path}", connect_args={"check_same_thread": False, "timeout": 30}
         )

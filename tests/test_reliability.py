@@ -120,6 +120,13 @@ def test_unreadable_databases_give_one_line(tmp_path: Path) -> None:
     before = corrupt.read_bytes()
     _one_line_error(["train", *TINY, "--db", str(corrupt)], str(corrupt))
     assert corrupt.read_bytes() == before  # never "repaired" or overwritten
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE foo (x)")
+    before = foreign.read_bytes()
+    for args in (["runs"], ["train", *TINY], ["dashboard"]):
+        _one_line_error([*args, "--db", str(foreign)], "another application's database (tables: foo)", strict=True)
+    assert foreign.read_bytes() == before and not Path(f"{foreign}-wal").exists()  # not even switched to WAL
     _one_line_error(["evaluate", "latest", "--eps", "nan"], "--eps", "finite non-negative")
     _one_line_error(["train", "--lr", "inf"], "lr_max", "finite non-negative")
 
