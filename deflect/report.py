@@ -172,21 +172,33 @@ def export_run(run: Run, evals: Sequence[Evaluation], fmt: str) -> str:
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["run", "evaluation", "kind", "attack", "source", "target", "accuracy", "success_rate"])
+        writer.writerow(["run", "evaluation", "kind", "attack", "source", "target", "accuracy", "success_rate",
+                         "eps"])
         for ev in evals:
+            if ev.kind == "eps-sweep":  # one transfer matrix per ε (the stored rows are its summary)
+                for eps, matrix in zip(ev.params.get("eps") or [], ev.extra.get("matrices") or [], strict=False):
+                    for i, row in enumerate(matrix):
+                        for j, v in enumerate(row):
+                            writer.writerow([run.id, ev.id, ev.kind, ev.attack, i, j, f"{v:.4f}", "", f"{eps:g}"])
+                continue
             labels = ev.extra.get("row_labels") or [str(i) for i in range(len(ev.matrix or []))]
+            eps = ev.params.get("eps")
             for i, row in enumerate(ev.matrix or []):
                 for j, v in enumerate(row):
                     succ = ev.success[i][j] if ev.success and i < len(ev.success) else ""
                     writer.writerow([run.id, ev.id, ev.kind, ev.attack, labels[i], j, f"{v:.4f}",
-                                     f"{succ:.4f}" if succ != "" else ""])
+                                     f"{succ:.4f}" if succ != "" else "",
+                                     f"{eps:g}" if isinstance(eps, int | float) else ""])
         return buf.getvalue()
     parts = [f"# {run.id}\n", f"{run.method}, {run.dataset}, {run.arch}, n={run.n}; "
              f"clean accuracy {', '.join(f'{a:.1f}' for a in (run.clean_acc or []))}\n"]
     for ev in evals:
         parts.append(f"\n## {ev.kind}: {ev.attack} (evaluation {ev.id}, {ev.n_examples} examples)\n\n")
         parts.append(f"parameters: `{json.dumps(ev.params, sort_keys=True)}`\n\n")
-        if ev.matrix:
+        if ev.matrix and ev.kind == "eps-sweep":  # rows: ε, black-box mean, whole-set mean
+            header = ["ε", "black-box %", "whole set %"]
+            parts.append(markdown_table(header, [[f"{e:g}", f"{b:.1f}", f"{w:.1f}"] for e, b, w in ev.matrix]))
+        elif ev.matrix:
             labels = ev.extra.get("row_labels") or [str(i) for i in range(len(ev.matrix))]
             header = ["source \\ target", *[str(j) for j in range(len(ev.matrix[0]))]]
             rows = [[labels[i], *[f"{v:.1f}" for v in row]] for i, row in enumerate(ev.matrix)]
@@ -196,6 +208,6 @@ def export_run(run: Run, evals: Sequence[Evaluation], fmt: str) -> str:
                          f"{_fmt(ev.whole_set_mean)} · white-box {_fmt(ev.whitebox_mean)} · "
                          f"success rate {_fmt(ev.success_rate)}\n")
         for key, value in ev.extra.items():
-            if key != "row_labels" and isinstance(value, int | float):
-                parts.append(f"\n{key}: {value:.2f}\n")
+            if key != "row_labels" and isinstance(value, int | float) and not isinstance(value, bool):
+                parts.append(f"\n{key}: {value}\n" if isinstance(value, int) else f"\n{key}: {value:.2f}\n")
     return "".join(parts)

@@ -187,3 +187,28 @@ def test_transfer_matrices_may_use_the_adaptive_attacks() -> None:
     assert "di-ti-mifgsm" not in parse_attacks(None, True)  # --all stays the paper's Table 1
     with pytest.raises(DeflectError, match="unknown attack 'nope'"):
         parse_attacks("nope", False)
+
+
+def test_export_lays_out_an_eps_sweep_by_eps() -> None:
+    """An ε sweep's stored rows are (ε, black-box, whole set): export writes them as such, and its
+    per-ε matrices as cells with their ε, not as a matrix whose 'accuracy' is ε."""
+    import csv
+    import io
+
+    from deflect.report import export_run
+    from deflect.store import Evaluation, Run
+
+    run = Run(id="r", method="disjoint", dataset="digits", arch="cnn", n=2, clean_acc=[90.0, 91.0])
+    sweep = Evaluation(id=1, run_id="r", kind="eps-sweep", attack="pgd-sweep", params={"eps": [0.0948, 0.15]},
+                       matrix=[[0.0948, 80.0, 85.0], [0.15, 60.0, 70.0]],
+                       extra={"columns": ["eps", "blackbox_mean", "whole_set_mean"],
+                              "matrices": [[[1.0, 80.0], [80.0, 2.0]], [[0.0, 60.0], [60.0, 0.0]]]})
+    outside = Evaluation(id=2, run_id="r", kind="outside", attack="pgd1", params={"eps": 0.15},
+                         matrix=[[50.0, 55.0]], extra={"m": 0})
+    rows = list(csv.DictReader(io.StringIO(export_run(run, [sweep, outside], "csv"))))
+    swept = [r for r in rows if r["kind"] == "eps-sweep"]
+    assert len(swept) == 8 and {r["eps"] for r in swept} == {"0.0948", "0.15"}
+    assert [float(r["accuracy"]) for r in swept if r["eps"] == "0.15"] == [0.0, 60.0, 60.0, 0.0]
+    assert [r["eps"] for r in rows if r["kind"] == "outside"] == ["0.15", "0.15"]
+    md = export_run(run, [sweep, outside], "md")
+    assert "| 0.0948 | 80.0 | 85.0 |" in md and "| 0.15 | 60.0 | 70.0 |" in md and "\nm: 0\n" in md
