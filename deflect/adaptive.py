@@ -77,8 +77,9 @@ class AdaptiveSettings:
         if unknown or not self.families:
             raise DeflectError(f"unknown adaptive attacker {', '.join(unknown) or '(none)'}; "
                                f"choose from: {', '.join(FAMILIES)}")
-        if self.k is not None and not 1 <= self.k <= n:
-            raise DeflectError(f"--k must be between 1 and the set size {n}, got {self.k}")
+        if self.k is not None and not 1 <= self.k < n:
+            raise DeflectError(f"--k must be between 1 and {n - 1} (the attacker lacks at least one of the "
+                               f"{n} models), got {self.k}")
         for name in ("queries", "max_queries", "square_limit", "surrogate_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise DeflectError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -498,8 +498,9 @@ def evaluate(
                     s = res.summary()
                     shown.print(matrix_table(
                         f"{ev.run.id} · {name} on {ensemble}-model ensembles (accuracy %)", res.matrix, rows, labels))
+                    unowned = "-" if s["mean_unowned"] is None else f"{s['mean_unowned']:.1f}"
                     shown.print(f"{name} m={ensemble}: all models {s['mean_all']:.1f} · not owned "
-                                f"{s['mean_unowned']:.1f} · owned {s['mean_owned']:.1f}", highlight=False)
+                                f"{unowned} · owned {s['mean_owned']:.1f}", highlight=False)
                 continue
             res, row = ev.transfer(name, kw, _progress_callback(progress, name, "batches"))
             payload.append({"evaluation_id": row.id, **res.to_dict()})

@@ -119,17 +119,17 @@ class EnsembleResult:
         return float(np.mean(self.matrix))
 
     @property
-    def mean_unowned(self) -> float:
-        """Average accuracy on the models the attacker does not hold (nan when m = n)."""
+    def mean_unowned(self) -> float | None:
+        """Average accuracy on the models the attacker does not hold (None when m = n: there are none)."""
         vals = [v for s, row in zip(self.subsets, self.matrix, strict=True) for j, v in enumerate(row) if j not in s]
-        return float(np.mean(vals)) if vals else math.nan
+        return float(np.mean(vals)) if vals else None
 
     @property
     def mean_owned(self) -> float:
         vals = [v for s, row in zip(self.subsets, self.matrix, strict=True) for j, v in enumerate(row) if j in s]
         return float(np.mean(vals))
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
         return {"mean_all": self.mean_all, "mean_unowned": self.mean_unowned, "mean_owned": self.mean_owned}
 
     def to_dict(self) -> dict[str, Any]:

@@ -232,7 +232,7 @@ def test_cli_evaluate_adaptive_json(tiny_run: tuple[Path, str]) -> None:
 
 def test_cli_evaluate_adaptive_errors(tiny_run: tuple[Path, str]) -> None:
     db, run_id = tiny_run
-    for extra, needle in ((["--k", "4"], "--k must be between 1 and the set size 3"),
+    for extra, needle in ((["--k", "3"], "--k must be between 1 and 2 (the attacker lacks at least one"),
                           (["--attackers", "oracle"], "unknown adaptive attacker oracle"),
                           (["--queries", "0"], "--queries must be at least 1"),
                           (["--attack", "pgd1"], "--adaptive runs on its own")):

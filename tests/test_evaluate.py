@@ -141,7 +141,11 @@ def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
 
     ens = runner.invoke(app, ["evaluate", run_id, "--attack", "fgsm", "--ensemble", "2", "--limit", "30", "--json"])
     assert ens.exit_code == 0, ens.output
-    assert json.loads(ens.stdout)["evaluations"][0]["subsets"] == [[0, 1]]
+    def strict(token: str) -> None:
+        raise AssertionError(f"{token} is not JSON")
+
+    whole = json.loads(ens.stdout, parse_constant=strict)["evaluations"][0]
+    assert whole["subsets"] == [[0, 1]] and whole["mean_unowned"] is None  # m = n: no model outside
 
     cmp = runner.invoke(app, ["compare", run_id, "--json"])
     assert cmp.exit_code == 0 and json.loads(cmp.stdout)["rows"][0][0] == "fgsm"  # Table 1 order
