@@ -136,6 +136,14 @@ def test_cli_grow_bad_input(store: Store, small_parent: str) -> None:
     _one_line_error(["grow", small_parent, "--pair-scale", "-1", *db], "--pair-scale must be")
     _one_line_error(["grow", small_parent, "--pair-scale", "nan", *db], "--pair-scale must be")
     _one_line_error(["grow", small_parent, "--refill", "2", "--add", "1", *db], "drop --add")
+    file = model_file(Path(store.get_run(small_parent).run_dir), 1)
+    good, before = file.read_bytes(), [r.id for r in store.list_runs()]
+    file.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    try:  # a damaged parent is found before the new run exists: no failed run row, no folder left
+        _one_line_error(["grow", small_parent, *db], "sha256")
+    finally:
+        file.write_bytes(good)
+    assert [r.id for r in store.list_runs()] == before
 
     def stop(metric: object) -> None:
         raise KeyboardInterrupt

@@ -80,13 +80,15 @@ def lineage(store: Store, ref: str) -> list[Run]:
     return chain
 
 
-def _load_parent(store: Store, parent: Run, run_id: str, run_dir: Path, device: torch.device
-                 ) -> tuple[list[nn.Module], dict[str, str]]:
-    """The parent's models, frozen, and their files re-encoded for the new run (sha-checked first)."""
+def _load_parent(store: Store, parent: Run, device: torch.device
+                 ) -> tuple[list[nn.Module], list[tuple[dict[str, torch.Tensor], dict[str, Any]]]]:
+    """The parent's models, frozen, and each file's tensors and metadata (sha-checked first), read
+    before the new run exists so that a damaged parent leaves nothing behind."""
     cfg = TrainConfig.from_dict(parent.config)
     info = dataset_info(cfg.dataset)
     digests = store.checkpoint_digest_sets(parent.id)
-    models, blobs = [], {}
+    models: list[nn.Module] = []
+    files: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
     for i in range(parent.n):
         file = model_file(Path(parent.run_dir), i)
         if file.name not in digests:
@@ -96,11 +98,22 @@ def _load_parent(store: Store, parent: Run, run_id: str, run_dir: Path, device: 
         try:
             model.load_state_dict(tensors)
         except RuntimeError as exc:
-            raise DeflectError(f"{file} does not match architecture {cfg.arch}: {exc}") from exc
+            first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+            raise DeflectError(f"{file} does not match the run's model ({cfg.arch}, width {cfg.width}): "
+                               f"{first}") from exc
         models.append(inference_copy(model, device))  # frozen, eval mode, folded: cheaper to differentiate
+        files.append((tensors, meta))
+    return models, files
+
+
+def _inherited_blobs(parent: Run, files: list[tuple[dict[str, torch.Tensor], dict[str, Any]]], run_id: str,
+                     run_dir: Path) -> dict[str, bytes]:
+    """The parent's model files re-encoded for the new run, their metadata naming where they came from."""
+    blobs = {}
+    for i, (tensors, meta) in enumerate(files):
         inherited = {**meta, "run": run_id, "index": i, "inherited_from": parent.id, "parent_index": i}
         blobs[model_file(run_dir, i).name] = encode_tensors(tensors, inherited)
-    return models, blobs
+    return blobs
 
 
 def _commit_files(store: Store, run_id: str, epoch: int, run_dir: Path, blobs: dict[str, bytes]) -> None:
@@ -180,6 +193,7 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
         cfg = dataclasses.replace(cfg, bf16=False)  # emulated bf16 is slower than float32; the config says so
     fast_cpu_math()
     train_set, val_set, test_set = _load_splits(cfg)
+    frozen, files = _load_parent(store, parent, device)
 
     run_id = new_run_id(cfg)
     run_dir = store.runs_root / run_id
@@ -201,8 +215,7 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
     try:
         if cb.on_start:
             cb.on_start(run, parent)
-        frozen, blobs = _load_parent(store, parent, run_id, run_dir, device)
-        _commit_files(store, run_id, 0, run_dir, blobs)
+        _commit_files(store, run_id, 0, run_dir, _inherited_blobs(parent, files, run_id, run_dir))
         clean = list(parent.clean_acc or [])
         if len(clean) != n:
             clean = clean_accuracy(frozen, test_set, device, ctx.eval_bs)
