@@ -827,6 +827,8 @@ def demo(
     if n < 2:
         fail(f"--n must be at least 2, got {n}")
     parse_attacks(attack, False)
+    make_config(n=n, dataset="digits")  # every value checked before any work
+    with_overrides(Scenario(), adversary="static", clients=clients, rounds=rounds)
     store = open_store(db)
     ids: dict[str, str] = {}
     for method in ("independent", "disjoint"):

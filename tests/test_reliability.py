@@ -90,6 +90,8 @@ def test_a_set_larger_than_memory_allows_is_refused_before_any_work(tmp_path: Pa
     db = ["--db", str(tmp_path / "x.db")]
     _one_line_error(["train", "--n", "100000", *db], "--n must be at most 256", "got 100000", strict=True)
     _one_line_error(["demo", "--n", "100000", *db], "--n must be at most 256", strict=True)
+    _one_line_error(["demo", "--clients", "0", *db], "--clients: must be at least 1", strict=True)  # not after training
+    _one_line_error(["demo", "--rounds", "0", *db], "--rounds: must be at least 1", strict=True)
     assert Store(tmp_path / "x.db").list_runs() == []
 
 
