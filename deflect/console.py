@@ -56,9 +56,21 @@ def result_console(live: Console) -> Console:
     return live if live.is_terminal and sys.stdout.isatty() else stdout_console()
 
 
+class _Progress(Progress):
+    """A bar that leaves nothing behind when it stops before its first task: an error raised before
+    any work (a bad value found once the run is open) stays the one line on stderr."""
+
+    def stop(self) -> None:
+        if self.tasks:
+            super().stop()
+            return
+        self.live.transient = True  # and no closing newline, which Progress.stop adds off a terminal
+        self.live.stop()
+
+
 def training_progress(console: Console = err_console) -> Progress:
     """Epoch, batch, losses, throughput and ETA for a training run."""
-    return Progress(
+    return _Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -74,7 +86,7 @@ def training_progress(console: Console = err_console) -> Progress:
 
 def grow_progress(console: Console = err_console) -> Progress:
     """Model i of K, its epoch and batch, losses, throughput and ETA while a set grows."""
-    return Progress(
+    return _Progress(
         TextColumn("[bold]model {task.fields[model]}"),
         TextColumn("{task.fields[epoch]}"),
         BarColumn(),
@@ -91,7 +103,7 @@ def grow_progress(console: Console = err_console) -> Progress:
 
 def work_progress(console: Console = err_console) -> Progress:
     """A generic bar with items/s and ETA for evaluation work."""
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -84,6 +84,10 @@ def test_must_show_one_line_errors(digits_runs: tuple[Store, dict[str, str]]) ->
     _one_line_error(["train", "--n", "1"], "--n must be at least 2", "got 1", strict=True)
     _one_line_error(["simulate", "--k", "9", "--adversary", "oracle", "--db", str(store.path)],
                     "--k 9", "more than the 3 released models", strict=True)
+    # found once the run is open and the bar has started: still nothing but the one line (not stripped:
+    # no blank line where the bar was)
+    late = runner.invoke(app, ["evaluate", "latest", "--limit", "0", "--db", str(store.path)])
+    assert late.exit_code == 2 and late.stderr.splitlines() == ["deflect: error: --limit must be at least 1, got 0"]
 
 
 def test_a_set_larger_than_memory_allows_is_refused_before_any_work(tmp_path: Path) -> None:
