@@ -1041,12 +1041,29 @@ def bench(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. Command-line mistakes (an unknown option, a value that is not a
+    number) are one line on stderr and exit code 2, like every other error, not a boxed panel."""
+    try:  # Typer 0.29 carries its own copy of click
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover - a Typer that uses click itself
+        from click import exceptions as cx  # type: ignore[no-redef]
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError as exc:  # `deflect` alone: its help
+        typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(2)
+    except cx.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "deflect"
+        typer.echo(f"deflect: error: {exc.format_message()} (see '{command} --help')", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("deflect: interrupted", err=True)
+        sys.exit(130)
     except DeflectError as exc:  # raised outside a command (e.g. while parsing)
         typer.echo(f"deflect: error: {exc}", err=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,21 @@ def test_progress_rate_counts_from_the_first_report(monkeypatch: pytest.MonkeyPa
     for done in (1, 2, 4):
         report(done, 4)
     assert bar.rates == ["", "2.00 batches/s", "1.50 batches/s"]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["train", "--n", "abc"], "Invalid value for '--n'"),
+    (["evaluate", "--bogus"], "No such option: --bogus"),
+    (["compare"], "Missing argument 'runs'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_command_line_mistakes_are_one_line(args: list[str], needle: str, tmp_path: Path) -> None:
+    """The console script (not CliRunner, which skips `main`) prints Typer's usage errors as one line."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "deflect", *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deflect: error: ") and needle in lines[0], done.stderr
+    assert "--help" in lines[0]
