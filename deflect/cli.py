@@ -361,7 +361,8 @@ def runs(db: DbOption = None, as_json: JsonOption = False) -> None:
     if not rows:
         typer.echo("no runs yet; create one with 'deflect train' or 'deflect demo'")
         return
-    stdout_console().print(runs_table(rows, best))
+    out = stdout_console()
+    out.print(runs_table(rows, best, out.width))
 
 
 def _progress_callback(progress: Any, description: str, unit: str) -> Callable[[int, int], None]:

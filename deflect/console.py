@@ -130,26 +130,42 @@ def format_epoch(metric: EpochMetric) -> str:
     return f"loss {metric.loss_total:.4f} val {metric.val_loss:.4f} clean % {accs}"
 
 
-def runs_table(runs: Sequence[Run], best_blackbox: dict[str, float]) -> Table:
-    table = Table(title="deflect runs", header_style="bold")
-    for col in ("run", "method", "dataset", "arch", "n", "status", "epoch", "clean %", "best BB %", "created"):
-        table.add_column(
-            col,
-            justify="right" if col in ("n", "epoch", "clean %", "best BB %") else "left",
-            no_wrap=col in ("run", "status"),
-            overflow="fold",
-        )
+RUNS_COLUMNS = ("run", "method", "dataset", "arch", "n", "status", "epoch", "clean %", "best BB %", "created")
+RUNS_DROPPED_FIRST = ("created", "arch", "dataset", "epoch")  # on a narrow terminal, in this order
+_RIGHT = ("n", "epoch", "clean %", "best BB %")
+
+
+def runs_table(runs: Sequence[Run], best_blackbox: dict[str, float], width: int | None = None) -> Table:
+    """One line per run. When the rows do not fit in `width` columns, the least needed columns go
+    (`RUNS_DROPPED_FIRST`) rather than cells folding over several lines: a row stays grep-able."""
     colours = {"finished": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}
+    rows = []
     for run in runs:
         clean = f"{sum(run.clean_acc) / len(run.clean_acc):.1f}" if run.clean_acc else "-"
         bb = best_blackbox.get(run.id)
         origin = " (pool)" if run.config.get("pool_of") else " (grown)" if run.config.get("parent") else ""
-        table.add_row(
-            run.id, run.method + origin, run.dataset, run.arch, str(run.n),
-            f"[{colours.get(run.status, 'white')}]{run.status}[/]",
-            f"{run.epochs_done}/{run.epochs_total}", clean, f"{bb:.1f}" if bb is not None else "-",
-            run.created.strftime("%m-%d %H:%M"),
-        )
+        rows.append({
+            "run": run.id, "method": run.method + origin, "dataset": run.dataset, "arch": run.arch, "n": str(run.n),
+            "status": run.status, "epoch": f"{run.epochs_done}/{run.epochs_total}", "clean %": clean,
+            "best BB %": f"{bb:.1f}" if bb is not None else "-", "created": run.created.strftime("%m-%d %H:%M"),
+        })
+    columns = list(RUNS_COLUMNS)
+
+    def needed() -> int:  # cell text, one space of padding each side, a rule between columns and at the ends
+        return sum(max(len(c), *(len(r[c]) for r in rows)) + 3 for c in columns) + 1
+
+    for col in RUNS_DROPPED_FIRST:
+        if width is None or needed() <= width:
+            break
+        columns.remove(col)
+    table = Table(title="deflect runs", header_style="bold")
+    for col in columns:
+        table.add_column(col, justify="right" if col in _RIGHT else "left", no_wrap=True,
+                         overflow="fold" if col == "run" else "ellipsis")
+    for row in rows:
+        status = row["status"]
+        cells = {**row, "status": f"[{colours.get(status, 'white')}]{status}[/]"}
+        table.add_row(*(cells[c] for c in columns))
     return table
 
 

@@ -37,6 +37,10 @@ def test_train_prints_run_id_and_runs_lists_it(tmp_path: Path, monkeypatch: pyte
     table = runner.invoke(app, ["runs"]).stdout  # not a terminal: whole rows, not 80 folded columns
     row = next(line for line in table.splitlines() if run_id in line)
     assert all(cell in row for cell in ("disjoint", "digits", "finished", "1/1")), table
+    narrow = runner.invoke(app, ["runs"], env={"COLUMNS": "80"}).stdout  # a narrow terminal: columns go, not lines
+    lines = [line for line in narrow.splitlines() if line.startswith("│")]
+    assert len(lines) == 1 and run_id in lines[0] and "finished" in lines[0], narrow
+    assert all(len(line) <= 80 for line in narrow.splitlines()) and "created" not in narrow, narrow
 
 
 def _one_line_error(args: list[str], needle: str) -> None:
