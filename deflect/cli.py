@@ -179,6 +179,8 @@ def train(
             detach_clean=detach_clean or None, clean_bn_stats=clean_bn_stats or None,
         )
         if angle_epochs is not None:
+            if angle_epochs < 0:
+                fail(f"--angle-epochs must be at least 0 (0: no angular term), got {angle_epochs}")
             overrides["angle_window"] = TermWindow(1, angle_epochs)
         if transfer_until is not None:
             overrides["transfer_until"] = transfer_until
@@ -470,7 +472,10 @@ def evaluate(
             fail("--adaptive runs on its own: drop --attack/--all/--ensemble/--eps-sweep/--tsne/--alpha/--bf16")
         from deflect.adaptive import FAMILIES, AdaptiveSettings
 
-        families = tuple(a.strip() for a in (attackers or ",".join(FAMILIES)).split(",") if a.strip())
+        families = tuple(a.strip() for a in (",".join(FAMILIES) if attackers is None else attackers).split(",")
+                         if a.strip())
+        if not families:
+            fail(f"unknown adaptive attacker (none); choose from: {', '.join(FAMILIES)}")
         settings = AdaptiveSettings(k=k, limit=limit, eps=eps, steps=steps, restarts=restarts, queries=queries,
                                     max_queries=max_queries, square_limit=square_limit, aware_epochs=aware_epochs,
                                     families=families, seed=seed, batch_size=batch_size or 256, split=split)

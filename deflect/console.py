@@ -143,7 +143,8 @@ def runs_table(runs: Sequence[Run], best_blackbox: dict[str, float], width: int 
     for run in runs:
         clean = f"{sum(run.clean_acc) / len(run.clean_acc):.1f}" if run.clean_acc else "-"
         bb = best_blackbox.get(run.id)
-        origin = " (pool)" if run.config.get("pool_of") else " (grown)" if run.config.get("parent") else ""
+        role = run.config.get("role")  # a helper run deflect made for itself (a pool, the static adversary)
+        origin = f" ({role})" if role else " (grown)" if run.config.get("parent") else ""
         rows.append({
             "run": run.id, "method": run.method + origin, "dataset": run.dataset, "arch": run.arch, "n": str(run.n),
             "status": run.status, "epoch": f"{run.epochs_done}/{run.epochs_total}", "clean %": clean,

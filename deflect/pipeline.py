@@ -40,8 +40,10 @@ def parse_attacks(spec: str | None, use_all: bool) -> list[str]:
     names = attack_names()
     if use_all:
         return names
-    chosen = [a.strip().lower() for a in (spec or "pgd1").split(",") if a.strip()]
+    chosen = [a.strip().lower() for a in ("pgd1" if spec is None else spec).split(",") if a.strip()]
     known = [*names, *adaptive_attack_names()]
+    if not chosen:
+        raise DeflectError(f"--attack names no attack; choose from: {', '.join(known)}")
     for a in chosen:
         if a not in known:
             raise DeflectError(f"unknown attack {a!r}; choose from: {', '.join(known)}")

@@ -56,6 +56,10 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path: Path) -> None:
     _one_line_error(["train", "--dataset", "imagenet"], "unknown dataset")
     _one_line_error(["train", "--resume", "no-such-run"], "no run 'no-such-run'")
     _one_line_error(["train", "--preset", "huge"], "unknown preset")
+    _one_line_error(["train", "--angle-epochs", "-1"], "--angle-epochs must be at least 0")
+    _one_line_error(["evaluate", "latest", "--attack", ""], "--attack names no attack")
+    _one_line_error(["evaluate", "latest", "--attack", " , "], "--attack names no attack")
+    _one_line_error(["evaluate", "latest", "--adaptive", "--attackers", ""], "unknown adaptive attacker (none)")
     (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
     _one_line_error(["runs", "--db", str(tmp_path / "junk.db")], "not a deflect database")
     assert (tmp_path / "junk.db").read_bytes() == b"this is not sqlite" * 100
