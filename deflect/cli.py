@@ -102,6 +102,7 @@ def _training_bar(progress: Any, task: dict[str, Any], label: str = "") -> Calla
 @app.command()
 @handle_errors
 def train(
+    ctx: typer.Context,
     n: Annotated[int, typer.Option("--n", "-n", help="Number of models in the set (≥ 2).")] = 3,
     dataset: Annotated[str, typer.Option(help="digits | fashion-mnist | mnist | cifar10.")] = "digits",
     method: Annotated[str, typer.Option(help="disjoint | independent | fast-at | adp.")] = "disjoint",
@@ -166,6 +167,12 @@ def train(
     from deflect.train import Callbacks
     from deflect.train import train as run_training
 
+    if resume is not None:  # the run's stored settings decide; a setting given beside --resume would be ignored
+        given = [name for name in ctx.params if name not in ("resume", "db", "as_json")
+                 and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            fail(f"--resume continues a run with its stored settings; drop {flags}")
     store = open_store(db)
     cfg = None
     if resume is None:

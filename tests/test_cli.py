@@ -57,6 +57,8 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path: Path) -> None:
     _one_line_error(["train", "--resume", "no-such-run"], "no run 'no-such-run'")
     _one_line_error(["train", "--preset", "huge"], "unknown preset")
     _one_line_error(["train", "--angle-epochs", "-1"], "--angle-epochs must be at least 0")
+    _one_line_error(["train", "--resume", "some-run", "--n", "5", "--dataset", "mnist"],
+                    "--resume continues a run with its stored settings; drop --n, --dataset")
     _one_line_error(["evaluate", "latest", "--attack", ""], "--attack names no attack")
     _one_line_error(["evaluate", "latest", "--attack", " , "], "--attack names no attack")
     _one_line_error(["evaluate", "latest", "--adaptive", "--attackers", ""], "unknown adaptive attacker (none)")
