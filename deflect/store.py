@@ -254,8 +254,18 @@ class Store:
         except OperationalError as exc:
             raise DeflectError(f"cannot write to database {self.path}: {exc.orig}") from exc
 
+    def _located(self, run: Run) -> Run:
+        """`run` with its folder found beside this database when the recorded one is gone (the database
+        and its runs/ folder were moved or copied together)."""
+        if run.run_dir and not Path(run.run_dir).exists() and (self.runs_root / run.id).is_dir():
+            run.run_dir = str((self.runs_root / run.id).resolve())
+        return run
+
     def get_run(self, ref: str) -> Run:
         """A run by id, unique id prefix, or 'latest'."""
+        return self._located(self._find_run(ref))
+
+    def _find_run(self, ref: str) -> Run:
         self.mark_stale_runs()
         with self.session() as s:
             if ref == "latest":
@@ -288,7 +298,8 @@ class Store:
     def list_runs(self) -> list[Run]:
         self.mark_stale_runs()
         with self.session() as s:
-            return list(s.exec(select(Run).order_by(Run.created)).all())  # type: ignore[arg-type]
+            runs = list(s.exec(select(Run).order_by(Run.created)).all())  # type: ignore[arg-type]
+        return [self._located(run) for run in runs]
 
     def mark_stale_runs(self) -> int:
         """Runs left 'running' by a process on this host that no longer exists were interrupted."""

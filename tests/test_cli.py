@@ -42,6 +42,20 @@ def test_train_prints_run_id_and_runs_lists_it(tmp_path: Path, monkeypatch: pyte
     assert len(lines) == 1 and run_id in lines[0] and "finished" in lines[0], narrow
     assert all(len(line) <= 80 for line in narrow.splitlines()) and "created" not in narrow, narrow
 
+    import shutil
+
+    from deflect.sets import load_set
+    from deflect.store import Store
+
+    moved = tmp_path / "moved"  # the database and its runs/ folder moved together: the runs are found there
+    moved.mkdir()
+    for file in tmp_path.glob("deflect.db*"):
+        shutil.copy(file, moved / file.name)
+    (tmp_path / "runs").rename(moved / "runs")
+    store = Store(moved / "deflect.db")
+    assert Path(store.get_run(run_id).run_dir) == (moved / "runs" / run_id).resolve()
+    assert len(load_set(run_id, store)) == 2
+
 
 def _one_line_error(args: list[str], needle: str) -> None:
     result = runner.invoke(app, args)
