@@ -439,7 +439,9 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="Fixed, seeded subset of N test images.")] = None,
     eps: Annotated[float | None, typer.Option(help="Override ε.")] = None,
     alpha: Annotated[float | None, typer.Option(help="Override the step size α.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Override the number of steps/iterations.")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Override the number of steps/iterations; the step size stays the attack's (give --alpha "
+             "too, e.g. 2.5·ε/steps, to keep the total movement).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Evaluation batch size (default 128 on CPU, "
                                                    "256 on a GPU; --adaptive: 256).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the subset and the attacks' randomness.")] = 0,
