@@ -20,6 +20,14 @@ def run_config(run_dir: Path) -> TrainConfig:
     return TrainConfig.from_stored(read_json(path), str(path))
 
 
+def mismatch_error(file: Path, cfg: TrainConfig, exc: RuntimeError) -> DeflectError:
+    """One line for a checkpoint that does not fit the run's model: torch's message is a page long,
+    its last line names the first mismatch."""
+    lines = str(exc).strip().splitlines()
+    return DeflectError(f"{file} does not match the run's model ({cfg.arch}, width {cfg.width}): "
+                        f"{lines[-1].strip() if lines else type(exc).__name__}")
+
+
 def load_set(run: str | os.PathLike, db: str | os.PathLike | Store | None = None) -> list[nn.Module]:
     """The models of a run, in eval mode on CPU, taking [0,1] inputs and returning logits.
 
@@ -49,8 +57,6 @@ def load_set(run: str | os.PathLike, db: str | os.PathLike | Store | None = None
         try:
             model.load_state_dict(load_tensors(file, digests[file.name]))
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-            raise DeflectError(f"{file} does not match the run's model ({cfg.arch}, width {cfg.width}): "
-                               f"{first}") from exc
+            raise mismatch_error(file, cfg, exc) from exc
         models.append(model.eval())
     return models

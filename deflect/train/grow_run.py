@@ -45,6 +45,7 @@ from deflect.inference import bf16_supported, inference_copy
 from deflect.models import build_model
 from deflect.pool import current_pool, is_pool, pool_base, pool_config, pool_lock
 from deflect.runtime import fast_cpu_math
+from deflect.sets import mismatch_error
 from deflect.store import EpochMetric, Run, Store
 from deflect.train.disjoint import BatchEvent, clean_accuracy
 from deflect.train.grow import DEFAULT_SAMPLE, GrowEvent, grow_epoch, growth_validation_loss, sample_frozen
@@ -98,9 +99,7 @@ def _load_parent(store: Store, parent: Run, device: torch.device
         try:
             model.load_state_dict(tensors)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-            raise DeflectError(f"{file} does not match the run's model ({cfg.arch}, width {cfg.width}): "
-                               f"{first}") from exc
+            raise mismatch_error(file, cfg, exc) from exc
         models.append(inference_copy(model, device))  # frozen, eval mode, folded: cheaper to differentiate
         files.append((tensors, meta))
     return models, files
