@@ -309,7 +309,6 @@ def grow(
         err_console.print(f"[bold]run[/] {new.id}  ({role}: {parent.id} n={parent.n} + {new.n - parent.n} new, "
                           f"{new.device})")
         task["run"], task["parent"] = new.id, parent.id
-        progress.start()  # not before: an early error (no such run) would print an empty bar's line
 
     def on_batch(event: Any) -> None:
         if "id" not in task:
@@ -329,14 +328,11 @@ def grow(
                                f"(epoch {done.best_epoch}) in {done.seconds:.1f} s")
 
     try:
-        try:
+        with progress:  # stopped before its first task (no such run), it leaves no line (console._Progress)
             run_id = run_grow(store, run, add or 1, sample=sample, epochs=epochs, seed=seed, device=device,
                               pool=pool, transfer_batch=transfer_batch, pair_scale=pair_scale,
                               transfer_steps=transfer_steps, transfer_refine=transfer_refine,
                               callbacks=GrowCallbacks(on_start, on_batch, on_epoch, on_model))
-        finally:
-            if progress.live.is_started:  # Progress.stop() prints a newline off a terminal even unstarted
-                progress.stop()
     except KeyboardInterrupt:
         typer.echo(f"deflect: interrupted; run {task.get('run', '?')} is marked interrupted and "
                    f"{task.get('parent', run)} is unchanged", err=True)
