@@ -73,13 +73,18 @@ class AdaptiveSettings:
     split: str = "test"  # images attacked: test, or val to choose settings (the surrogate's pool is train)
 
     def validate(self, n: int) -> None:
+        """Every value, `k` against the set size n (`check` the rest before the run is even opened)."""
+        self.check()
+        if self.k is not None and not 1 <= self.k < n:
+            raise DeflectError(f"--k must be between 1 and {n - 1} (the attacker lacks at least one of the "
+                               f"{n} models), got {self.k}")
+
+    def check(self) -> None:
+        """The values that do not depend on the set."""
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
             raise DeflectError(f"unknown adaptive attacker {', '.join(unknown) or '(none)'}; "
                                f"choose from: {', '.join(FAMILIES)}")
-        if self.k is not None and not 1 <= self.k < n:
-            raise DeflectError(f"--k must be between 1 and {n - 1} (the attacker lacks at least one of the "
-                               f"{n} models), got {self.k}")
         for name in ("queries", "max_queries", "square_limit", "surrogate_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise DeflectError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -479,11 +479,10 @@ def evaluate(
 
         families = tuple(a.strip() for a in (",".join(FAMILIES) if attackers is None else attackers).split(",")
                          if a.strip())
-        if not families:
-            fail(f"unknown adaptive attacker (none); choose from: {', '.join(FAMILIES)}")
         settings = AdaptiveSettings(k=k, limit=limit, eps=eps, steps=steps, restarts=restarts, queries=queries,
                                     max_queries=max_queries, square_limit=square_limit, aware_epochs=aware_epochs,
                                     families=families, seed=seed, batch_size=batch_size or 256, split=split)
+        settings.check()  # before the run is opened
         _evaluate_adaptive(open_store(db), run, settings, device, as_json)
         return
     names = parse_attacks(attack, all_attacks) if (attack or all_attacks or not (eps_sweep or tsne)) else []
