@@ -173,9 +173,7 @@ class TrainConfig:
         try:
             cfg = cls.from_dict(data)
             cfg.validate()
-        except (TypeError, ValueError) as exc:
-            raise DeflectError(f"{where}: {exc}") from None
-        except DeflectError as exc:
+        except (TypeError, ValueError, DeflectError) as exc:
             raise DeflectError(f"{where}: {exc}") from None
         return cfg
 
