@@ -145,6 +145,13 @@ def train(
     transfer_refine: Annotated[float | None, typer.Option(
         help="Share of each batch whose transfer-2 perturbation --transfer-steps refines (default 1; the "
              "rest keeps Eq. 4's one step).")] = None,
+    teacher: Annotated[str | None, typer.Option(help=(
+        "A finished set of the same dataset (run id, prefix or 'latest') whose averaged soft targets "
+        "replace a share --distill of the classification target (changes the objective)."))] = None,
+    distill: Annotated[float | None, typer.Option(
+        help="With --teacher: share of the classification target from the teacher (default 0.5).")] = None,
+    distill_temperature: Annotated[float | None, typer.Option(
+        help="With --teacher: softmax temperature of the soft targets (default 4).")] = None,
     select: Annotated[str | None, typer.Option(help="Kept checkpoint: val-loss | last.")] = None,
     limit: Annotated[int | None, typer.Option(help="Train on a seeded subset of N images.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -184,7 +191,10 @@ def train(
             eps1_per_sample=eps1_per_sample or None, step=step, transfer_batch=transfer_batch, at_eps=at_eps,
             transfer_clamp=transfer_clamp, transfer_steps=transfer_steps, transfer_refine=transfer_refine,
             detach_clean=detach_clean or None, clean_bn_stats=clean_bn_stats or None,
+            teacher=teacher, distill_alpha=distill, distill_temperature=distill_temperature,
         )
+        if teacher is None and (distill is not None or distill_temperature is not None):
+            fail("--distill and --distill-temperature need --teacher")
         if angle_epochs is not None:
             if angle_epochs < 0:
                 fail(f"--angle-epochs must be at least 0 (0: no angular term), got {angle_epochs}")

@@ -87,6 +87,11 @@ class TrainConfig:
     # deflect's option: the transfer terms' perturbed forwards leave BatchNorm's running statistics alone,
     # so a model is deployed with statistics of clean images (training itself is unchanged)
     clean_bn_stats: bool = False
+    # deflect's option: a share `distill_alpha` of the classification target comes from the soft targets
+    # (temperature `distill_temperature`) of a stored set, the teacher (deflect.train.distill)
+    teacher: str | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
     angle_window: TermWindow = field(default_factory=lambda: TermWindow(1, 4))
     transfer1_window: TermWindow = field(default_factory=lambda: TermWindow(2, None))
     transfer2_window: TermWindow = field(default_factory=lambda: TermWindow(3, None))
@@ -153,6 +158,12 @@ class TrainConfig:
                 raise DeflectError(f"{name} must be a finite non-negative number, got {value}")
         if self.sample_models is not None and self.sample_models < 2:
             raise DeflectError(f"--sample must be at least 2, got {self.sample_models}")
+        if self.teacher is not None and self.method not in ("disjoint", "independent"):
+            raise DeflectError(f"--teacher works with --method disjoint or independent, not {self.method}")
+        if not 0 < self.distill_alpha <= 1:
+            raise DeflectError(f"--distill must be in (0, 1], got {self.distill_alpha}")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise DeflectError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if self.train_limit is not None and self.train_limit < self.batch_size:
             raise DeflectError(f"--limit must be at least the batch size, got {self.train_limit}")
 

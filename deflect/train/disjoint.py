@@ -18,6 +18,7 @@ from torch import nn
 
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset
+from deflect.train.distill import Teacher, distilled
 from deflect.train.distributed import Shard, all_reduce_grads, sharded
 from deflect.train.losses import ActiveTerms, LossParts, disjoint_loss
 
@@ -81,10 +82,12 @@ def train_epoch(
     on_batch: Callable[[BatchEvent], None] | None = None,
     frozen: Sequence[int] = (),
     shard: Shard | None = None,
+    teacher: Teacher | None = None,
 ) -> EpochStats:
     """Train every model of the set for one epoch on its method's loss (Eq. 5 for disjoint sets).
 
-    `frozen` models (fast-AT models stopped early) get no gradient and so no update."""
+    `frozen` models (fast-AT models stopped early) get no gradient and so no update; a `teacher`
+    supplies soft targets for part of the classification term (`deflect.train.distill`)."""
     gen = epoch_generator(cfg.seed, epoch)
     active = ActiveTerms.for_epoch(cfg, epoch)
     k = cfg.pair_sample_size()
@@ -93,7 +96,7 @@ def train_epoch(
 
     def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         sample = torch.randperm(len(models), generator=gen)[:k].sort().values.tolist()
-        return method_loss(models, x, y, cfg, active, sample, device, gen, frozen)
+        return method_loss(models, x, y, cfg, active, sample, device, gen, frozen, teacher)
 
     return run_epoch(batch_loss, optimizer, scheduler, data, cfg, epoch, gen, device, on_batch, shard)
 
@@ -157,6 +160,7 @@ def run_epoch(
 def method_loss(
     models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, active: ActiveTerms,
     sample: Sequence[int], device: torch.device, gen: torch.Generator, frozen: Sequence[int] = (),
+    teacher: Teacher | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The batch loss of the run's method and its terms by name."""
     if cfg.method == "fast-at":
@@ -168,7 +172,7 @@ def method_loss(
 
         return adp_loss(models, x, y, cfg.adp_alpha, cfg.adp_beta)
     parts: LossParts = step_loss(models, x, y, cfg, active, sample, device)
-    return parts.total, parts.as_floats()
+    return distilled(parts, models, x, teacher, cfg)
 
 
 def step_loss(

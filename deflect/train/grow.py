@@ -24,6 +24,7 @@ from torch import nn
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset
 from deflect.train.disjoint import BatchEvent, EpochStats, epoch_generator, run_epoch
+from deflect.train.distill import Teacher, distilled
 from deflect.train.losses import (
     ActiveTerms,
     LossParts,
@@ -147,8 +148,10 @@ def grow_epoch(
     device: torch.device,
     on_batch: Callable[[BatchEvent], None] | None = None,
     pair_scale: float = 1.0,
+    teacher: Teacher | None = None,
 ) -> EpochStats:
-    """One epoch of the new model; batch order, augmentation and frozen samples seeded by (seed, epoch)."""
+    """One epoch of the new model; batch order, augmentation and frozen samples seeded by (seed, epoch).
+    The parent's `teacher`, if it had one, guides the new model's classification term as it did the set's."""
     gen = epoch_generator(seed, epoch)
     active = ActiveTerms.for_epoch(cfg, epoch)
     new.train()
@@ -156,7 +159,7 @@ def grow_epoch(
     def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         chosen = [frozen[i] for i in sample_frozen(len(frozen), sample, gen)]
         parts = growth_loss(new, chosen, x, y, cfg, active, pair_scale)
-        return parts.total, parts.as_floats()
+        return distilled(parts, [new], x, teacher, cfg)
 
     return run_epoch(batch_loss, optimizer, scheduler, data, cfg, epoch, gen, device, on_batch)
 

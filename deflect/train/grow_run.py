@@ -48,6 +48,7 @@ from deflect.runtime import fast_cpu_math
 from deflect.sets import mismatch_error
 from deflect.store import EpochMetric, Run, Store
 from deflect.train.disjoint import BatchEvent, clean_accuracy
+from deflect.train.distill import Teacher
 from deflect.train.grow import DEFAULT_SAMPLE, GrowEvent, grow_epoch, growth_validation_loss, sample_frozen
 from deflect.train.runner import CONFIG_JSON, _git_hash, _load_splits, _optimizer, new_run_id, resolve_device
 
@@ -193,6 +194,7 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
     fast_cpu_math()
     train_set, val_set, test_set = _load_splits(cfg)
     frozen, files = _load_parent(store, parent, device)
+    teacher = Teacher.load(store, cfg.teacher, cfg, device) if cfg.teacher is not None else None
 
     run_id = new_run_id(cfg)
     run_dir = store.runs_root / run_id
@@ -210,7 +212,7 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
         epochs_total=add * cfg.epochs, message=f"grown from {parent.id} by {add} model(s)",
     ))
     ctx = _Context(store, run_id, run_dir, parent.id, cfg, sample, device, train_set, val_set, test_set, add, cb,
-                   pair_scale)
+                   pair_scale, teacher)
     try:
         if cb.on_start:
             cb.on_start(run, parent)
@@ -255,6 +257,7 @@ class _Context:
     add: int
     cb: GrowCallbacks
     pair_scale: float = 1.0
+    teacher: Teacher | None = None  # the parent's, when it was trained with one
     done: int = 0  # epochs over all new models: the run's epoch rows are numbered 1..K·E
     seconds: float = 0.0
 
@@ -282,7 +285,7 @@ def _train_new_model(ctx: _Context, frozen: list[nn.Module], index: int, positio
 
     for epoch in range(1, cfg.epochs + 1):
         stats = grow_epoch(new, frozen, opt, sched, ctx.train_set, cfg, epoch, seed, ctx.sample, device, on_batch,
-                           ctx.pair_scale)
+                           ctx.pair_scale, ctx.teacher)
         t0 = time.perf_counter()
         acc = clean_accuracy([new], ctx.test_set, device, ctx.eval_bs)[0]
         val = growth_validation_loss(new, val_frozen, ctx.val_set, cfg, device, ctx.eval_bs, ctx.pair_scale)
@@ -298,7 +301,7 @@ def _train_new_model(ctx: _Context, frozen: list[nn.Module], index: int, positio
             run_id=ctx.run_id, epoch=ctx.done, loss_total=stats.losses["total"], loss_class=stats.losses["class"],
             loss_angle=stats.losses["angle"], loss_transfer1=stats.losses["transfer1"],
             loss_transfer2=stats.losses["transfer2"], val_loss=val, clean_acc=[acc], lr=stats.lr,
-            seconds=stats.seconds,
+            seconds=stats.seconds, terms=dict(stats.losses),
         )
         ctx.store.update_run(ctx.run_id, metric, epochs_done=ctx.done, seconds=ctx.seconds)
         if ctx.cb.on_epoch:

@@ -13,6 +13,7 @@ ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -45,6 +46,7 @@ from deflect.models import build_model
 from deflect.runtime import fast_cpu_math
 from deflect.store import EpochMetric, Run, Store
 from deflect.train.disjoint import BatchEvent, clean_accuracy, train_epoch, validation_loss
+from deflect.train.distill import Teacher
 from deflect.train.distributed import Shard, barrier, check_config, global_batchnorm
 
 CONFIG_JSON = "config.json"
@@ -234,6 +236,9 @@ def train(
             torch.cuda.set_device(device)
     where = str(device) if shard is None else f"{device.type} x{shard.world}"
     fast_cpu_math()
+    teacher = Teacher.load(store, cfg.teacher, cfg, device) if cfg.teacher is not None else None
+    if teacher is not None:  # stored by id, so 'latest' or a prefix still names this teacher on resume
+        cfg = dataclasses.replace(cfg, teacher=teacher.run_id)
     train_set, val_set, test_set = _load_splits(cfg)
 
     if resume is None and not leader:
@@ -296,7 +301,7 @@ def train(
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
             stats = train_epoch(models, opt, sched, train_set, cfg, epoch, device,
-                                callbacks.on_batch if leader else None, at_state["frozen"], shard)
+                                callbacks.on_batch if leader else None, at_state["frozen"], shard, teacher)
             if not leader:
                 barrier()  # rank 0 evaluates and writes the epoch meanwhile
                 continue
