@@ -44,7 +44,7 @@ def test_distilled_total_replaces_a_share_of_classification() -> None:
     teacher_net = build_model("cnn", info, width=8).eval()
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     cfg = dataclasses.replace(tiny_config(), teacher="t", distill_alpha=0.3, distill_temperature=2.0)
-    teacher = Teacher("t", [teacher_net], 2.0)
+    teacher = Teacher("t", [teacher_net])
     active = ActiveTerms.for_epoch(cfg, 2)
 
     a = copy.deepcopy(models)
@@ -89,7 +89,7 @@ def test_teacher_run_end_to_end(store: Store) -> None:
     val = deflect.load_dataset("digits", "val")
     x, _ = val.batch(torch.arange(len(val)))
     with torch.no_grad():
-        p = teacher.soft_targets(x)
+        p = teacher.soft_targets(x, 1.0)
         kd = [float(soft_loss(m(x), p, 1.0)) for m in deflect.load_set(student, store)]
         no = [float(soft_loss(m(x), p, 1.0)) for m in deflect.load_set(plain, store)]
     assert all(a < b for a, b in zip(kd, no, strict=True)), (kd, no)

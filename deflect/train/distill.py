@@ -41,7 +41,6 @@ class Teacher:
 
     run_id: str
     models: list[nn.Module]
-    temperature: float
 
     @classmethod
     def load(cls, store: Store, ref: str, cfg: TrainConfig, device: torch.device) -> Teacher:
@@ -55,12 +54,12 @@ class Teacher:
         if run.status != "finished":
             raise DeflectError(f"--teacher {run.id} is {run.status}; a teacher must be a finished run")
         models = [inference_copy(m, device) for m in load_set(run.id, store)]
-        return cls(run.id, models, cfg.distill_temperature)
+        return cls(run.id, models)
 
     @torch.no_grad()
-    def soft_targets(self, x: torch.Tensor) -> torch.Tensor:
+    def soft_targets(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
         """The teacher models' mean of softmax(z / T) on `x`."""
-        probs = [F.softmax(m(x).float() / self.temperature, dim=1) for m in self.models]
+        probs = [F.softmax(m(x).float() / temperature, dim=1) for m in self.models]
         return torch.stack(probs).mean(0)
 
 
@@ -89,6 +88,6 @@ def distilled(parts: LossParts, models: Sequence[nn.Module], x: torch.Tensor, te
     values = parts.as_floats()
     if teacher is None:
         return parts.total, values
-    soft = distill_term(models, x, teacher.soft_targets(x), cfg)
+    soft = distill_term(models, x, teacher.soft_targets(x, cfg.distill_temperature), cfg)
     total = parts.total + cfg.w_class * cfg.distill_alpha * (soft - parts.classification)
     return total, {**values, "total": float(total.detach()), "distill": float(soft.detach())}
