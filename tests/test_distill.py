@@ -74,7 +74,7 @@ def test_teacher_run_end_to_end(store: Store) -> None:
     """A teacher named 'latest' is stored by id and every epoch row holds a finite soft loss. With
     α = 1 the students learn from the teacher alone: a teacher still at chance keeps them there and
     closer to its outputs than the same set trained on the labels. An interrupted run resumes to the
-    uninterrupted run's weights, and a grown set keeps the teacher."""
+    uninterrupted run's weights. A grown set keeps the teacher unless the grow drops or names one."""
     teacher_id = train(tiny_config(method="independent", epochs=2, train_limit=192, width=8), store)
     assert max(store.get_run(teacher_id).clean_acc) < 20  # 3 optimizer steps: a teacher at chance
     cfg = tiny_config(epochs=3, teacher="latest", distill_alpha=1.0, distill_temperature=1.0)
@@ -110,6 +110,14 @@ def test_teacher_run_end_to_end(store: Store) -> None:
     grown = grow(store, student, 1, epochs=1)
     assert store.get_run(grown).config["teacher"] == teacher_id
     assert store.epochs(grown)[0].terms["distill"] > 0
+    dropped = grow(store, student, 1, epochs=1, no_teacher=True)
+    assert store.get_run(dropped).config["teacher"] is None
+    assert "distill" not in store.epochs(dropped)[0].terms
+    named = grow(store, plain, 1, epochs=1, teacher=teacher_id[:-2], distill_alpha=0.25)
+    named_cfg = store.get_run(named).config
+    assert (named_cfg["teacher"], named_cfg["distill_alpha"]) == (teacher_id, 0.25)
+    assert store.get_run(plain).config["teacher"] is None  # the parent is only read
+    assert store.epochs(named)[0].terms["distill"] > 0
 
 
 def test_cli_teacher_errors_leave_no_run(tmp_path) -> None:
@@ -132,4 +140,12 @@ def test_cli_teacher_errors_leave_no_run(tmp_path) -> None:
     }.items():
         result = runner.invoke(app, base + extra.split())
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
+    grow_cases = {
+        f"grow {first} --teacher {first} --no-teacher": "--teacher and --no-teacher contradict each other",
+        f"grow {first} --distill 0.3": "--distill and --distill-temperature need a teacher",
+        f"grow {first} --teacher nosuch": "no run 'nosuch'",
+    }
+    for command, message in grow_cases.items():
+        result = runner.invoke(app, [*command.split(), "--db", db])
+        assert result.exit_code == 2 and message in result.output, (command, result.output)
     assert [r.id for r in Store(db).list_runs()] == [first]

@@ -140,8 +140,17 @@ def grow(
     callbacks: GrowCallbacks | None = None,
     transfer_steps: int | None = None,
     transfer_refine: float | None = None,
+    teacher: str | None = None,
+    no_teacher: bool = False,
+    distill_alpha: float | None = None,
+    distill_temperature: float | None = None,
 ) -> str:
     """Train `add` new models against the frozen models of `parent_ref`; return the new run's id.
+
+    The new models distil from the parent's teacher when it had one (`deflect.train.distill`);
+    `teacher` names another finished set instead and `no_teacher` trains them on labels alone. A
+    grown model starts from nothing against models it cannot move, so it may need a teacher where
+    its parent did not.
 
     `pair_scale` multiplies the set's angular and transfer weights in the new models' loss (1: the
     weights as they are). The run's config keeps the set's weights and the grow records the scale,
@@ -158,6 +167,8 @@ def grow(
         raise DeflectError(f"--epochs must be at least 1, got {epochs}")
     if pair_scale is not None and not (math.isfinite(pair_scale) and pair_scale >= 0):
         raise DeflectError(f"--pair-scale must be a finite number >= 0, got {pair_scale}")
+    if teacher is not None and no_teacher:
+        raise DeflectError("--teacher and --no-teacher contradict each other; pass one")
     parent = store.get_run(parent_ref)
     if not pool and is_pool(parent):  # its models past the set's own are unreleased: never a plain set's
         raise DeflectError(f"run {parent.id} is the pool of run {parent.config['pool_of']}; grow that set, "
@@ -170,8 +181,11 @@ def grow(
     with lock:
         if pool:
             parent = current_pool(store, base.id) or base
-        given = {"transfer_batch": transfer_batch, "transfer_steps": transfer_steps, "transfer_refine": transfer_refine}
+        given = {"transfer_batch": transfer_batch, "transfer_steps": transfer_steps, "transfer_refine": transfer_refine,
+                 "teacher": teacher, "distill_alpha": distill_alpha, "distill_temperature": distill_temperature}
         recipe = {name: value for name, value in given.items() if value is not None}  # the rest: the parent's
+        if no_teacher:
+            recipe["teacher"] = None
         return _grow(store, parent, add, sample, epochs, seed, device, extra, callbacks or GrowCallbacks(),
                      recipe, 1.0 if pair_scale is None else pair_scale)
 
@@ -186,6 +200,9 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
     n = parent.n
     cfg = dataclasses.replace(base_cfg, n=n + add, epochs=epochs or base_cfg.epochs, device=device_name, **recipe)
     cfg.validate()
+    if cfg.teacher is None and ("distill_alpha" in recipe or "distill_temperature" in recipe):
+        raise DeflectError("--distill and --distill-temperature need a teacher: --teacher RUN, or a parent "
+                           "trained with one")
     seed = base_cfg.seed if seed is None else seed
     sample = DEFAULT_SAMPLE if sample is None else sample
     device = resolve_device(device_name)
@@ -195,6 +212,8 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
     train_set, val_set, test_set = _load_splits(cfg)
     frozen, files = _load_parent(store, parent, device)
     teacher = Teacher.load(store, cfg.teacher, cfg, device) if cfg.teacher is not None else None
+    if teacher is not None:  # stored by id: 'latest' or a prefix names this set, whatever comes later
+        cfg = dataclasses.replace(cfg, teacher=teacher.run_id)
 
     run_id = new_run_id(cfg)
     run_dir = store.runs_root / run_id
@@ -257,7 +276,7 @@ class _Context:
     add: int
     cb: GrowCallbacks
     pair_scale: float = 1.0
-    teacher: Teacher | None = None  # the parent's, when it was trained with one
+    teacher: Teacher | None = None  # the parent's, or the one the grow named
     done: int = 0  # epochs over all new models: the run's epoch rows are numbered 1..K·E
     seconds: float = 0.0
 
