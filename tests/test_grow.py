@@ -256,6 +256,25 @@ def test_cli_refill_grows_the_pool_in_the_background(store: Store, small_parent:
     _one_line_error(["grow", pool.id, "--add", "1", *db], f"is the pool of run {small_parent}")
 
 
+def test_cli_refill_passes_the_recipe_to_the_background_grow(store: Store, small_parent: str, monkeypatch) -> None:
+    """The background grow gets every recipe option the command was given, the teacher's included."""
+    import deflect.pool
+
+    calls: list[list[str]] = []
+
+    def spawn(store: Store, base: object, target: int, args: list[str]) -> deflect.pool.Refill:
+        calls.append(args)
+        return deflect.pool.Refill(small_parent, 0, target, 0)
+
+    monkeypatch.setattr(deflect.pool, "spawn_refill", spawn)
+    db = ["--db", str(store.path)]
+    named = ["--teacher", "T", "--distill", "0.3", "--distill-temperature", "2"]
+    for extra in (["--epochs", "2", "--no-teacher"], named):
+        assert runner.invoke(app, ["grow", small_parent, "--refill", "1", *extra, *db]).exit_code == 0
+    assert calls == [["--epochs", "2", "--no-teacher", "--device", "auto"],
+                     ["--teacher", "T", "--distill", "0.3", "--distill-temperature", "2.0", "--device", "auto"]]
+
+
 @pytest.mark.parametrize("clamp", ["batch", "image"])
 def test_transfer_batch_puts_every_pair_term_on_the_first_images(digits_runs, clamp: str) -> None:
     """With `transfer_batch`, the pair terms equal the full-batch terms computed on those images alone
