@@ -267,13 +267,11 @@ def grow(
         help="Multiply the set's angular and transfer weights in the new models' loss (default 1).")] = None,
     teacher: Annotated[str | None, typer.Option(help=(
         "A finished set of the same dataset whose soft targets guide the new models (changes the "
-        "objective; default: the parent's teacher, if it had one)."))] = None,
-    no_teacher: Annotated[bool, typer.Option(
-        "--no-teacher", help="Train the new models on labels alone, even if the parent had a teacher.")] = False,
+        "objective; default none: a parent's own teacher is not inherited)."))] = None,
     distill: Annotated[float | None, typer.Option(
-        help="Share of the classification target from the teacher (default: the parent's, else 0.5).")] = None,
+        help="With --teacher: share of the classification target from the teacher (default 0.5).")] = None,
     distill_temperature: Annotated[float | None, typer.Option(
-        help="Softmax temperature of the soft targets (default: the parent's, else 4).")] = None,
+        help="With --teacher: softmax temperature of the soft targets (default 4).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the new models (default: the parent's).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     db: DbOption = None,
@@ -292,8 +290,8 @@ def grow(
 
     if add is not None and add < 1:
         fail(f"--add must be at least 1, got {add}")
-    if teacher is not None and no_teacher:
-        fail("--teacher and --no-teacher contradict each other; pass one")
+    if teacher is None and (distill is not None or distill_temperature is not None):
+        fail("--distill and --distill-temperature need --teacher")
     store = open_store(db)
     if refill is not None:
         from dataclasses import asdict
@@ -313,7 +311,7 @@ def grow(
                                                             ("distill", distill),
                                                             ("distill-temperature", distill_temperature))
                   if value is not None]
-        args = [str(a) for pair in passed for a in pair] + ["--no-teacher"] * no_teacher + ["--device", device]
+        args = [str(a) for pair in passed for a in pair] + ["--device", device]
         job = spawn_refill(store, base, refill, args)
         if as_json:
             typer.echo(json.dumps({**asdict(job), "log": str(job.log) if job.log else None}))
@@ -355,7 +353,7 @@ def grow(
             run_id = run_grow(store, run, add or 1, sample=sample, epochs=epochs, seed=seed, device=device,
                               pool=pool, transfer_batch=transfer_batch, pair_scale=pair_scale,
                               transfer_steps=transfer_steps, transfer_refine=transfer_refine,
-                              teacher=teacher, no_teacher=no_teacher, distill_alpha=distill,
+                              teacher=teacher, distill_alpha=distill,
                               distill_temperature=distill_temperature,
                               callbacks=GrowCallbacks(on_start, on_batch, on_epoch, on_model))
     except KeyboardInterrupt:

@@ -3,7 +3,8 @@
 A step along one model's gradient changes another model's loss in proportion to this cosine, so
 the figure says whether a set's models share (> 0), ignore (0) or oppose (< 0) each other's attack
 directions. n unit vectors cannot average below -1/(n - 1), which is printed beside it. Run:
-`python results/gradient-cosine.py RUN DB [RUN DB ...]` (500 seeded validation images, one line per run).
+`python results/gradient-cosine.py RUN DB [RUN DB ...]` (500 seeded validation images; per run a line of
+summary and a line with every pair, `i-j cosine`).
 """
 
 import itertools
@@ -41,3 +42,5 @@ for run, db in zip(sys.argv[1::2], sys.argv[2::2], strict=True):
     n = len(models)
     print(f"{run} n={n} mean {sum(cos) / len(cos):.3f} lowest pair {min(cos):.3f} "
           f"highest pair {max(cos):.3f} bound {-1 / (n - 1):.3f}", flush=True)
+    pairs = itertools.combinations(range(n), 2)
+    print("  pairs: " + "  ".join(f"{i}-{j} {c:.3f}" for (i, j), c in zip(pairs, cos, strict=True)), flush=True)

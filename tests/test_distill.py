@@ -74,7 +74,7 @@ def test_teacher_run_end_to_end(store: Store) -> None:
     """A teacher named 'latest' is stored by id and every epoch row holds a finite soft loss. With
     α = 1 the students learn from the teacher alone: a teacher still at chance keeps them there and
     closer to its outputs than the same set trained on the labels. An interrupted run resumes to the
-    uninterrupted run's weights. A grown set keeps the teacher unless the grow drops or names one."""
+    uninterrupted run's weights. A grown set distils only from a teacher the grow names."""
     teacher_id = train(tiny_config(method="independent", epochs=2, train_limit=192, width=8), store)
     assert max(store.get_run(teacher_id).clean_acc) < 20  # 3 optimizer steps: a teacher at chance
     cfg = tiny_config(epochs=3, teacher="latest", distill_alpha=1.0, distill_temperature=1.0)
@@ -107,17 +107,17 @@ def test_teacher_run_end_to_end(store: Store) -> None:
 
     from deflect.train.grow_run import grow
 
-    grown = grow(store, student, 1, epochs=1)
-    assert store.get_run(grown).config["teacher"] == teacher_id
-    assert store.epochs(grown)[0].terms["distill"] > 0
-    dropped = grow(store, student, 1, epochs=1, no_teacher=True)
-    assert store.get_run(dropped).config["teacher"] is None
-    assert "distill" not in store.epochs(dropped)[0].terms
+    grown = grow(store, student, 1, epochs=1)  # the parent's teacher is not inherited
+    assert (store.get_run(grown).config["teacher"], store.get_run(student).config["teacher"]) == (None, teacher_id)
+    assert "distill" not in store.epochs(grown)[0].terms
     named = grow(store, plain, 1, epochs=1, teacher=teacher_id[:-2], distill_alpha=0.25)
     named_cfg = store.get_run(named).config
-    assert (named_cfg["teacher"], named_cfg["distill_alpha"]) == (teacher_id, 0.25)
+    assert (named_cfg["teacher"], named_cfg["distill_alpha"], named_cfg["distill_temperature"]) == (teacher_id, 0.25, 4)
     assert store.get_run(plain).config["teacher"] is None  # the parent is only read
     assert store.epochs(named)[0].terms["distill"] > 0
+    again = grow(store, student, 1, epochs=1, teacher=teacher_id)  # α and T: the grow's defaults, not the parent's
+    again_cfg = store.get_run(again).config
+    assert (again_cfg["distill_alpha"], again_cfg["distill_temperature"]) == (0.5, 4)
 
 
 def test_cli_teacher_errors_leave_no_run(tmp_path) -> None:
@@ -141,8 +141,8 @@ def test_cli_teacher_errors_leave_no_run(tmp_path) -> None:
         result = runner.invoke(app, base + extra.split())
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
     grow_cases = {
-        f"grow {first} --teacher {first} --no-teacher": "--teacher and --no-teacher contradict each other",
-        f"grow {first} --distill 0.3": "--distill and --distill-temperature need a teacher",
+        f"grow {first} --distill 0.3": "--distill and --distill-temperature need --teacher",
+        f"grow {first} --teacher {first} --distill 2": "--distill must be in (0, 1]",
         f"grow {first} --teacher nosuch": "no run 'nosuch'",
     }
     for command, message in grow_cases.items():

@@ -269,9 +269,9 @@ def test_cli_refill_passes_the_recipe_to_the_background_grow(store: Store, small
     monkeypatch.setattr(deflect.pool, "spawn_refill", spawn)
     db = ["--db", str(store.path)]
     named = ["--teacher", "T", "--distill", "0.3", "--distill-temperature", "2"]
-    for extra in (["--epochs", "2", "--no-teacher"], named):
+    for extra in (["--epochs", "2"], named):
         assert runner.invoke(app, ["grow", small_parent, "--refill", "1", *extra, *db]).exit_code == 0
-    assert calls == [["--epochs", "2", "--no-teacher", "--device", "auto"],
+    assert calls == [["--epochs", "2", "--device", "auto"],
                      ["--teacher", "T", "--distill", "0.3", "--distill-temperature", "2.0", "--device", "auto"]]
 
 

@@ -151,7 +151,7 @@ def grow_epoch(
     teacher: Teacher | None = None,
 ) -> EpochStats:
     """One epoch of the new model; batch order, augmentation and frozen samples seeded by (seed, epoch).
-    The parent's `teacher`, if it had one, guides the new model's classification term as it did the set's."""
+    A `teacher` (`deflect grow --teacher`) guides the new model's classification term."""
     gen = epoch_generator(seed, epoch)
     active = ActiveTerms.for_epoch(cfg, epoch)
     new.train()
