@@ -36,6 +36,10 @@ DbOption = Annotated[
 ATTACK_HELP = ("Attack or comma list: fgsm, fgm, rfgsm, pgd1, pgd2, mifgsm1, mifgsm2, cw1, cw2, ead1, ead2 (Table 1); "
                "di-ti-mifgsm, di-ti-mifgsm-cw, di-ti-mifgsm-2eps, di-ti-mifgsm-cw-2eps, square (adaptive).")
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+DistillOption = Annotated[float | None, typer.Option(
+    help="With --teacher: share of the classification target from the teacher (default 0.5).")]
+DistillTemperatureOption = Annotated[float | None, typer.Option(
+    help="With --teacher: softmax temperature of the soft targets (default 4).")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -148,10 +152,8 @@ def train(
     teacher: Annotated[str | None, typer.Option(help=(
         "A finished set of the same dataset (run id, prefix or 'latest') whose averaged soft targets "
         "replace a share --distill of the classification target (changes the objective)."))] = None,
-    distill: Annotated[float | None, typer.Option(
-        help="With --teacher: share of the classification target from the teacher (default 0.5).")] = None,
-    distill_temperature: Annotated[float | None, typer.Option(
-        help="With --teacher: softmax temperature of the soft targets (default 4).")] = None,
+    distill: DistillOption = None,
+    distill_temperature: DistillTemperatureOption = None,
     select: Annotated[str | None, typer.Option(help="Kept checkpoint: val-loss | last.")] = None,
     limit: Annotated[int | None, typer.Option(help="Train on a seeded subset of N images.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -268,10 +270,8 @@ def grow(
     teacher: Annotated[str | None, typer.Option(help=(
         "A finished set of the same dataset whose soft targets guide the new models (changes the "
         "objective; default none: a parent's own teacher is not inherited)."))] = None,
-    distill: Annotated[float | None, typer.Option(
-        help="With --teacher: share of the classification target from the teacher (default 0.5).")] = None,
-    distill_temperature: Annotated[float | None, typer.Option(
-        help="With --teacher: softmax temperature of the soft targets (default 4).")] = None,
+    distill: DistillOption = None,
+    distill_temperature: DistillTemperatureOption = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the new models (default: the parent's).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     db: DbOption = None,
