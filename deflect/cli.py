@@ -175,6 +175,7 @@ def train(
     from deflect.console import err_console, format_epoch, training_progress
     from deflect.train import Callbacks
     from deflect.train import train as run_training
+    from deflect.train.distill import require_teacher
 
     if resume is not None:  # the run's stored settings decide; a setting given beside --resume would be ignored
         given = [name for name in ctx.params if name not in ("resume", "db", "as_json")
@@ -195,8 +196,7 @@ def train(
             detach_clean=detach_clean or None, clean_bn_stats=clean_bn_stats or None,
             teacher=teacher, distill_alpha=distill, distill_temperature=distill_temperature,
         )
-        if teacher is None and (distill is not None or distill_temperature is not None):
-            fail("--distill and --distill-temperature need --teacher")
+        require_teacher(teacher, distill, distill_temperature)
         if angle_epochs is not None:
             if angle_epochs < 0:
                 fail(f"--angle-epochs must be at least 0 (0: no angular term), got {angle_epochs}")
@@ -285,13 +285,13 @@ def grow(
     """
     from deflect.console import err_console, format_epoch, format_losses, grow_progress
     from deflect.store import run_to_dict
+    from deflect.train.distill import require_teacher
     from deflect.train.grow_run import GrowCallbacks
     from deflect.train.grow_run import grow as run_grow
 
     if add is not None and add < 1:
         fail(f"--add must be at least 1, got {add}")
-    if teacher is None and (distill is not None or distill_temperature is not None):
-        fail("--distill and --distill-temperature need --teacher")
+    require_teacher(teacher, distill, distill_temperature)  # here too: --refill only spawns the grow
     store = open_store(db)
     if refill is not None:
         from dataclasses import asdict

@@ -21,7 +21,7 @@ selection) keeps the method's own objective.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -56,11 +56,26 @@ class Teacher:
         models = [inference_copy(m, device) for m in load_set(run.id, store)]
         return cls(run.id, models)
 
+    @classmethod
+    def for_config(cls, store: Store, cfg: TrainConfig, device: torch.device) -> tuple[Teacher | None, TrainConfig]:
+        """The teacher `cfg` names (None without one) and `cfg` naming it by run id, so that 'latest'
+        or a prefix stored in the run's config still names this set on resume, whatever comes later."""
+        if cfg.teacher is None:
+            return None, cfg
+        teacher = cls.load(store, cfg.teacher, cfg, device)
+        return teacher, replace(cfg, teacher=teacher.run_id)
+
     @torch.no_grad()
     def soft_targets(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
         """The teacher models' mean of softmax(z / T) on `x`."""
         probs = [F.softmax(m(x).float() / temperature, dim=1) for m in self.models]
         return torch.stack(probs).mean(0)
+
+
+def require_teacher(teacher: str | None, alpha: float | None, temperature: float | None) -> None:
+    """α and T mean nothing without a teacher: refuse them alone rather than ignore them."""
+    if teacher is None and (alpha is not None or temperature is not None):
+        raise DeflectError("--distill and --distill-temperature need --teacher")
 
 
 def soft_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -48,7 +48,7 @@ from deflect.runtime import fast_cpu_math
 from deflect.sets import mismatch_error
 from deflect.store import EpochMetric, Run, Store
 from deflect.train.disjoint import BatchEvent, clean_accuracy
-from deflect.train.distill import Teacher
+from deflect.train.distill import Teacher, require_teacher
 from deflect.train.grow import DEFAULT_SAMPLE, GrowEvent, grow_epoch, growth_validation_loss, sample_frozen
 from deflect.train.runner import CONFIG_JSON, _git_hash, _load_splits, _optimizer, new_run_id, resolve_device
 
@@ -166,8 +166,7 @@ def grow(
         raise DeflectError(f"--epochs must be at least 1, got {epochs}")
     if pair_scale is not None and not (math.isfinite(pair_scale) and pair_scale >= 0):
         raise DeflectError(f"--pair-scale must be a finite number >= 0, got {pair_scale}")
-    if teacher is None and (distill_alpha is not None or distill_temperature is not None):
-        raise DeflectError("--distill and --distill-temperature need --teacher")
+    require_teacher(teacher, distill_alpha, distill_temperature)
     parent = store.get_run(parent_ref)
     if not pool and is_pool(parent):  # its models past the set's own are unreleased: never a plain set's
         raise DeflectError(f"run {parent.id} is the pool of run {parent.config['pool_of']}; grow that set, "
@@ -208,9 +207,7 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
     fast_cpu_math()
     train_set, val_set, test_set = _load_splits(cfg)
     frozen, files = _load_parent(store, parent, device)
-    teacher = Teacher.load(store, cfg.teacher, cfg, device) if cfg.teacher is not None else None
-    if teacher is not None:  # stored by id: 'latest' or a prefix names this set, whatever comes later
-        cfg = dataclasses.replace(cfg, teacher=teacher.run_id)
+    teacher, cfg = Teacher.for_config(store, cfg, device)
 
     run_id = new_run_id(cfg)
     run_dir = store.runs_root / run_id

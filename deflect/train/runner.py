@@ -13,7 +13,6 @@ ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -236,9 +235,7 @@ def train(
             torch.cuda.set_device(device)
     where = str(device) if shard is None else f"{device.type} x{shard.world}"
     fast_cpu_math()
-    teacher = Teacher.load(store, cfg.teacher, cfg, device) if cfg.teacher is not None else None
-    if teacher is not None:  # stored by id, so 'latest' or a prefix still names this teacher on resume
-        cfg = dataclasses.replace(cfg, teacher=teacher.run_id)
+    teacher, cfg = Teacher.for_config(store, cfg, device)
     train_set, val_set, test_set = _load_splits(cfg)
 
     if resume is None and not leader:
