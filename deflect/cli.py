@@ -14,11 +14,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from deflect.errors import DeflectError
+
+if TYPE_CHECKING:
+    from deflect.store import BlackboxFigure
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -369,7 +372,8 @@ def grow(
 @app.command()
 @handle_errors
 def runs(db: DbOption = None, as_json: JsonOption = False) -> None:
-    """List the runs in the database.
+    """List the runs in the database. "worst BB %" is a run's lowest black-box accuracy over the
+    attacks it was evaluated with, each at its largest evaluation (`--json`: which attack, how many images).
 
     Example: deflect runs --json
     """
@@ -379,18 +383,22 @@ def runs(db: DbOption = None, as_json: JsonOption = False) -> None:
 
     store = open_store(db)
     rows = store.list_runs()
-    best: dict[str, float] = {}
-    for ev in store.evaluations(kind="transfer"):
-        if ev.blackbox_mean is not None:
-            best[ev.run_id] = max(best.get(ev.run_id, 0.0), ev.blackbox_mean)
+    worst = store.worst_blackbox()
     if as_json:
-        typer.echo(json.dumps([{**run_to_dict(r), "best_blackbox": best.get(r.id)} for r in rows]))
+        typer.echo(json.dumps([{**run_to_dict(r), **_worst_fields(worst.get(r.id))} for r in rows]))
         return
     if not rows:
         typer.echo("no runs yet; create one with 'deflect train' or 'deflect demo'")
         return
     out = stdout_console()
-    out.print(runs_table(rows, best, out.width))
+    out.print(runs_table(rows, {k: v.accuracy for k, v in worst.items()}, out.width))
+
+
+def _worst_fields(figure: BlackboxFigure | None) -> dict[str, Any]:
+    """`deflect runs --json`'s black-box fields of one run (null where it has no transfer evaluation)."""
+    return {"worst_blackbox": figure.accuracy if figure else None,
+            "worst_blackbox_attack": figure.attack if figure else None,
+            "worst_blackbox_images": figure.n_examples if figure else None}
 
 
 def _progress_callback(progress: Any, description: str, unit: str) -> Callable[[int, int], None]:

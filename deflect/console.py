@@ -130,25 +130,25 @@ def format_epoch(metric: EpochMetric) -> str:
     return f"loss {metric.loss_total:.4f} val {metric.val_loss:.4f} clean % {accs}"
 
 
-RUNS_COLUMNS = ("run", "method", "dataset", "arch", "n", "status", "epoch", "clean %", "best BB %", "created")
+RUNS_COLUMNS = ("run", "method", "dataset", "arch", "n", "status", "epoch", "clean %", "worst BB %", "created")
 RUNS_DROPPED_FIRST = ("created", "arch", "dataset", "epoch")  # on a narrow terminal, in this order
-_RIGHT = ("n", "epoch", "clean %", "best BB %")
+_RIGHT = ("n", "epoch", "clean %", "worst BB %")
 
 
-def runs_table(runs: Sequence[Run], best_blackbox: dict[str, float], width: int | None = None) -> Table:
+def runs_table(runs: Sequence[Run], worst_blackbox: dict[str, float], width: int | None = None) -> Table:
     """One line per run. When the rows do not fit in `width` columns, the least needed columns go
     (`RUNS_DROPPED_FIRST`) rather than cells folding over several lines: a row stays grep-able."""
     colours = {"finished": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}
     rows = []
     for run in runs:
         clean = f"{sum(run.clean_acc) / len(run.clean_acc):.1f}" if run.clean_acc else "-"
-        bb = best_blackbox.get(run.id)
+        bb = worst_blackbox.get(run.id)
         role = run.config.get("role")  # a helper run deflect made for itself (a pool, the static adversary)
         origin = f" ({role})" if role else " (grown)" if run.config.get("parent") else ""
         rows.append({
             "run": run.id, "method": run.method + origin, "dataset": run.dataset, "arch": run.arch, "n": str(run.n),
             "status": run.status, "epoch": f"{run.epochs_done}/{run.epochs_total}", "clean %": clean,
-            "best BB %": f"{bb:.1f}" if bb is not None else "-", "created": run.created.strftime("%m-%d %H:%M"),
+            "worst BB %": f"{bb:.1f}" if bb is not None else "-", "created": run.created.strftime("%m-%d %H:%M"),
         })
     columns = list(RUNS_COLUMNS)
 

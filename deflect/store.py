@@ -13,6 +13,7 @@ import os
 import socket
 import sqlite3
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,16 @@ def _refuse_foreign(path: Path) -> None:
 
 def default_db_path() -> Path:
     return Path(os.environ.get("DEFLECT_DB") or DEFAULT_DB)
+
+
+@dataclass(frozen=True)
+class BlackboxFigure:
+    """A run's lowest black-box mean accuracy (%) over attacks, the attack that gave it and on how
+    many images (`Store.worst_blackbox`)."""
+
+    accuracy: float
+    attack: str
+    n_examples: int
 
 
 class Store:
@@ -393,13 +404,25 @@ class Store:
             rows = s.exec(q.order_by(EpochMetric.epoch, EpochMetric.id)).all()  # type: ignore[arg-type]
         return {row.run_id: row for row in rows}
 
-    def best_blackbox(self) -> dict[str, float]:
-        """Highest black-box mean accuracy of each run's transfer evaluations."""
-        best: dict[str, float] = {}
-        for ev in self.evaluations(kind="transfer"):
-            if ev.blackbox_mean is not None:
-                best[ev.run_id] = max(best.get(ev.run_id, ev.blackbox_mean), ev.blackbox_mean)
-        return best
+    def worst_blackbox(self) -> dict[str, BlackboxFigure]:
+        """Each run's headline black-box accuracy: the lowest over the attacks it was evaluated with.
+
+        A defence is as strong as the strongest attack against it (RobustBench reports the minimum
+        over attacks too), so the highest figure would flatter a set. Each attack counts at its
+        largest stored evaluation, the newest of equals: a 1-image check (`simulate --limit 1`) does
+        not stand in for the same attack measured on 1000 images.
+        """
+        chosen: dict[tuple[str, str], Evaluation] = {}
+        for ev in self.evaluations(kind="transfer"):  # oldest first, so a newer evaluation wins a tie
+            key = (ev.run_id, ev.attack)
+            if ev.blackbox_mean is not None and (key not in chosen or ev.n_examples >= chosen[key].n_examples):
+                chosen[key] = ev
+        worst: dict[str, BlackboxFigure] = {}
+        for (run_id, attack), ev in chosen.items():
+            assert ev.blackbox_mean is not None
+            if run_id not in worst or ev.blackbox_mean < worst[run_id].accuracy:
+                worst[run_id] = BlackboxFigure(ev.blackbox_mean, attack, ev.n_examples)
+        return worst
 
     def newest_transfer(self, run_id: str) -> dict[str, Evaluation]:
         """Attack name -> newest transfer evaluation of a run, attacks in the order first evaluated."""

@@ -65,6 +65,36 @@ def _one_line_error(args: list[str], needle: str) -> None:
     assert "Traceback" not in result.output
 
 
+def test_runs_shows_the_lowest_black_box_accuracy_over_attacks(tmp_path: Path) -> None:
+    """The headline figure is the strongest attack's, each attack at its largest evaluation: a newer
+    1-image check of the same attack (100 % by chance) neither raises nor replaces it."""
+    from deflect.store import Evaluation, Store
+    from tests.test_tui import add_run
+
+    store = Store(tmp_path / "deflect.db")
+    add_run(store, "digits-disjoint-n3-aaaaaa", tmp_path, status="finished", epochs=1, total=1)
+    add_run(store, "digits-disjoint-n3-bbbbbb", tmp_path, status="finished", epochs=1, total=1)
+
+    def transfer(run_id: str, attack: str, bb: float, images: int) -> None:
+        store.add_evaluation(Evaluation(run_id=run_id, kind="transfer", attack=attack, blackbox_mean=bb,
+                                        n_examples=images, matrix=[[0.0]]))
+
+    transfer("digits-disjoint-n3-aaaaaa", "pgd1", 84.5, 1000)
+    transfer("digits-disjoint-n3-aaaaaa", "fgsm", 88.0, 1000)
+    transfer("digits-disjoint-n3-aaaaaa", "pgd1", 100.0, 1)
+    transfer("digits-disjoint-n3-aaaaaa", "cw2", 0.0, 1)
+    transfer("digits-disjoint-n3-aaaaaa", "cw2", 79.25, 500)  # newer and larger: it replaces the 1-image row
+    rows = {r["id"]: r for r in json.loads(runner.invoke(app, ["runs", "--json"]).stdout)}
+    first, second = rows["digits-disjoint-n3-aaaaaa"], rows["digits-disjoint-n3-bbbbbb"]
+    worst = (first["worst_blackbox"], first["worst_blackbox_attack"], first["worst_blackbox_images"])
+    assert worst == (79.25, "cw2", 500)
+    assert second["worst_blackbox"] is None and second["worst_blackbox_attack"] is None
+    table = runner.invoke(app, ["runs"]).stdout
+    assert "worst BB %" in table, table
+    line = next(row for row in table.splitlines() if "aaaaaa" in row)
+    assert "79.2" in line and "100.0" not in line and "88.0" not in line, table
+
+
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path: Path) -> None:
     _one_line_error(["train", "--n", "1"], "--n must be at least 2")
     _one_line_error(["train", "--dataset", "imagenet"], "unknown dataset")

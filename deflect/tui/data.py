@@ -24,7 +24,7 @@ class RunRow:
     epochs_done: int
     epochs_total: int
     clean: float | None  # mean clean accuracy (%): the best epoch's when finished, else the latest epoch's
-    best_blackbox: float | None  # best black-box mean accuracy over the run's transfer evaluations
+    worst_blackbox: float | None  # lowest black-box mean accuracy over attacks (`Store.worst_blackbox`)
 
 
 @dataclass
@@ -40,14 +40,14 @@ class RunDetail:
 def load_runs(store: Store) -> list[RunRow]:
     runs = store.runs_readonly()
     latest = store.latest_epochs([r.id for r in runs])
-    best = store.best_blackbox()
+    worst = store.worst_blackbox()
     rows = []
     for run in runs:
         clean = mean(run.clean_acc) if run.clean_acc else None
         if clean is None and run.id in latest:
             clean = mean(latest[run.id].clean_acc)
         rows.append(RunRow(run.id, run.method, run.dataset, run.arch, run.n, run.status, run.epochs_done,
-                           run.epochs_total, clean, best.get(run.id)))
+                           run.epochs_total, clean, worst[run.id].accuracy if run.id in worst else None))
     return rows
 
 

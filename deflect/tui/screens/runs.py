@@ -18,7 +18,7 @@ from deflect.tui.widgets.table import MeasuredTable
 from deflect.tui.widgets.titlebar import TitleBar
 
 # The numbers first, so that they stay in view at 80 columns; the rest scrolls horizontally.
-COLUMNS = (("id", "run"), ("status", "status"), ("epoch", "epoch"), ("clean", "clean %"), ("bb", "best BB %"),
+COLUMNS = (("id", "run"), ("status", "status"), ("epoch", "epoch"), ("clean", "clean %"), ("bb", "worst BB %"),
            ("method", "method"), ("dataset", "data"), ("arch", "arch"), ("n", "n"))
 STATUS_COLOURS = {"finished": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}
 
@@ -31,7 +31,7 @@ def row_cells(row: RunRow) -> dict[str, str]:
     return {
         "id": row.id, "method": row.method, "dataset": row.dataset, "arch": row.arch, "n": str(row.n),
         "status": f"[{STATUS_COLOURS.get(row.status, 'white')}]{row.status}[/]",
-        "epoch": f"{row.epochs_done}/{row.epochs_total}", "clean": _pct(row.clean), "bb": _pct(row.best_blackbox),
+        "epoch": f"{row.epochs_done}/{row.epochs_total}", "clean": _pct(row.clean), "bb": _pct(row.worst_blackbox),
     }
 
 
