@@ -198,6 +198,23 @@ class TrainConfig:
         return cls(**values)
 
 
+# where a set was trained, not what it is: a set trained on another device or data folder is the same set
+PLACE_KEYS = ("device", "data_dir", "download")
+
+
+def same_recipe(stored: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether a stored run configuration is `cfg`'s recipe (a key missing from an older run reads as
+    its default; keys that are not `TrainConfig` fields, such as a helper run's role, do not count).
+
+    `deflect reproduce` reuses a tagged set only when this holds: a preset changed since a set was
+    trained makes its tag point at the old recipe, and reusing it would make a report that its own
+    command no longer produces. The attackers' helper runs (`deflect.helper_runs`) are cached by it.
+    """
+    have = dataclasses.asdict(TrainConfig.from_dict(stored))
+    wanted = dataclasses.asdict(cfg)
+    return all(have[k] == wanted[k] for k in wanted if k not in PLACE_KEYS)
+
+
 def _fits(value: Any, hint: Any) -> bool:
     """Whether a JSON value can stand for a field annotated `hint` (ints for floats; no bools for numbers)."""
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)

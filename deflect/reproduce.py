@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from deflect.attacks import CIFAR10_LINF_EPS, budget_for
-from deflect.config import TrainConfig, make_config, preset_dataset
+from deflect.config import TrainConfig, make_config, preset_dataset, same_recipe
 from deflect.errors import DeflectError
 from deflect.pipeline import RunEvaluator
 from deflect.report import curves_png, markdown_table
@@ -149,21 +149,6 @@ def _tag(plan: Plan, spec: SetSpec) -> str:
     return f"{plan.preset}{'/quick' if plan.quick else ''}/{spec.label}"
 
 
-# where a set was trained, not what it is: a set trained on another device or data folder is the same set
-_PLACE_KEYS = ("device", "data_dir", "download")
-
-
-def same_recipe(run: Run, cfg: TrainConfig) -> bool:
-    """Whether `run` was trained with `cfg`'s recipe (a key missing from an older run reads as its default).
-
-    A preset changed since a set was trained makes its tag point at the old recipe; reusing it
-    would make a report that its own command no longer produces.
-    """
-    stored = dataclasses.asdict(TrainConfig.from_dict(run.config or {}))
-    wanted = dataclasses.asdict(cfg)
-    return all(stored[k] == wanted[k] for k in wanted if k not in _PLACE_KEYS)
-
-
 def find_run(store: Store, tag: str, matches: Callable[[Run], bool] = lambda run: True) -> Run | None:
     runs = [r for r in store.list_runs() if (r.config or {}).get(TAG_KEY) == tag and matches(r)]
     finished = [r for r in runs if r.status == "finished"]
@@ -185,7 +170,7 @@ def _stored(store: Store, plan: Plan, spec: SetSpec, parent: Run | None, cfg: Tr
             return None
         return find_run(store, tag, lambda run: (run.config or {}).get("parent") == parent.id)
     wanted = cfg or _set_config(plan, spec)
-    return find_run(store, tag, lambda run: same_recipe(run, wanted))
+    return find_run(store, tag, lambda run: same_recipe(run.config or {}, wanted))
 
 
 def stored_runs(store: Store, plan: Plan) -> dict[str, Run]:

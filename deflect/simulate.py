@@ -40,14 +40,16 @@ from deflect.data import ImageTensorDataset, load_dataset
 from deflect.deploy import Deployment, Rotation, client_ids, default_key_path, load_or_create_key
 from deflect.errors import DeflectError
 from deflect.evaluate import craft_and_score, select_subset, transfer_matrix
+from deflect.helper_runs import helper_run
 from deflect.inference import inference_copy
 from deflect.pipeline import store_transfer
 from deflect.pool import current_pool
 from deflect.runtime import fast_cpu_math
 from deflect.scenario import Scenario
 from deflect.sets import load_set
-from deflect.store import HELPER_ROLE_KEY, Evaluation, Run, Simulation, Store
-from deflect.train import Callbacks, resolve_device, train
+from deflect.store import Evaluation, Run, Simulation, Store
+from deflect.train import Callbacks, resolve_device
+from deflect.train.grow_run import lineage
 
 STATIC_ROLE = "static-adversary"
 STATIC_SEED = 1000  # the static adversary's model: an independent run with this seed
@@ -214,35 +216,24 @@ class SimCallbacks:
 
 
 # the static adversary's own model -----------------------------------------------------------------
-def static_config(run: Run, device: str = "auto") -> TrainConfig:
-    """The target run's recipe, as an independent pair with its own seed: a normal, unadapted model."""
-    base = TrainConfig.from_dict(run.config)
-    return dataclasses.replace(base, n=2, method="independent", seed=STATIC_SEED, device=device)
+def static_config(run: Run, device: str = "auto", root: Run | None = None) -> TrainConfig:
+    """The set's recipe, as an independent pair with its own seed: a normal, unadapted model.
 
-
-def _recipe(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in ("device", "download", HELPER_ROLE_KEY)}
+    A teacher is the defender's own set, which a static adversary does not hold, so its model never
+    distils. For a grown set the recipe is its `root` set's (the first set of its lineage): the
+    models a grow adds may train for fewer epochs (`deflect grow --epochs`) than the adversary should.
+    """
+    base = TrainConfig.from_dict((root or run).config)
+    return dataclasses.replace(base, n=2, method="independent", seed=STATIC_SEED, device=device, teacher=None)
 
 
 def static_adversary(store: Store, run: Run, device: str = "auto",
                      callbacks: Callbacks | None = None) -> tuple[nn.Module, str]:
     """The static adversary's model (model 0 of a cached helper run), training it on first use."""
-    cfg = static_config(run, device)
-    want = _recipe(json.loads(cfg.to_json()))
-    for r in reversed(store.list_runs()):
-        if r.status == "finished" and r.config.get(HELPER_ROLE_KEY) == STATIC_ROLE and _recipe(r.config) == want:
-            return load_set(r.id, store)[0], r.id
-    user = callbacks or Callbacks()
-
-    def mark(new: Run, first_epoch: int) -> None:
-        """Marked at once, so that even an interrupted helper run is never 'latest'."""
-        store.update_run(new.id, config={**new.config, HELPER_ROLE_KEY: STATIC_ROLE},
-                         message=f"static adversary's own model (deflect simulate, seed {STATIC_SEED})")
-        if user.on_start:
-            user.on_start(new, first_epoch)
-
-    run_id = train(cfg, store, Callbacks(on_start=mark, on_batch=user.on_batch, on_epoch=user.on_epoch))
-    return load_set(run_id, store)[0], run_id
+    cfg = static_config(run, device, lineage(store, run.id)[-1])
+    helper, _ = helper_run(store, cfg, STATIC_ROLE,
+                           f"static adversary's own model (deflect simulate, seed {STATIC_SEED})", callbacks)
+    return load_set(helper.id, store)[0], helper.id
 
 
 # expected figure ----------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ method, train an own set the same way (same recipe and data, another seed) and a
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 
 import torch
@@ -19,10 +18,11 @@ from torch import nn
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset, dataset_info
 from deflect.errors import DeflectError
+from deflect.helper_runs import helper_run
 from deflect.models import build_model
 from deflect.sets import load_set
-from deflect.store import HELPER_ROLE_KEY, Run, Store
-from deflect.train import Callbacks, train
+from deflect.store import Run, Store
+from deflect.train import Callbacks
 
 AWARE_ROLE = "method-aware-adversary"
 AWARE_SEED = 2000  # the method-aware attacker's set: the defender's recipe with this seed added
@@ -115,10 +115,6 @@ def aware_config(run: Run, epochs: int | None = None, device: str = "auto") -> T
                                epochs=base.epochs if epochs is None else epochs)
 
 
-def _recipe(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("device", "download", HELPER_ROLE_KEY)}
-
-
 def method_aware_set(store: Store, run: Run, epochs: int | None = None, device: str = "auto",
                      callbacks: Callbacks | None = None) -> tuple[list[nn.Module], Run, bool]:
     """The method-aware attacker's own set: (models, its helper run, trained now?).
@@ -128,18 +124,6 @@ def method_aware_set(store: Store, run: Run, epochs: int | None = None, device: 
     """
     cfg = aware_config(run, epochs, device)
     cfg.validate()
-    want = _recipe(json.loads(cfg.to_json()))
-    for r in reversed(store.list_runs()):
-        if r.status == "finished" and r.config.get(HELPER_ROLE_KEY) == AWARE_ROLE and _recipe(r.config) == want:
-            return load_set(r.id, store), r, False
-    user = callbacks or Callbacks()
-
-    def mark(new: Run, first_epoch: int) -> None:
-        """Marked at once, so that even an interrupted helper run is never 'latest'."""
-        store.update_run(new.id, config={**new.config, HELPER_ROLE_KEY: AWARE_ROLE},
-                         message=f"method-aware attacker's own set for {run.id} (deflect evaluate --adaptive)")
-        if user.on_start:
-            user.on_start(new, first_epoch)
-
-    run_id = train(cfg, store, Callbacks(on_start=mark, on_batch=user.on_batch, on_epoch=user.on_epoch))
-    return load_set(run_id, store), store.get_run(run_id), True
+    message = f"method-aware attacker's own set for {run.id} (deflect evaluate --adaptive)"
+    helper, trained = helper_run(store, cfg, AWARE_ROLE, message, callbacks)
+    return load_set(helper.id, store), helper, trained

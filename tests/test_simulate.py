@@ -190,3 +190,40 @@ def test_summary_names_the_scenario_and_flags_an_oracle_that_owns_every_deployed
     lines = _simulation_summary(every).splitlines()
     assert lines[0] == "scenario mine: two stolen models"
     assert sum("the attacker owns every deployed model" in ln for ln in lines) == 1
+
+
+def test_static_adversary_trains_like_the_first_set_and_never_distils(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The static adversary's recipe: a grown set's root (not the grow's shorter --epochs), with no
+    teacher (the defender's own set); and the method-aware attacker's cache uses the same rule."""
+    import dataclasses
+
+    from deflect import simulate as simulate_module
+    from deflect.config import make_config, same_recipe
+    from deflect.store import Run
+
+    store = Store(tmp_path / "s.db")
+    root_cfg = make_config(3, "digits", epochs=4, teacher="digits-independent-n3-cccccc")
+    config = json.loads(root_cfg.to_json())
+    store.add_run(Run(id="digits-disjoint-n3-aaaaaa", method="disjoint", dataset="digits", arch="cnn", preset="digits",
+                      n=3, run_dir=str(tmp_path / "a"), epochs_total=4, status="finished", config=config))
+    store.add_run(Run(id="digits-disjoint-n4-bbbbbb", method="disjoint", dataset="digits", arch="cnn", preset="digits",
+                      n=4, run_dir=str(tmp_path / "b"), epochs_total=1, status="finished",
+                      config={**config, "n": 4, "epochs": 1, "teacher": None, "parent": "digits-disjoint-n3-aaaaaa"}))
+    seen: dict[str, object] = {}
+
+    def fake_helper(store: Store, cfg: object, role: str, message: str, callbacks: object = None) -> None:
+        seen["cfg"], seen["role"] = cfg, role
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(simulate_module, "helper_run", fake_helper)
+    for run_id in ("digits-disjoint-n3-aaaaaa", "digits-disjoint-n4-bbbbbb"):
+        with pytest.raises(RuntimeError, match="captured"):
+            simulate_module.static_adversary(store, store.get_run(run_id), device="cpu")
+        cfg = seen["cfg"]
+        assert seen["role"] == simulate_module.STATIC_ROLE
+        assert (cfg.method, cfg.n, cfg.epochs, cfg.teacher, cfg.seed) == ("independent", 2, 4, None, 1000), cfg
+    # the cache rule: place keys and unknown keys (the helper's role) do not count, a training field does
+    stored = {**json.loads(cfg.to_json()), "device": "cuda", "role": "static-adversary"}
+    assert same_recipe(stored, cfg) and same_recipe({k: v for k, v in stored.items() if k != "momentum"}, cfg)
+    assert not same_recipe(stored, dataclasses.replace(cfg, teacher="digits-independent-n3-cccccc"))
