@@ -372,8 +372,9 @@ def grow(
 @app.command()
 @handle_errors
 def runs(db: DbOption = None, as_json: JsonOption = False) -> None:
-    """List the runs in the database. "worst BB %" is a run's lowest black-box accuracy over the
-    attacks it was evaluated with, each at its largest evaluation (`--json`: which attack, how many images).
+    """List the runs in the database.
+
+    worst BB %: the lowest black-box accuracy over the attacks evaluated, each at its largest evaluation.
 
     Example: deflect runs --json
     """
