@@ -221,13 +221,20 @@ def validation_loss(
     active = ActiveTerms.all_enabled(cfg)
     for m in models:
         m.eval()
+    return mean_objective(data, device, batch_size,
+                          lambda x, y: disjoint_loss(models, x, y, cfg, active, create_graph=False))
+
+
+def mean_objective(data: ImageTensorDataset, device: torch.device, batch_size: int,
+                   objective: Callable[[torch.Tensor, torch.Tensor], LossParts]) -> float:
+    """The image-weighted mean of `objective(x, y).total` over `data` in order, under `no_grad` (the
+    objectives take input gradients themselves). A last batch of a single image is left out."""
     total, count = 0.0, 0
     for start in range(0, len(data) - 1, batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
         x, y = data.batch(idx)
-        x, y = x.to(device), y.to(device)
         with torch.no_grad():
-            parts = disjoint_loss(models, x, y, cfg, active, create_graph=False)
+            parts = objective(x.to(device), y.to(device))
         total += float(parts.total.detach()) * len(idx)
         count += len(idx)
     return total / max(count, 1)

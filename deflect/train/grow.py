@@ -23,7 +23,7 @@ from torch import nn
 
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset
-from deflect.train.disjoint import BatchEvent, EpochStats, epoch_generator, run_epoch
+from deflect.train.disjoint import BatchEvent, EpochStats, epoch_generator, mean_objective, run_epoch
 from deflect.train.distill import Teacher, distilled
 from deflect.train.losses import (
     ActiveTerms,
@@ -175,13 +175,5 @@ def growth_validation_loss(
     """
     active = ActiveTerms.all_enabled(cfg)
     new.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(data) - 1, batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)))
-        x, y = data.batch(idx)
-        x, y = x.to(device), y.to(device)
-        with torch.no_grad():
-            parts = growth_loss(new, frozen, x, y, cfg, active, pair_scale, create_graph=False)
-        total += float(parts.total.detach()) * len(idx)
-        count += len(idx)
-    return total / max(count, 1)
+    return mean_objective(data, device, batch_size,
+                          lambda x, y: growth_loss(new, frozen, x, y, cfg, active, pair_scale, create_graph=False))
