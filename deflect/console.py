@@ -70,25 +70,18 @@ class _Progress(Progress):
 
 def training_progress(console: Console = err_console) -> Progress:
     """Epoch, batch, losses, throughput and ETA for a training run."""
-    return _Progress(
-        TextColumn("[bold]epoch {task.fields[epoch]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[losses]}"),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+    return _epoch_progress(console, TextColumn("[bold]epoch {task.fields[epoch]}"))
 
 
 def grow_progress(console: Console = err_console) -> Progress:
     """Model i of K, its epoch and batch, losses, throughput and ETA while a set grows."""
+    return _epoch_progress(console, TextColumn("[bold]model {task.fields[model]}"), TextColumn("{task.fields[epoch]}"))
+
+
+def _epoch_progress(console: Console, *lead: TextColumn) -> Progress:
+    """`lead` columns, then the bar, batches, losses, rate, elapsed time and ETA that training shows."""
     return _Progress(
-        TextColumn("[bold]model {task.fields[model]}"),
-        TextColumn("{task.fields[epoch]}"),
+        *lead,
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[losses]}"),
