@@ -13,7 +13,11 @@ image shape instead, e.g. PreAct ResNet18 on 32×32 colour images for `paper-cif
 - `fast_k5`: the fast layout with transfer term 2's perturbation refined to 5 sign steps
   (`--transfer-steps 5`, objective-changing): what the refinement's first-order passes add;
 - `reference_bf16` (where bf16 is native: a GPU, or a CPU with AVX512-BF16/AMX): the reference step
-  under bf16 autocast, as `--bf16` trains.
+  under bf16 autocast, as `--bf16` trains;
+- `independent_nchw`, `reference_nchw`: those steps with NCHW models, against the layout training
+  uses (`deflect.runtime.training_layout`: channels-last on CPU; ratios `nhwc_vs_nchw_*`, about 1
+  on CUDA, where the layout is left alone). The growth figures have `one_model_nchw` and
+  `grow_s2_tb32_nchw` for the same comparison.
 Each rate also gives the seconds one epoch of the dataset's training split would take at that rate
 (`epoch_seconds`), which is what a user sizing a paper-scale run wants to know.
 The reference step is also timed by phase: input gradients with their graph, the perturbed forwards
@@ -44,11 +48,14 @@ from deflect.config import make_config, preset_dataset
 from deflect.data import ImageTensorDataset, dataset_info
 from deflect.inference import bf16_supported
 from deflect.models import build_model
-from deflect.runtime import fast_cpu_math
+from deflect.runtime import fast_cpu_math, training_layout
 from deflect.train.disjoint import autocast, step_loss
 from deflect.train.losses import ActiveTerms, angular_loss, input_gradients, loss_increase
 
 Progress = Callable[[str], None]
+
+
+NCHW = "_nchw"  # a figure timed with NCHW models, against the layout training uses (channels-last on CPU)
 
 
 @dataclass
@@ -131,6 +138,9 @@ def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[st
         "cheap": {"step": "fast", "transfer_batch": 32, "w_transfer1": 0.0, "w_angle": 0.0},
         "fast_k5": {"step": "fast", "transfer_steps": 5},
         "fast_k5_r50": {"step": "fast", "transfer_steps": 5, "transfer_refine": 0.5},
+        # the same steps with NCHW models, against the channels-last layout training uses on CPU
+        "independent_nchw": {"method": "independent"},
+        "reference_nchw": {},
     }
     if bf16_supported(device):
         recipes["reference_bf16"] = {"bf16": True}
@@ -138,8 +148,8 @@ def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[st
         cfg = bench_config(settings, n, **overrides)
         models = _models(settings, n, device)
         xs = x
-        if cfg.step == "fast" and device.type == "cpu":
-            models = [m.to(memory_format=torch.channels_last) for m in models]
+        if not name.endswith(NCHW):
+            models = training_layout(models, device)
         active = ActiveTerms.all_enabled(cfg)
         sample = list(range(cfg.pair_sample_size()))
         opt = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.01, momentum=0.9)
@@ -175,11 +185,14 @@ def grow_rates(settings: BenchSettings, device: torch.device, frozen_n: int = 3)
         "grow_s3_tb32": (3, {"transfer_batch": 32}),
         "grow_s3_tb32_k5": (3, {"transfer_batch": 32, "transfer_steps": 5}),
         "grow_s3_tb32_k5_r50": (3, {"transfer_batch": 32, "transfer_steps": 5, "transfer_refine": 0.5}),
+        "one_model_nchw": (0, {}), "grow_s2_tb32_nchw": (2, {"transfer_batch": 32}),
     }
     rates: dict[str, float] = {}
     for name, (sample, overrides) in recipes.items():
         cfg = bench_config(settings, frozen_n + 1, **overrides)
         (new,) = _models(settings, 1, device, seed=1)  # not a twin of a frozen model
+        if not name.endswith(NCHW):
+            (new,) = training_layout([new], device)
         opt = torch.optim.SGD(new.parameters(), lr=0.01, momentum=0.9)
         active = ActiveTerms.all_enabled(cfg)
 
@@ -363,12 +376,16 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
         result.ratios[f"cheap_vs_reference_n{n}"] = rates["cheap"] / rates["reference"]
         result.ratios[f"fast_k5_cost_vs_fast_n{n}"] = rates["fast"] / rates["fast_k5"]
         result.ratios[f"fast_k5_r50_cost_vs_fast_n{n}"] = rates["fast"] / rates["fast_k5_r50"]
+        for name in ("independent", "reference"):
+            result.ratios[f"nhwc_vs_nchw_{name}_n{n}"] = rates[name] / rates[name + NCHW]
         if "reference_bf16" in rates:
             result.ratios[f"bf16_vs_reference_n{n}"] = rates["reference_bf16"] / rates["reference"]
-    for name, rate in result.grow_steps_per_s.items():
-        if name != "one_model":
-            result.ratios[f"{name}_cost_vs_one_model"] = result.grow_steps_per_s["one_model"] / rate
     grown = result.grow_steps_per_s
+    for name, rate in grown.items():
+        if name != "one_model" and not name.endswith(NCHW):
+            result.ratios[f"{name}_cost_vs_one_model"] = grown["one_model"] / rate
+    for name in ("one_model", "grow_s2_tb32"):
+        result.ratios[f"nhwc_vs_nchw_{name}"] = grown[name] / grown[name + NCHW]
     result.ratios["grow_s3_tb32_k5_cost_vs_grow_s3_tb32"] = grown["grow_s3_tb32"] / grown["grow_s3_tb32_k5"]
     result.ratios["grow_s3_tb32_k5_r50_cost_vs_grow_s3_tb32"] = grown["grow_s3_tb32"] / grown["grow_s3_tb32_k5_r50"]
     if "torchattacks_images_per_s" in result.matrix:
@@ -428,9 +445,7 @@ def _trace(name: str, overrides: dict[str, Any], dataset: str, n: int, epochs: i
     cfg = make_config(n, dataset, epochs=epochs, train_limit=train_limit, data_dir=data_dir, width=width, **overrides)
     train, val, _ = _load_splits(cfg)
     check = select_subset(val, bar.val_images, 0)
-    models = [m.to(device) for m in build_set(cfg)]
-    if cfg.step == "fast" and device.type == "cpu":
-        models = [m.to(memory_format=torch.channels_last) for m in models]
+    models = training_layout([m.to(device) for m in build_set(cfg)], device)
     opt, sched = _optimizer(models, cfg, cfg.epochs * (len(train) // cfg.batch_size))
     trace, trained = RecipeTrace(name), 0.0
     for epoch in range(1, cfg.epochs + 1):

@@ -154,7 +154,8 @@ def test_bench_quick_json_reports_rates_phases_and_ratios() -> None:
     from deflect.inference import bf16_supported
 
     bf16 = {"reference_bf16"} if bf16_supported("cpu") else set()  # timed wherever bf16 is native
-    assert set(rates) == {"independent", "reference", "fast", "cheap", "fast_k5", "fast_k5_r50"} | bf16
+    assert set(rates) == {"independent", "reference", "fast", "cheap", "fast_k5", "fast_k5_r50",
+                          "independent_nchw", "reference_nchw"} | bf16
     assert min(rates.values()) > 0
     # the disjoint loss costs several independent steps (double backprop, 2(n-1) extra forwards each)
     assert data["ratios"]["reference_cost_vs_independent_n3"] > 2
@@ -163,6 +164,11 @@ def test_bench_quick_json_reports_rates_phases_and_ratios() -> None:
     for name in ("fast_k5_cost_vs_fast_n3", "fast_k5_r50_cost_vs_fast_n3", "grow_s3_tb32_k5_cost_vs_grow_s3_tb32",
                  "grow_s3_tb32_k5_r50_cost_vs_grow_s3_tb32"):
         assert ratios[name] > 0, name
+    # the training layout (channels-last on CPU) against NCHW models, step by step in one process
+    for name in ("nhwc_vs_nchw_independent_n3", "nhwc_vs_nchw_reference_n3", "nhwc_vs_nchw_one_model",
+                 "nhwc_vs_nchw_grow_s2_tb32"):
+        assert ratios[name] > 0, name
+    assert not any(name.startswith("one_model_nchw") or "_nchw_cost" in name for name in ratios), ratios
     assert set(data["phases"]) == {"input_gradients", "perturbed_forwards", "backward"}
     assert all(v > 0 for v in data["phases"].values())
     assert data["matrix"]["deflect_images_per_s"] > 0 and data["peak_memory_mb"] > 0
@@ -241,7 +247,8 @@ def test_bench_preset_times_the_presets_model_and_sizes_an_epoch() -> None:
     from deflect.inference import bf16_supported
 
     bf16 = {"reference_bf16"} if bf16_supported("cpu") else set()  # timed wherever bf16 is native
-    assert set(rates) == {"independent", "reference", "fast", "cheap", "fast_k5", "fast_k5_r50"} | bf16
+    assert set(rates) == {"independent", "reference", "fast", "cheap", "fast_k5", "fast_k5_r50",
+                          "independent_nchw", "reference_nchw"} | bf16
     seconds = epoch_seconds(settings, 2, rates)
     batch = make_config(2, "digits", "digits").batch_size
     steps = dataset_info("digits").train_split_images // batch
@@ -254,3 +261,24 @@ def test_bench_rejects_an_unknown_preset() -> None:
     result = CliRunner().invoke(app, ["bench", "--preset", "paper-imagenet"])
     assert result.exit_code == 2 and "unknown preset 'paper-imagenet'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_training_layout_is_channels_last_on_cpu_and_keeps_the_function() -> None:
+    """Training models are NHWC on CPU; the logits and a checkpoint round trip are unchanged by it."""
+    from safetensors.torch import load as st_load
+
+    from deflect.checkpoint import encode_tensors
+    from deflect.runtime import training_layout
+
+    torch.manual_seed(0)
+    model = build_model("cnn", dataset_info("fashion-mnist"), True, 8).eval()
+    x = torch.rand(5, 1, 28, 28)
+    before = model(x)
+    (nhwc,) = training_layout([copy.deepcopy(model)], torch.device("cpu"))
+    convs = [m.weight for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)  # a 1-channel input's kernel is both layouts at once
+    torch.testing.assert_close(nhwc(x), before, atol=1e-5, rtol=1e-5)
+    fresh = build_model("cnn", dataset_info("fashion-mnist"), True, 8).eval()
+    fresh.load_state_dict(st_load(encode_tensors(nhwc.state_dict())))
+    torch.testing.assert_close(fresh(x), before, atol=1e-5, rtol=1e-5)

@@ -9,8 +9,8 @@ separate small batch. This step changes the layout, not the maths:
   the channel dimension), and the running statistics receive the same sequence of updates as the
   reference's separate forwards, so loss, gradients and buffers match the reference. It pays off on
   a GPU (fewer, larger kernels); on a 2-core CPU it is slower, so `auto` enables it only on CUDA.
-- `channels_last=True` runs models and inputs in NHWC, which oneDNN's CPU convolutions and max-pooling
-  prefer (about 15-20 % per step on the small CNN).
+- On CPU its inputs are made channels-last (`step_loss`), as every training model is there
+  (`deflect.runtime.training_layout`): oneDNN's convolutions and max-pooling prefer NHWC.
 
 `transfer_batch` is the one option that changes the objective: the pair terms (angle and transfer) use
 only the first `transfer_batch` images of each batch, through their own forward, while
@@ -157,8 +157,3 @@ def fast_disjoint_loss(
     total = (cfg.w_class * classification + cfg.w_angle * angle + cfg.w_transfer1 * transfer1
              + cfg.w_transfer2 * transfer2)
     return LossParts(total, classification, angle, transfer1, transfer2)
-
-
-def to_channels_last(models: Sequence[nn.Module]) -> None:
-    for m in models:
-        m.to(memory_format=torch.channels_last)

@@ -44,7 +44,7 @@ from deflect.errors import DeflectError
 from deflect.inference import bf16_supported, inference_copy
 from deflect.models import build_model
 from deflect.pool import current_pool, is_pool, pool_base, pool_config, pool_lock
-from deflect.runtime import fast_cpu_math
+from deflect.runtime import fast_cpu_math, training_layout
 from deflect.sets import mismatch_error
 from deflect.store import EpochMetric, Run, Store
 from deflect.train.disjoint import BatchEvent, clean_accuracy
@@ -286,6 +286,7 @@ def _train_new_model(ctx: _Context, frozen: list[nn.Module], index: int, positio
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         new = build_model(cfg.arch, dataset_info(cfg.dataset), cfg.normalize, cfg.width).to(device)
+    (new,) = training_layout([new], device)
     opt, sched = _optimizer([new], cfg, cfg.epochs * (len(ctx.train_set) // cfg.batch_size))
     pick = sample_frozen(len(frozen), ctx.sample, torch.Generator().manual_seed(seed))
     val_frozen = [frozen[i] for i in pick]  # fixed per model: its epochs compare on the same pairs

@@ -42,7 +42,7 @@ from deflect.data import ImageTensorDataset, dataset_info, load_dataset
 from deflect.errors import DeflectError
 from deflect.inference import require_bf16
 from deflect.models import build_model
-from deflect.runtime import fast_cpu_math
+from deflect.runtime import fast_cpu_math, training_layout
 from deflect.store import EpochMetric, Run, Store
 from deflect.train.disjoint import BatchEvent, clean_accuracy, train_epoch, validation_loss
 from deflect.train.distill import Teacher
@@ -265,8 +265,7 @@ def train(
     if shard is not None:
         global_batchnorm(models)
         barrier()  # every rank has the run before rank 0 records the first epoch
-    if cfg.step == "fast" and device.type == "cpu":  # oneDNN prefers NHWC (deflect.train.fast)
-        models = [m.to(memory_format=torch.channels_last) for m in models]
+    models = training_layout(models, device)
     batches = (len(train_set) // cfg.batch_size)
     opt, sched = _optimizer(models, cfg, cfg.epochs * batches)
     first_epoch, best_val, best_epoch, seconds = 1, math.inf, None, 0.0
