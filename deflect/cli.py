@@ -374,7 +374,7 @@ def grow(
 def runs(db: DbOption = None, as_json: JsonOption = False) -> None:
     """List the runs in the database.
 
-    worst BB %: the lowest black-box accuracy over the attacks evaluated, each at its largest evaluation.
+    worst BB %: the lowest black-box accuracy over the attacks (and settings) evaluated, each at its largest evaluation.
 
     Example: deflect runs --json
     """
@@ -399,6 +399,7 @@ def _worst_fields(figure: BlackboxFigure | None) -> dict[str, Any]:
     """`deflect runs --json`'s black-box fields of one run (null where it has no transfer evaluation)."""
     return {"worst_blackbox": figure.accuracy if figure else None,
             "worst_blackbox_attack": figure.attack if figure else None,
+            "worst_blackbox_params": figure.params if figure else None,
             "worst_blackbox_images": figure.n_examples if figure else None}
 
 

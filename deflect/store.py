@@ -165,11 +165,12 @@ def default_db_path() -> Path:
 
 @dataclass(frozen=True)
 class BlackboxFigure:
-    """A run's lowest black-box mean accuracy (%) over attacks, the attack that gave it and on how
-    many images (`Store.worst_blackbox`)."""
+    """A run's lowest black-box mean accuracy (%) over attacks, the attack that gave it (name and
+    settings such as ε) and on how many images (`Store.worst_blackbox`)."""
 
     accuracy: float
     attack: str
+    params: dict[str, Any]
     n_examples: int
 
 
@@ -408,20 +409,22 @@ class Store:
         """Each run's headline black-box accuracy: the lowest over the attacks it was evaluated with.
 
         A defence is as strong as the strongest attack against it (RobustBench reports the minimum
-        over attacks too), so the highest figure would flatter a set. Each attack counts at its
-        largest stored evaluation, the newest of equals: a 1-image check (`simulate --limit 1`) does
-        not stand in for the same attack measured on 1000 images.
+        over attacks too), so the highest figure would flatter a set. An attack is its name and
+        settings (ε, steps, ...; not the split), and counts at its largest stored evaluation, the
+        newest of equals: a 1-image check (`simulate --limit 1`) does not stand in for the same
+        attack measured on 1000 images.
         """
-        chosen: dict[tuple[str, str], Evaluation] = {}
+        chosen: dict[tuple[str, str, str], Evaluation] = {}
         for ev in self.evaluations(kind="transfer"):  # oldest first, so a newer evaluation wins a tie
-            key = (ev.run_id, ev.attack)
+            settings = json.dumps({k: v for k, v in (ev.params or {}).items() if k != "split"}, sort_keys=True)
+            key = (ev.run_id, ev.attack, settings)
             if ev.blackbox_mean is not None and (key not in chosen or ev.n_examples >= chosen[key].n_examples):
                 chosen[key] = ev
         worst: dict[str, BlackboxFigure] = {}
-        for (run_id, attack), ev in chosen.items():
+        for (run_id, attack, settings), ev in chosen.items():
             assert ev.blackbox_mean is not None
             if run_id not in worst or ev.blackbox_mean < worst[run_id].accuracy:
-                worst[run_id] = BlackboxFigure(ev.blackbox_mean, attack, ev.n_examples)
+                worst[run_id] = BlackboxFigure(ev.blackbox_mean, attack, json.loads(settings), ev.n_examples)
         return worst
 
     def newest_transfer(self, run_id: str) -> dict[str, Evaluation]:

@@ -75,24 +75,27 @@ def test_runs_shows_the_lowest_black_box_accuracy_over_attacks(tmp_path: Path) -
     add_run(store, "digits-disjoint-n3-aaaaaa", tmp_path, status="finished", epochs=1, total=1)
     add_run(store, "digits-disjoint-n3-bbbbbb", tmp_path, status="finished", epochs=1, total=1)
 
-    def transfer(run_id: str, attack: str, bb: float, images: int) -> None:
+    def transfer(run_id: str, attack: str, bb: float, images: int, eps: float = 0.15, split: str = "test") -> None:
         store.add_evaluation(Evaluation(run_id=run_id, kind="transfer", attack=attack, blackbox_mean=bb,
-                                        n_examples=images, matrix=[[0.0]]))
+                                        n_examples=images, matrix=[[0.0]], params={"eps": eps, "split": split}))
 
     transfer("digits-disjoint-n3-aaaaaa", "pgd1", 84.5, 1000)
     transfer("digits-disjoint-n3-aaaaaa", "fgsm", 88.0, 1000)
-    transfer("digits-disjoint-n3-aaaaaa", "pgd1", 100.0, 1)
+    transfer("digits-disjoint-n3-aaaaaa", "pgd1", 100.0, 1, split="val")  # the same attack on another split
     transfer("digits-disjoint-n3-aaaaaa", "cw2", 0.0, 1)
     transfer("digits-disjoint-n3-aaaaaa", "cw2", 79.25, 500)  # newer and larger: it replaces the 1-image row
     rows = {r["id"]: r for r in json.loads(runner.invoke(app, ["runs", "--json"]).stdout)}
     first, second = rows["digits-disjoint-n3-aaaaaa"], rows["digits-disjoint-n3-bbbbbb"]
     worst = (first["worst_blackbox"], first["worst_blackbox_attack"], first["worst_blackbox_images"])
-    assert worst == (79.25, "cw2", 500)
+    assert worst == (79.25, "cw2", 500) and first["worst_blackbox_params"] == {"eps": 0.15}
     assert second["worst_blackbox"] is None and second["worst_blackbox_attack"] is None
     table = runner.invoke(app, ["runs"]).stdout
     assert "worst BB %" in table, table
     line = next(row for row in table.splitlines() if "aaaaaa" in row)
     assert "79.2" in line and "100.0" not in line and "88.0" not in line, table
+    transfer("digits-disjoint-n3-aaaaaa", "pgd1", 50.0, 1, eps=0.3)  # another budget is another attack
+    rows = {r["id"]: r for r in json.loads(runner.invoke(app, ["runs", "--json"]).stdout)}
+    assert rows["digits-disjoint-n3-aaaaaa"]["worst_blackbox_params"] == {"eps": 0.3}
 
 
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path: Path) -> None:
