@@ -20,6 +20,7 @@ from deflect.data import ImageTensorDataset, dataset_info
 from deflect.errors import DeflectError
 from deflect.helper_runs import helper_run
 from deflect.models import build_model
+from deflect.runtime import training_layout
 from deflect.sets import load_set
 from deflect.store import Run, Store
 from deflect.train import Callbacks
@@ -87,6 +88,7 @@ def train_surrogate(x: torch.Tensor, labels: torch.Tensor, recipe: TrainConfig, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(recipe.arch, info, recipe.normalize, recipe.width).to(x.device)
+    (model,) = training_layout([model], x.device)  # channels-last on CPU, as every training model
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     batches = max(1, len(x) // batch_size)
