@@ -216,21 +216,22 @@ class SimCallbacks:
 
 
 # the static adversary's own model -----------------------------------------------------------------
-def static_config(run: Run, device: str = "auto", root: Run | None = None) -> TrainConfig:
-    """The set's recipe, as an independent pair with its own seed: a normal, unadapted model.
+def static_config(root: Run, device: str = "auto") -> TrainConfig:
+    """The recipe of `root`, the first set of the target's lineage (the target itself unless it was
+    grown), as an independent pair with its own seed: a normal, unadapted model.
 
-    A teacher is the defender's own set, which a static adversary does not hold, so its model never
-    distils. For a grown set the recipe is its `root` set's (the first set of its lineage): the
-    models a grow adds may train for fewer epochs (`deflect grow --epochs`) than the adversary should.
+    A grown set's own config would do worse: the models a grow adds may train for fewer epochs
+    (`deflect grow --epochs`) than the adversary should. A teacher is the defender's own set, which
+    a static adversary does not hold, so its model never distils.
     """
-    base = TrainConfig.from_dict((root or run).config)
+    base = TrainConfig.from_dict(root.config)
     return dataclasses.replace(base, n=2, method="independent", seed=STATIC_SEED, device=device, teacher=None)
 
 
 def static_adversary(store: Store, run: Run, device: str = "auto",
                      callbacks: Callbacks | None = None) -> tuple[nn.Module, str]:
     """The static adversary's model (model 0 of a cached helper run), training it on first use."""
-    cfg = static_config(run, device, lineage(store, run.id)[-1])
+    cfg = static_config(lineage(store, run.id)[-1], device)
     helper, _ = helper_run(store, cfg, STATIC_ROLE,
                            f"static adversary's own model (deflect simulate, seed {STATIC_SEED})", callbacks)
     return load_set(helper.id, store)[0], helper.id
