@@ -15,9 +15,9 @@ image shape instead, e.g. PreAct ResNet18 on 32×32 colour images for `paper-cif
 - `reference_bf16` (where bf16 is native: a GPU, or a CPU with AVX512-BF16/AMX): the reference step
   under bf16 autocast, as `--bf16` trains;
 - `independent_nchw`, `reference_nchw`: those steps with NCHW models, against the layout training
-  uses (`deflect.runtime.training_layout`: channels-last on CPU; ratios `nhwc_vs_nchw_*`, about 1
-  on CUDA, where the layout is left alone). The growth figures have `one_model_nchw` and
-  `grow_s2_tb32_nchw` for the same comparison.
+  uses (`deflect.runtime.training_layout`: channels-last on CPU; ratios `nhwc_vs_nchw_*`). Timed on
+  CPU only: on CUDA training leaves the layout alone, so the twin would time the same step twice. The
+  growth figures have `one_model_nchw` and `grow_s2_tb32_nchw` for the same comparison.
 Each rate also gives the seconds one epoch of the dataset's training split would take at that rate
 (`epoch_seconds`), which is what a user sizing a paper-scale run wants to know.
 The reference step is also timed by phase: input gradients with their graph, the perturbed forwards
@@ -48,7 +48,7 @@ from deflect.config import make_config, preset_dataset
 from deflect.data import ImageTensorDataset, dataset_info
 from deflect.inference import bf16_supported
 from deflect.models import build_model
-from deflect.runtime import fast_cpu_math, training_layout
+from deflect.runtime import changes_layout, fast_cpu_math, training_layout
 from deflect.train.disjoint import autocast, step_loss
 from deflect.train.losses import ActiveTerms, angular_loss, input_gradients, loss_increase
 
@@ -138,10 +138,9 @@ def step_rates(settings: BenchSettings, n: int, device: torch.device) -> dict[st
         "cheap": {"step": "fast", "transfer_batch": 32, "w_transfer1": 0.0, "w_angle": 0.0},
         "fast_k5": {"step": "fast", "transfer_steps": 5},
         "fast_k5_r50": {"step": "fast", "transfer_steps": 5, "transfer_refine": 0.5},
-        # the same steps with NCHW models, against the channels-last layout training uses on CPU
-        "independent_nchw": {"method": "independent"},
-        "reference_nchw": {},
     }
+    if changes_layout(device):  # the same steps with NCHW models, against the channels-last layout
+        recipes.update({"independent_nchw": {"method": "independent"}, "reference_nchw": {}})
     if bf16_supported(device):
         recipes["reference_bf16"] = {"bf16": True}
     for name, overrides in recipes.items():
@@ -185,8 +184,9 @@ def grow_rates(settings: BenchSettings, device: torch.device, frozen_n: int = 3)
         "grow_s3_tb32": (3, {"transfer_batch": 32}),
         "grow_s3_tb32_k5": (3, {"transfer_batch": 32, "transfer_steps": 5}),
         "grow_s3_tb32_k5_r50": (3, {"transfer_batch": 32, "transfer_steps": 5, "transfer_refine": 0.5}),
-        "one_model_nchw": (0, {}), "grow_s2_tb32_nchw": (2, {"transfer_batch": 32}),
     }
+    if changes_layout(device):
+        recipes.update({"one_model_nchw": (0, {}), "grow_s2_tb32_nchw": (2, {"transfer_batch": 32})})
     rates: dict[str, float] = {}
     for name, (sample, overrides) in recipes.items():
         cfg = bench_config(settings, frozen_n + 1, **overrides)
@@ -377,7 +377,8 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
         result.ratios[f"fast_k5_cost_vs_fast_n{n}"] = rates["fast"] / rates["fast_k5"]
         result.ratios[f"fast_k5_r50_cost_vs_fast_n{n}"] = rates["fast"] / rates["fast_k5_r50"]
         for name in ("independent", "reference"):
-            result.ratios[f"nhwc_vs_nchw_{name}_n{n}"] = rates[name] / rates[name + NCHW]
+            if name + NCHW in rates:
+                result.ratios[f"nhwc_vs_nchw_{name}_n{n}"] = rates[name] / rates[name + NCHW]
         if "reference_bf16" in rates:
             result.ratios[f"bf16_vs_reference_n{n}"] = rates["reference_bf16"] / rates["reference"]
     grown = result.grow_steps_per_s
@@ -385,7 +386,8 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
         if name != "one_model" and not name.endswith(NCHW):
             result.ratios[f"{name}_cost_vs_one_model"] = grown["one_model"] / rate
     for name in ("one_model", "grow_s2_tb32"):
-        result.ratios[f"nhwc_vs_nchw_{name}"] = grown[name] / grown[name + NCHW]
+        if name + NCHW in grown:
+            result.ratios[f"nhwc_vs_nchw_{name}"] = grown[name] / grown[name + NCHW]
     result.ratios["grow_s3_tb32_k5_cost_vs_grow_s3_tb32"] = grown["grow_s3_tb32"] / grown["grow_s3_tb32_k5"]
     result.ratios["grow_s3_tb32_k5_r50_cost_vs_grow_s3_tb32"] = grown["grow_s3_tb32"] / grown["grow_s3_tb32_k5_r50"]
     if "torchattacks_images_per_s" in result.matrix:

@@ -63,6 +63,12 @@ def training_layout(models: Sequence[nn.Module], device: torch.device) -> list[n
     is left as it is: it was not measured there. The function is the same up to float rounding, and
     checkpoints are written contiguous, so a set trained either way loads the same.
     """
-    if device.type != "cpu":
+    if not changes_layout(device):
         return list(models)
     return [m.to(memory_format=torch.channels_last) for m in models]
+
+
+def changes_layout(device: torch.device) -> bool:
+    """Whether `training_layout` converts models on `device` (the bench times an NCHW twin only there:
+    elsewhere the twin would time the same step twice)."""
+    return device.type == "cpu"

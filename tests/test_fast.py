@@ -268,8 +268,10 @@ def test_training_layout_is_channels_last_on_cpu_and_keeps_the_function() -> Non
     from safetensors.torch import load as st_load
 
     from deflect.checkpoint import encode_tensors
-    from deflect.runtime import training_layout
+    from deflect.runtime import changes_layout, training_layout
 
+    # the bench times an NCHW twin exactly where training converts (on CUDA it would time one step twice)
+    assert changes_layout(torch.device("cpu")) and not changes_layout(torch.device("cuda"))
     torch.manual_seed(0)
     model = build_model("cnn", dataset_info("fashion-mnist"), True, 8).eval()
     x = torch.rand(5, 1, 28, 28)
