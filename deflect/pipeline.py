@@ -147,8 +147,11 @@ class RunEvaluator:
     def tsne(self, n_images: int = 1000) -> tuple[Path, Evaluation]:
         start = time.perf_counter()
         points, owners = gradient_tsne(self.models, self.test, n_images, int(self.kw["seed"]), self.device)
-        path = tsne_png(points, owners, figures_dir(self.run) / "gradient-tsne.png",
-                        f"{self.run.id}: t-SNE of input-gradient signs")
+        # named by its settings: the evaluation stores this path, and a t-SNE of another split, size or
+        # seed must not overwrite the figure an earlier evaluation points to
+        name = f"gradient-tsne-{self.split}-n{n_images}-seed{int(self.kw['seed'])}.png"
+        path = tsne_png(points, owners, figures_dir(self.run) / name,
+                        f"{self.run.id}: t-SNE of input-gradient signs ({self.split}, {n_images} images)")
         agreement, chance = neighbour_agreement(points, owners)
         centroids = np.stack([points[owners == k].mean(0) for k in np.unique(owners)])
         ev = self.store.add_evaluation(

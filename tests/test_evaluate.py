@@ -98,6 +98,21 @@ def test_eps_sweep_and_tsne(small_set) -> None:
     assert points.shape == (120, 2) and list(np.bincount(owners)) == [40, 40, 40]
 
 
+def test_each_tsne_evaluation_keeps_its_own_figure(digits_runs) -> None:
+    """A t-SNE of another split or size writes its own PNG: the path an earlier evaluation stored still
+    shows that evaluation's embedding."""
+    from deflect.pipeline import RunEvaluator
+
+    store, ids = digits_runs
+    test_path, test_row = RunEvaluator(store, ids["disjoint"], split="test").tsne(30)
+    before = test_path.read_bytes()
+    val_path, val_row = RunEvaluator(store, ids["disjoint"], split="val").tsne(30)
+    small_path, _ = RunEvaluator(store, ids["disjoint"], split="test").tsne(20)
+    assert len({test_path, val_path, small_path}) == 3
+    assert test_row.extra["png"] == str(test_path) and val_row.extra["png"] == str(val_path)
+    assert test_path.read_bytes() == before and val_path.stat().st_size > 0
+
+
 def test_neighbour_agreement_sees_separate_clusters_that_silhouette_misses() -> None:
     """Each model owning several far-apart clusters: agreement 1, silhouette near 0; mixed: chance."""
     from sklearn.metrics import silhouette_score
