@@ -340,13 +340,16 @@ def default_settings(device: str = "cpu", preset: str | None = None) -> BenchSet
     image shape, its model, its batch).
 
     A GPU crafts 512 images in tens of milliseconds, so its matrix figure uses 4096: enough that
-    per-image work, not fixed costs, decides the rate."""
-    images = 4096 if torch.device(device).type == "cuda" else 512
+    per-image work, not fixed costs, decides the rate. It also times 10 steps per figure, not 3: a
+    small-CNN step takes milliseconds there, and with 2 steps two timings of one and the same step
+    came out 2.7× apart on an H200 (results/gpu.md)."""
+    gpu = torch.device(device).type == "cuda"
+    images, steps = (4096, 10) if gpu else (512, 3)
     if preset is None:
-        return BenchSettings(device=device, matrix_images=images)
+        return BenchSettings(device=device, matrix_images=images, steps=steps)
     dataset = preset_dataset(preset)
     cfg = make_config(3, dataset, preset)  # width and batch as recorded; each n uses its own batch
-    return BenchSettings(dataset=dataset, preset=preset, device=device, matrix_images=images,
+    return BenchSettings(dataset=dataset, preset=preset, device=device, matrix_images=images, steps=steps,
                          width=cfg.width, batch_size=cfg.batch_size)
 
 

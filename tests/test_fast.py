@@ -255,6 +255,9 @@ def test_bench_preset_times_the_presets_model_and_sizes_an_epoch() -> None:
     for name, rate in rates.items():
         assert seconds[name] == pytest.approx(steps / rate)
     assert default_settings("cuda").matrix_images == 4096  # a GPU's figure must not be fixed costs
+    # a GPU step takes milliseconds: more timed steps, or the figure is noise
+    assert default_settings("cuda").steps == 10 and default_settings("cuda", "paper-cifar10").steps == 10
+    assert default_settings("cpu").steps == 3
 
 
 def test_bench_rejects_an_unknown_preset() -> None:
