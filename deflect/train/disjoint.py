@@ -18,6 +18,7 @@ from torch import nn
 
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset
+from deflect.runtime import changes_layout
 from deflect.train.distill import Teacher, distilled
 from deflect.train.distributed import Shard, all_reduce_grads, sharded
 from deflect.train.losses import ActiveTerms, LossParts, disjoint_loss
@@ -186,7 +187,7 @@ def step_loss(
     from deflect.train.fast import fast_disjoint_loss
 
     fast = cfg.step == "fast"
-    if fast and device.type == "cpu":
+    if fast and changes_layout(device):  # the inputs in the layout `training_layout` gave the models
         x = x.contiguous(memory_format=torch.channels_last)
     return fast_disjoint_loss(models, x, y, cfg, active, sample, batched=fast and device.type == "cuda")
 
