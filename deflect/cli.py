@@ -124,6 +124,9 @@ def train(
     w_angle: Annotated[float | None, typer.Option(help="Weight of the angular loss.")] = None,
     w_transfer1: Annotated[float | None, typer.Option(help="Weight of transfer loss 1.")] = None,
     w_transfer2: Annotated[float | None, typer.Option(help="Weight of transfer loss 2.")] = None,
+    w_smooth: Annotated[float | None, typer.Option(help=(
+        "Weight of a smoothness term (TRS): each model's mean squared per-image input-gradient norm "
+        "(default 0: off, as in the paper)."))] = None,
     angle_epochs: Annotated[int | None, typer.Option(help="Angular loss active for the first N epochs.")] = None,
     transfer_until: Annotated[int | None, typer.Option(help=(
         "Transfer losses off after epoch N (default: on to the end); once the angular loss is over too "
@@ -192,7 +195,7 @@ def train(
         overrides: dict[str, Any] = dict(
             method=method, arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr_max=lr, eps1=eps1,
             eps2=eps2, w_angle=w_angle, w_transfer1=w_transfer1, w_transfer2=w_transfer2,
-            sample_models=sample, select=select, train_limit=limit, seed=seed, device=device,
+            w_smooth=w_smooth, sample_models=sample, select=select, train_limit=limit, seed=seed, device=device,
             bf16=bf16, data_dir=str(data_dir) if data_dir else None, download=download,
             eps1_per_sample=eps1_per_sample or None, step=step, transfer_batch=transfer_batch, at_eps=at_eps,
             transfer_clamp=transfer_clamp, transfer_steps=transfer_steps, transfer_refine=transfer_refine,

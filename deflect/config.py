@@ -68,6 +68,8 @@ class TrainConfig:
     w_angle: float = 0.5
     w_transfer1: float = 0.5
     w_transfer2: float = 0.5
+    # deflect's option (TRS's smoothness term): weight of each model's mean squared per-image input-gradient norm
+    w_smooth: float = 0.0
     class_reduction: str = "sum"  # "sum" (paper text, Eq. 1) or "mean" (released code)
     # Eq. 3: step eps1 * grad; the released code applies it to the raw batch-mean gradient.
     eps1: float = 6.0
@@ -152,7 +154,8 @@ class TrainConfig:
             raise DeflectError(f"cosine must be 'channel' or 'sample', got {self.cosine!r}")
         if self.transfer_clamp not in ("batch", "image"):
             raise DeflectError(f"--transfer-clamp must be 'batch' or 'image', got {self.transfer_clamp!r}")
-        for name in ("lr_max", "eps1", "eps2", "w_class", "w_angle", "w_transfer1", "w_transfer2"):
+        for name in ("lr_max", "eps1", "eps2", "w_class", "w_angle", "w_transfer1", "w_transfer2",
+                     "w_smooth"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise DeflectError(f"{name} must be a finite non-negative number, got {value}")

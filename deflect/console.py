@@ -114,6 +114,8 @@ def format_losses(event: BatchEvent) -> str:
         parts.append(f"ang {event.losses['angle']:.3f}")
     if event.losses["transfer1"] or event.losses["transfer2"]:
         parts.append(f"t1 {event.losses['transfer1']:.3f} t2 {event.losses['transfer2']:.3f}")
+    if "smooth" in event.losses:
+        parts.append(f"sm {event.losses['smooth']:.3f}")
     return " ".join(parts)
 
 

@@ -139,3 +139,18 @@ def test_old_databases_gain_the_terms_column(tmp_path) -> None:
     assert row.terms is None and row.clean_acc == [90.0]
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_a_smoothness_weight_stores_its_term_and_none_stores_none(store) -> None:
+    """`--w-smooth` (TRS's term) is stored by name in every epoch row, positive and finite, and counted
+    in the total; a run without it has no such term."""
+    from deflect.train import train
+    from tests.conftest import tiny_config
+
+    with_term = store.epochs(train(tiny_config(epochs=2, w_smooth=0.5), store))
+    assert len(with_term) == 2
+    for row in with_term:
+        assert row.terms is not None and math.isfinite(row.terms["smooth"]) and row.terms["smooth"] > 0
+        assert row.terms["total"] >= row.terms["class"] + 0.5 * row.terms["smooth"] - 1e-6
+    (plain,) = store.epochs(train(tiny_config(epochs=1), store))
+    assert plain.terms is not None and "smooth" not in plain.terms

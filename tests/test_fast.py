@@ -40,15 +40,16 @@ def step(fn, models, x, y, cfg, sample, **kw):
     return parts, grads, buffers
 
 
-@pytest.mark.parametrize("n, sample, clamp, detach", [(3, None, "batch", False), (5, [0, 2, 4], "batch", False),
-                                                      (3, None, "image", False), (3, None, "image", True)])
+@pytest.mark.parametrize("n, sample, clamp, detach, smooth", [
+    (3, None, "batch", False, 0.0), (5, [0, 2, 4], "batch", False, 0.0), (3, None, "image", False, 0.0),
+    (3, None, "image", True, 0.0), (5, [0, 2, 4], "image", False, 0.3)])
 # the NHWC layout sums in another order; tanh(2e4·g) magnifies that rounding in float32, so its
 # equality is checked in float64, where rounding is far below the tolerance
 @pytest.mark.parametrize("batched, channels_last, dtype", [(True, False, torch.float32), (False, True, torch.float64)])
-def test_fast_step_equals_the_reference(n: int, sample, clamp: str, detach: bool, batched: bool, channels_last: bool,
-                                        dtype) -> None:
+def test_fast_step_equals_the_reference(n: int, sample, clamp: str, detach: bool, smooth: float, batched: bool,
+                                        channels_last: bool, dtype) -> None:
     models, x, y, cfg = setup(n)
-    cfg = dataclasses.replace(cfg, transfer_clamp=clamp, detach_clean=detach)
+    cfg = dataclasses.replace(cfg, transfer_clamp=clamp, detach_clean=detach, w_smooth=smooth)
     models = [m.to(dtype) for m in models]
     x = x.to(dtype)
     twins = copy.deepcopy(models)
@@ -62,6 +63,9 @@ def test_fast_step_equals_the_reference(n: int, sample, clamp: str, detach: bool
         assert float(getattr(fast, name).detach()) == pytest.approx(float(getattr(ref, name).detach()), abs=1e-4,
                                                                     rel=1e-4)
     assert float(ref.transfer1.detach()) > 0 and float(ref.transfer2.detach()) > 0  # the terms under test are live
+    assert (ref.smooth is None) == (fast.smooth is None) == (smooth == 0)
+    if smooth:
+        assert float(fast.smooth.detach()) == pytest.approx(float(ref.smooth.detach()), rel=1e-4)
     for a, b in zip(ref_grads, fast_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     for a, b in zip(ref_buffers, fast_buffers, strict=True):
@@ -103,9 +107,14 @@ def test_transfer_batch_puts_every_pair_term_on_the_first_images(clamp: str) -> 
     models, x, y, cfg = setup(3)
     for m in models:
         m.eval()  # BatchNorm in eval mode: an image's terms do not depend on the rest of its batch
-    cfg = dataclasses.replace(cfg, transfer_clamp=clamp, eps1_per_sample=False)
+    cfg = dataclasses.replace(cfg, transfer_clamp=clamp, eps1_per_sample=False, w_smooth=0.5)
     active = ActiveTerms.all_enabled(cfg)
     cut = fast_disjoint_loss(models, x, y, dataclasses.replace(cfg, transfer_batch=8), active)
+    # the smoothness term is each image's own squared gradient norm: the first 8 images', at any batch size
+    assert cut.smooth is not None
+    own = fast_disjoint_loss(models, x[:8], y[:8], dataclasses.replace(cfg, w_angle=0.0, w_transfer1=0.0,
+                                                                        w_transfer2=0.0), ActiveTerms(smooth=True))
+    assert own.smooth is not None and float(cut.smooth.detach()) == pytest.approx(float(own.smooth.detach()), rel=1e-5)
     # the same terms over the 8 images alone, ε1 and the tanh scale scaled by 8/32 for the batch
     # mean's 1/B, which is what rescaling the gradients does
     alone = fast_disjoint_loss(models, x[:8], y[:8], dataclasses.replace(

@@ -207,9 +207,10 @@ class Functional(nn.Module):
         return functional_call(self.base, self.params, (x,))
 
 
-@pytest.mark.parametrize("sample", [None, [0, 2]])
-def test_double_backprop_matches_finite_differences(sample: list[int] | None) -> None:
-    """∂L_total/∂θ through the input gradients (second order) against central differences."""
+@pytest.mark.parametrize("sample, w_smooth", [(None, 0.0), ([0, 2], 0.0), ([0, 2], 0.7)])
+def test_double_backprop_matches_finite_differences(sample: list[int] | None, w_smooth: float) -> None:
+    """∂L_total/∂θ through the input gradients (second order) against central differences, with and
+    without the smoothness term (`--w-smooth`)."""
     torch.manual_seed(0)
     bases = [
         nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double() for _ in range(3)
@@ -220,15 +221,16 @@ def test_double_backprop_matches_finite_differences(sample: list[int] | None) ->
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     # tanh_scale small so the soft sign is smooth at the finite-difference step.
     cfg = make_config(n=3, eps1=20.0, eps2=0.3, tanh_scale=30.0, w_angle=0.5,
-                      angle_window=TermWindow(1, None))
+                      angle_window=TermWindow(1, None), w_smooth=w_smooth)
 
     def total(*params: torch.Tensor) -> torch.Tensor:
         models, k = [], 0
         for base, keys in zip(bases, names, strict=True):
             models.append(Functional(base, dict(zip(keys, params[k : k + len(keys)], strict=True))))
             k += len(keys)
-        parts = disjoint_loss(models, x, y, cfg, ActiveTerms(True, True, True), sample)
+        parts = disjoint_loss(models, x, y, cfg, ActiveTerms(True, True, True, smooth=w_smooth > 0), sample)
         assert parts.transfer1.item() > 0 and parts.transfer2.item() > 0
+        assert (parts.smooth is not None) == (w_smooth > 0)
         return parts.total
 
     inputs = tuple(p.requires_grad_(True) for p in flat)
@@ -245,3 +247,34 @@ def test_transfer_gradient_reaches_source_model() -> None:
     assert parts.transfer1.item() > 0
     grads = torch.autograd.grad(parts.total, list(models[1].parameters()))
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_smoothness_is_each_images_squared_input_gradient_norm() -> None:
+    """The smoothness term (TRS, `--w-smooth`) against the hand formula of a linear softmax model:
+    an image's own gradient is Wᵀ(p − onehot(y)); the term is the mean of its squared norm over
+    images, then over the models that take input gradients; the total carries it at its weight."""
+    rng = np.random.default_rng(3)
+    w = [rng.normal(size=(3, 4)) for _ in range(3)]
+    b = [rng.normal(size=3) for _ in range(3)]
+    models = [linear_model(w[k], b[k]) for k in range(3)]
+    x = torch.tensor(rng.random((6, 1, 2, 2)))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    xf, onehot = x.flatten(1).numpy(), np.eye(3)[y.numpy()]
+
+    def norms(k: int) -> float:  # model k's mean over images of ‖Wᵀ(p − onehot)‖²
+        return float(np.mean((((softmax(xf @ w[k].T + b[k]) - onehot) @ w[k]) ** 2).sum(1)))
+
+    by_hand = np.mean([norms(k) for k in range(3)])
+    kw = dict(n=3, w_angle=0.0, w_transfer1=0.0, w_transfer2=0.0)
+    on = disjoint_loss(models, x, y, make_config(**kw, w_smooth=0.25), ActiveTerms(smooth=True))
+    off = disjoint_loss(models, x, y, make_config(**kw), ActiveTerms())
+    assert on.smooth is not None and off.smooth is None and "smooth" not in off.as_floats()
+    assert on.smooth.item() == pytest.approx(by_hand, rel=1e-10)
+    assert on.total.item() == pytest.approx(off.total.item() + 0.25 * by_hand, rel=1e-10)
+    # only the sampled models take input gradients once the angular term is off: the term covers those
+    two = disjoint_loss(models, x, y, make_config(**kw, w_smooth=0.25), ActiveTerms(smooth=True), [0, 2])
+    assert two.smooth is not None and two.smooth.item() == pytest.approx((norms(0) + norms(2)) / 2, rel=1e-10)
+    # a grown model's term is its own gradient's
+    grown = growth_loss(models[1], [models[0]], x, y, make_config(**kw, w_smooth=0.25), ActiveTerms(smooth=True))
+    assert grown.smooth is not None and grown.smooth.item() == pytest.approx(norms(1), rel=1e-10)
+    assert grown.total.item() == pytest.approx(ce(xf @ w[1].T + b[1], y.numpy()) + 0.25 * norms(1), rel=1e-10)

@@ -135,6 +135,7 @@ def test_unreadable_databases_give_one_line(tmp_path: Path) -> None:
     assert foreign.read_bytes() == before and not Path(f"{foreign}-wal").exists()  # not even switched to WAL
     _one_line_error(["evaluate", "latest", "--eps", "nan"], "--eps", "finite non-negative")
     _one_line_error(["train", "--lr", "inf"], "lr_max", "finite non-negative")
+    _one_line_error(["train", "--w-smooth", "-0.5"], "w_smooth", "finite non-negative")
 
 
 @pytest.mark.parametrize(("code", "text"), [(errno.ENOSPC, "No space left on device"),
@@ -196,7 +197,8 @@ _words = st.one_of(
 )
 _OPTIONS: dict[str, dict[str, st.SearchStrategy[str]]] = {
     "train": {"--n": _ints, "--epochs": _ints, "--batch-size": _ints, "--limit": _ints, "--lr": _floats,
-              "--eps1": _floats, "--eps2": _floats, "--w-angle": _floats, "--sample": _ints, "--dataset": _words,
+              "--eps1": _floats, "--eps2": _floats, "--w-angle": _floats, "--w-smooth": _floats, "--sample": _ints,
+              "--dataset": _words,
               "--method": _words, "--preset": _words, "--arch": _words, "--select": _words, "--device": _words,
               "--resume": _words, "--angle-epochs": _ints, "--transfer-until": _ints, "--seed": _ints},
     "evaluate": {"--attack": _words, "--ensemble": _ints, "--limit": _ints, "--eps": _floats, "--alpha": _floats,

@@ -35,6 +35,7 @@ from deflect.train.losses import (
     mean_loss,
     pair_rows,
     plain_loss,
+    smoothness,
     transfer2_delta,
     transfer_baseline,
 )
@@ -84,7 +85,7 @@ def growth_loss(
     transfer = active.transfer1 or active.transfer2
     per_image = transfer and cfg.transfer_clamp == "image"  # the clean losses the transfer terms compare to
     m = pair_rows(cfg, len(x))
-    if not (active.angle or transfer):
+    if not (active.angle or transfer or active.smooth):
         loss_new, g_new, losses_f, grads_f = F.cross_entropy(new(x), y), None, [], []
     elif m == len(x):
         (pair_new,), (g_new,) = input_gradients([new], x, y, create_graph=create_graph, per_image=per_image)
@@ -126,8 +127,12 @@ def growth_loss(
                 terms.extend((a, b))
     transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero
     transfer2 = torch.stack(t2_terms).mean() if t2_terms else zero
+    smooth = smoothness([g_new], len(x)) if active.smooth and g_new is not None else None
     pairs = cfg.w_angle * angle + cfg.w_transfer1 * transfer1 + cfg.w_transfer2 * transfer2
-    return LossParts(cfg.w_class * loss_new + pair_scale * pairs, loss_new, angle, transfer1, transfer2)
+    total = cfg.w_class * loss_new + pair_scale * pairs
+    if smooth is not None:
+        total = total + cfg.w_smooth * smooth
+    return LossParts(total, loss_new, angle, transfer1, transfer2, smooth)
 
 
 def sample_frozen(count: int, sample: int, gen: torch.Generator) -> list[int]:

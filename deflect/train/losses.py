@@ -38,6 +38,10 @@ perturbation K − 1 sign-gradient steps further on its source model (`transfer2
 share `transfer_refine` of each batch (1: all of it). Sets trained on the one-step perturbation
 deflect FGSM far better than PGD-20 (a set of 8 at w = 16: 85.9 % against 78.5 % black-box on
 Fashion-MNIST at ε = 0.1), so the one step is not where the shared directions are.
+
+`TrainConfig.w_smooth` (deflect's option, 0 in every preset) adds TRS's smoothness term (`smoothness`)
+on the input gradients the step already takes. It shrinks them but lines them up across models, and
+black-box accuracy falls (results/fashion-mnist-smoothness.md); it is there for comparisons with TRS.
 """
 
 from __future__ import annotations
@@ -64,10 +68,11 @@ class ActiveTerms:
     angle: bool = False
     transfer1: bool = False
     transfer2: bool = False
+    smooth: bool = False
 
     @property
     def any(self) -> bool:
-        return self.angle or self.transfer1 or self.transfer2
+        return self.angle or self.transfer1 or self.transfer2 or self.smooth
 
     @classmethod
     def for_epoch(cls, cfg: TrainConfig, epoch: int) -> ActiveTerms:
@@ -77,6 +82,7 @@ class ActiveTerms:
             angle=cfg.w_angle > 0 and cfg.angle_window.active(epoch),
             transfer1=cfg.w_transfer1 > 0 and cfg.transfer1_window.active(epoch),
             transfer2=cfg.w_transfer2 > 0 and cfg.transfer2_window.active(epoch),
+            smooth=cfg.w_smooth > 0,
         )
 
     @classmethod
@@ -84,7 +90,8 @@ class ActiveTerms:
         """Every term the configuration uses at some epoch (a fixed validation objective)."""
         if cfg.method != "disjoint":
             return cls()
-        return cls(angle=cfg.w_angle > 0, transfer1=cfg.w_transfer1 > 0, transfer2=cfg.w_transfer2 > 0)
+        return cls(angle=cfg.w_angle > 0, transfer1=cfg.w_transfer1 > 0, transfer2=cfg.w_transfer2 > 0,
+                   smooth=cfg.w_smooth > 0)
 
 
 @dataclass
@@ -94,15 +101,17 @@ class LossParts:
     angle: torch.Tensor
     transfer1: torch.Tensor
     transfer2: torch.Tensor
+    smooth: torch.Tensor | None = None  # unweighted; None unless the run has a smoothness term (w_smooth > 0)
 
     def as_floats(self) -> dict[str, float]:
-        return {
+        values = {
             "total": float(self.total.detach()),
             "class": float(self.classification.detach()),
             "angle": float(self.angle.detach()),
             "transfer1": float(self.transfer1.detach()),
             "transfer2": float(self.transfer2.detach()),
         }
+        return values if self.smooth is None else {**values, "smooth": float(self.smooth.detach())}
 
 
 def input_gradients(
@@ -127,6 +136,18 @@ def input_gradients(
             losses = [cross_entropy_mean(m(xs[i]), y) for i, m in enumerate(models)]
         (grads,) = torch.autograd.grad(torch.stack(losses).sum(), xs, create_graph=create_graph)
     return (images if per_image else losses), list(grads.unbind(0))
+
+
+def smoothness(grads: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
+    """Mean over models of the mean squared L2 norm of each image's own input gradient (TRS's term).
+
+    A flatter loss around each image leaves a perturbation crafted elsewhere less room to raise it, so
+    transfer falls with the gradients' size as well as with their alignment (Yang et al. 2021); the
+    angular and transfer terms act on alignment alone. `grads` are those of the batch-mean loss over
+    `batch` images (rescaled to that size when taken on fewer, see `pair_rows`), so an image's own
+    gradient is batch·g whatever the batch size.
+    """
+    return torch.stack([batch_mean((g * batch).flatten(1).pow(2).sum(1)) for g in grads]).mean()
 
 
 def pair_rows(cfg: TrainConfig, batch: int) -> int:
@@ -249,7 +270,7 @@ def clean_terms(
     n = len(models)
     transfer = active.transfer1 or active.transfer2
     per_image = cfg.transfer_clamp == "image" and transfer
-    graph_models = set(range(n)) if active.angle else (set(sample) if transfer else set())
+    graph_models = set(range(n)) if active.angle else (set(sample) if transfer or active.smooth else set())
     losses: list[torch.Tensor | None] = [None] * n
     grads: list[torch.Tensor | None] = [None] * n
     order = sorted(graph_models)
@@ -311,10 +332,12 @@ def disjoint_loss(
             t2_terms.append(loss_increase(models[i], x, y, losses[i], deltas2[j], cfg.clean_bn_stats))
     transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero
     transfer2 = torch.stack(t2_terms).mean() if t2_terms else zero
+    smooth = smoothness([g for g in grads if g is not None], batch_size(x)) if active.smooth else None
     total = (
         cfg.w_class * classification
         + cfg.w_angle * angle
         + cfg.w_transfer1 * transfer1
         + cfg.w_transfer2 * transfer2
+        + (cfg.w_smooth * smooth if smooth is not None else 0.0)
     )
-    return LossParts(total, classification, angle, transfer1, transfer2)
+    return LossParts(total, classification, angle, transfer1, transfer2, smooth)
