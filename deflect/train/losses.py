@@ -141,11 +141,11 @@ def input_gradients(
 def smoothness(grads: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
     """Mean over models of the mean squared L2 norm of each image's own input gradient (TRS's term).
 
-    A flatter loss around each image leaves a perturbation crafted elsewhere less room to raise it, so
-    transfer falls with the gradients' size as well as with their alignment (Yang et al. 2021); the
-    angular and transfer terms act on alignment alone. `grads` are those of the batch-mean loss over
-    `batch` images (rescaled to that size when taken on fewer, see `pair_rows`), so an image's own
-    gradient is batch·g whatever the batch size.
+    TRS (Yang et al. 2021) bounds transfer between two models by their gradients' size as well as
+    their alignment, on which alone the angular and transfer terms act; on Fashion-MNIST the term
+    shrinks the gradients but lines them up, and transfer rises (see the module doc). `grads` are those
+    of the batch-mean loss over `batch` images (rescaled to that size when taken on fewer, see
+    `pair_rows`), so an image's own gradient is batch·g whatever the batch size.
     """
     return torch.stack([batch_mean((g * batch).flatten(1).pow(2).sum(1)) for g in grads]).mean()
 
