@@ -385,7 +385,10 @@ def test_train_evaluate_and_reader_share_the_database(tmp_path: Path, seconds: f
     env = _env(db)
     trainer = subprocess.Popen(
         [sys.executable, "-m", "deflect", "train", "--n", "2", "--epochs", "500", "--limit", "256"],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as a terminal delivers it: a suite started in the background of a non-interactive
+        # shell runs with SIGINT ignored, and a child would inherit that and never stop
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stop = threading.Event()
     evaluations: list[subprocess.CompletedProcess[str]] = []
 
