@@ -40,8 +40,8 @@ from deflect.train.losses import (
     pair_rows,
     plain_loss,
     running_stats_kept,
-    smoothness,
     transfer2_delta,
+    with_smoothness,
 )
 
 
@@ -156,9 +156,7 @@ def fast_disjoint_loss(
     pairs = list(itertools.permutations(sample if transfer else [], 2))
     transfer1 = torch.stack([t1[p] for p in pairs]).mean() if t1 else zero
     transfer2 = torch.stack([t2[p] for p in pairs]).mean() if t2 else zero
-    smooth = smoothness([g for g in grads if g is not None], batch_size(x)) if active.smooth else None
     total = (cfg.w_class * classification + cfg.w_angle * angle + cfg.w_transfer1 * transfer1
              + cfg.w_transfer2 * transfer2)
-    if smooth is not None:
-        total = total + cfg.w_smooth * smooth
+    total, smooth = with_smoothness(total, grads, batch_size(x), cfg, active)
     return LossParts(total, classification, angle, transfer1, transfer2, smooth)

@@ -35,9 +35,9 @@ from deflect.train.losses import (
     mean_loss,
     pair_rows,
     plain_loss,
-    smoothness,
     transfer2_delta,
     transfer_baseline,
+    with_smoothness,
 )
 
 DEFAULT_SAMPLE = 2  # frozen models per step: 2·S ordered pairs per transfer term, S angular pairs
@@ -127,11 +127,8 @@ def growth_loss(
                 terms.extend((a, b))
     transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero
     transfer2 = torch.stack(t2_terms).mean() if t2_terms else zero
-    smooth = smoothness([g_new], len(x)) if active.smooth and g_new is not None else None
     pairs = cfg.w_angle * angle + cfg.w_transfer1 * transfer1 + cfg.w_transfer2 * transfer2
-    total = cfg.w_class * loss_new + pair_scale * pairs
-    if smooth is not None:
-        total = total + cfg.w_smooth * smooth
+    total, smooth = with_smoothness(cfg.w_class * loss_new + pair_scale * pairs, [g_new], len(x), cfg, active)
     return LossParts(total, loss_new, angle, transfer1, transfer2, smooth)
 
 

@@ -150,6 +150,18 @@ def smoothness(grads: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
     return torch.stack([batch_mean((g * batch).flatten(1).pow(2).sum(1)) for g in grads]).mean()
 
 
+def with_smoothness(
+    total: torch.Tensor, grads: Sequence[torch.Tensor | None], batch: int, cfg: TrainConfig, active: ActiveTerms,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`total` with the smoothness term added last at its weight, and the term (None while it is off).
+    The joint and growth steps share it, on the input gradients they took for the pair terms (models
+    without one are skipped)."""
+    if not active.smooth:
+        return total, None
+    smooth = smoothness([g for g in grads if g is not None], batch)
+    return total + cfg.w_smooth * smooth, smooth
+
+
 def pair_rows(cfg: TrainConfig, batch: int) -> int:
     """How many of a batch's first images the pair terms use: `transfer_batch` (objective-changing)
     when it is set and smaller than the batch, else the whole batch. Joint and growth steps share it."""
@@ -332,12 +344,11 @@ def disjoint_loss(
             t2_terms.append(loss_increase(models[i], x, y, losses[i], deltas2[j], cfg.clean_bn_stats))
     transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero
     transfer2 = torch.stack(t2_terms).mean() if t2_terms else zero
-    smooth = smoothness([g for g in grads if g is not None], batch_size(x)) if active.smooth else None
     total = (
         cfg.w_class * classification
         + cfg.w_angle * angle
         + cfg.w_transfer1 * transfer1
         + cfg.w_transfer2 * transfer2
-        + (cfg.w_smooth * smooth if smooth is not None else 0.0)
     )
+    total, smooth = with_smoothness(total, grads, batch_size(x), cfg, active)
     return LossParts(total, classification, angle, transfer1, transfer2, smooth)
