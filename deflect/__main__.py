@@ -1,3 +1,3 @@
-from deflect.cli import main
+from deflect.launch import main
 
 main()

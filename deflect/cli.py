@@ -14,11 +14,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
 from deflect.errors import DeflectError
+from deflect.launch import INTERRUPTED
 
 if TYPE_CHECKING:
     from deflect.store import BlackboxFigure
@@ -50,13 +51,33 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+_interrupt_reported = False
+
+
+def interrupted_line(detail: str = "") -> None:
+    """The one line a Ctrl-C gets, with what to do next when there is something to do."""
+    global _interrupt_reported
+    _interrupt_reported = True
+    typer.echo("deflect: interrupted" + (f"; {detail}" if detail else ""), err=True)
+
+
+def interrupted(detail: str = "") -> NoReturn:
+    """End a command after a Ctrl-C: its one line and exit code 130."""
+    interrupted_line(detail)
+    raise typer.Exit(INTERRUPTED)
+
+
 def handle_errors(fn: F) -> F:
-    """One line on stderr and exit 2 for the project's own errors; never a traceback."""
+    """One line on stderr and exit 2 for the project's own errors; never a traceback. A Ctrl-C the
+    command does not handle itself (one that arrives while it loads, or a command with nothing to
+    resume) gets one line and exit 130: Typer would otherwise end the command with 130 silently."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            interrupted()
         except DeflectError as exc:
             fail(str(exc))
         except MemoryError:
@@ -240,8 +261,8 @@ def train(
             run_id = run_training(cfg, store, Callbacks(on_start, on_batch, on_epoch), resume=resume, shard=shard)
     except KeyboardInterrupt:
         rid = task.get("run", resume)
-        typer.echo(f"deflect: interrupted; continue with 'deflect train --resume {rid}'", err=True)
-        raise typer.Exit(130) from None
+        interrupted(f"continue with 'deflect train --resume {rid}'" if rid is not None
+                    else "the run had not been created, so nothing was stored")
     run = store.get_run(run_id)
     if as_json:
         from deflect.store import run_to_dict
@@ -363,9 +384,7 @@ def grow(
                               distill_temperature=distill_temperature,
                               callbacks=GrowCallbacks(on_start, on_batch, on_epoch, on_model))
     except KeyboardInterrupt:
-        typer.echo(f"deflect: interrupted; run {task.get('run', '?')} is marked interrupted and "
-                   f"{task.get('parent', run)} is unchanged", err=True)
-        raise typer.Exit(130) from None
+        interrupted(f"run {task.get('run', '?')} is marked interrupted and {task.get('parent', run)} is unchanged")
     if as_json:
         typer.echo(json.dumps(run_to_dict(store.get_run(run_id))))
     else:
@@ -975,8 +994,7 @@ def reproduce(
                                     callbacks_for=callbacks_for,
                                     say=lambda text: progress.console.print(f"[bold]reproduce[/] {text}"))
     except KeyboardInterrupt:
-        typer.echo("deflect: interrupted; run the same command again to continue", err=True)
-        raise typer.Exit(130) from None
+        interrupted("run the same command again to continue")
     typer.echo(str(path))
 
 
@@ -1104,12 +1122,14 @@ def main() -> None:
         command = exc.ctx.command_path if exc.ctx else "deflect"
         typer.echo(f"deflect: error: {exc.format_message()} (see '{command} --help')", err=True)
         sys.exit(2)
-    except typer.Abort:
-        typer.echo("deflect: interrupted", err=True)
-        sys.exit(130)
+    except typer.Abort:  # end of input at a prompt
+        interrupted_line()
+        sys.exit(INTERRUPTED)
     except DeflectError as exc:  # raised outside a command (e.g. while parsing)
         typer.echo(f"deflect: error: {exc}", err=True)
         sys.exit(2)
+    if code == INTERRUPTED and not _interrupt_reported:
+        interrupted_line()  # Typer ends a Ctrl-C that lands outside a command's body with a silent 130
     sys.exit(code if isinstance(code, int) else 0)
 
 

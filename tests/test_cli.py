@@ -180,3 +180,34 @@ def test_command_line_mistakes_are_one_line(args: list[str], needle: str, tmp_pa
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("deflect: error: ") and needle in lines[0], done.stderr
     assert "--help" in lines[0]
+
+
+def test_the_package_and_the_command_load_torch_only_when_used(tmp_path: Path) -> None:
+    """`import deflect` and `deflect --help` stay light (so the command's own Ctrl-C handler is in
+    place before torch loads); the public names still resolve, and `deflect.train` stays the training
+    function after its subpackage is imported."""
+    import subprocess
+    from importlib.metadata import entry_points
+
+    probe = """
+import sys
+import deflect
+assert "torch" not in sys.modules, "import deflect loaded torch"
+import deflect.cli
+assert "torch" not in sys.modules, "import deflect.cli loaded torch"
+import deflect.train.losses
+from deflect.train import runner
+from deflect import Store, TrainConfig, load_dataset, load_set, make_config, train
+assert callable(deflect.train) and deflect.train is train is runner.train
+assert Store.__name__ == "Store" and TrainConfig.__name__ == "TrainConfig"
+try:
+    deflect.no_such_name
+except AttributeError as exc:
+    assert "no_such_name" in str(exc)
+else:
+    raise AssertionError("an unknown name resolved")
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "deflect"]
+    assert script.value == "deflect.launch:main"  # the entry point that owns the Ctrl-C handler

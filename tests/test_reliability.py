@@ -373,6 +373,28 @@ def test_killed_evaluate_leaves_complete_rows_or_none(tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
 
 
+@pytest.mark.parametrize("after", [0.3, 1.5, 5.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path: Path, after: float) -> None:
+    """Ctrl-C while the command loads torch, while it parses and reads the data, or once it trains:
+    one line saying so (with how to continue, where there is something to continue), exit code 130,
+    never a traceback; a run it had created is stored as interrupted."""
+    db = tmp_path / "deflect.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deflect", "train", "--n", "2", "--epochs", "500", "--limit", "256"],
+        env=_env(db), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's Ctrl-C finds it
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    said = [line for line in err.splitlines() if "interrupted" in line]
+    assert proc.returncode == 130 and out == "", (proc.returncode, err)
+    assert "Traceback" not in err and len(said) == 1 and said[0].startswith("deflect: interrupted"), err
+    runs = Store(db).list_runs() if db.exists() else []
+    assert all(r.status == "interrupted" for r in runs) and len(runs) <= 1, runs
+    if runs:
+        assert said[0] == f"deflect: interrupted; continue with 'deflect train --resume {runs[0].id}'", err
+
+
 # --- concurrency -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seconds", [pytest.param(32.0, id="32s")])
