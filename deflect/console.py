@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -19,7 +19,9 @@ from rich.progress import (
 from rich.table import Table
 
 from deflect.store import EpochMetric, Run
-from deflect.train.disjoint import BatchEvent
+
+if TYPE_CHECKING:  # the training code loads torch, which read-only commands never need
+    from deflect.train.disjoint import BatchEvent
 
 PIPE_WIDTH = 240  # room for the widest table (`deflect runs`) in one line per row
 

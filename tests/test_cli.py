@@ -183,9 +183,10 @@ def test_command_line_mistakes_are_one_line(args: list[str], needle: str, tmp_pa
 
 
 def test_the_package_and_the_command_load_torch_only_when_used(tmp_path: Path) -> None:
-    """`import deflect` and `deflect --help` stay light (so the command's own Ctrl-C handler is in
-    place before torch loads); the public names still resolve, and `deflect.train` stays the training
-    function after its subpackage is imported."""
+    """`import deflect`, `deflect --help` and `deflect runs` stay light (so the command's own Ctrl-C
+    handler is in place before torch loads, and listing runs takes a second, not five); the public
+    names still resolve, and `deflect.train` stays the training function after its subpackage is
+    imported."""
     import subprocess
     from importlib.metadata import entry_points
 
@@ -195,6 +196,10 @@ import deflect
 assert "torch" not in sys.modules, "import deflect loaded torch"
 import deflect.cli
 assert "torch" not in sys.modules, "import deflect.cli loaded torch"
+from typer.testing import CliRunner
+listed = CliRunner().invoke(deflect.cli.app, ["runs", "--db", "runs.db"])
+assert listed.exit_code == 0 and "no runs yet" in listed.stdout, listed.output
+assert "torch" not in sys.modules, "deflect runs loaded torch"
 import deflect.train.losses
 from deflect.train import runner
 from deflect import Store, TrainConfig, load_dataset, load_set, make_config, train
