@@ -162,8 +162,9 @@ def train(
     transfer_batch: Annotated[int | None, typer.Option(
         help="Images per batch for the pair terms, angle and transfer (changes the objective; default all).")] = None,
     transfer_clamp: Annotated[str | None, typer.Option(
-        help="batch | image: clamp the transfer terms' mean increase (released code) or each image's "
-             "(preset default).")] = None,
+        help="batch | image | none: clamp the transfer terms' mean increase (released code) or each "
+             "image's (preset default), or not at all (each model also learns the others' perturbed "
+             "images; implies --detach-clean).")] = None,
     detach_clean: Annotated[bool, typer.Option("--detach-clean", help=(
         "Transfer losses compare with a detached clean loss, so they never raise it (changes the "
         "objective; the released code's is live)."))] = False,

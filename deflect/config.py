@@ -152,8 +152,8 @@ class TrainConfig:
             raise DeflectError(f"class_reduction must be 'sum' or 'mean', got {self.class_reduction!r}")
         if self.cosine not in ("channel", "sample"):
             raise DeflectError(f"cosine must be 'channel' or 'sample', got {self.cosine!r}")
-        if self.transfer_clamp not in ("batch", "image"):
-            raise DeflectError(f"--transfer-clamp must be 'batch' or 'image', got {self.transfer_clamp!r}")
+        if self.transfer_clamp not in ("batch", "image", "none"):
+            raise DeflectError(f"--transfer-clamp must be 'batch', 'image' or 'none', got {self.transfer_clamp!r}")
         for name in ("lr_max", "eps1", "eps2", "w_class", "w_angle", "w_transfer1", "w_transfer2",
                      "w_smooth"):
             value = getattr(self, name)

@@ -608,6 +608,9 @@ def _beyond_budget(plan: Plan, runs: dict[str, Run], sweeps: Curves,
 
 
 TUNING_RECORD = {"fashion-mnist": "fashion-mnist-preset.md", "digits": "digits-preset.md"}
+CLAMP_WORDS = {"image": "each image's loss increase (`image`)",
+               "batch": "the batch mean's increase (`batch`, the released code)",
+               "none": "none: the mean increase against a detached clean loss (`none`)"}
 
 
 def _recipe(plan: Plan, runs: dict[str, Run]) -> list[str]:
@@ -629,8 +632,7 @@ def _recipe(plan: Plan, runs: dict[str, Run]) -> list[str]:
              f"ε1 = {c['eps1']:g}, weight {c['w_transfer1']:g}, {window('transfer1_window')}"],
             ["transfer loss 2 (ε2·tanh ∇)",
              f"ε2 = {c['eps2']:g}, weight {c['w_transfer2']:g}, {window('transfer2_window')}"],
-            ["transfer clamp", "each image's loss increase (`image`)" if c.get("transfer_clamp") == "image"
-             else "the batch mean's increase (`batch`, the released code)"],
+            ["transfer clamp", CLAMP_WORDS.get(c.get("transfer_clamp", "batch"), CLAMP_WORDS["batch"])],
             ["angular loss", f"weight {c['w_angle']:g}, {window('angle_window')}"]]
     record = TUNING_RECORD.get(plan.preset)
     why = (f"Each value that departs from the paper's was chosen on a validation split carved from the training "

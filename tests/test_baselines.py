@@ -141,6 +141,28 @@ def test_old_databases_gain_the_terms_column(tmp_path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
+def test_an_unclamped_set_records_its_clamp_and_finite_terms(tmp_path) -> None:
+    """`deflect train --transfer-clamp none`: the run's config says so, each epoch row carries both
+    transfer terms, finite; a clamp the step does not know is one line and exit 2."""
+    from typer.testing import CliRunner
+
+    from deflect.cli import app
+    from deflect.store import Store
+
+    db = str(tmp_path / "u.db")
+    args = ["train", "--n", "2", "--epochs", "2", "--limit", "256", "--db", db]
+    done = CliRunner().invoke(app, [*args, "--transfer-clamp", "none", "--json"])
+    assert done.exit_code == 0, done.output
+    run = Store(db).latest_run()
+    assert run is not None and run.config["transfer_clamp"] == "none" and run.status == "finished"
+    rows = Store(db).epochs(run.id)
+    assert len(rows) == 2 and all(r.terms is not None for r in rows)
+    assert all(math.isfinite(r.terms[k]) for r in rows for k in ("transfer1", "transfer2"))  # type: ignore[index]
+    bad = CliRunner().invoke(app, [*args, "--transfer-clamp", "never"])
+    assert bad.exit_code == 2 and "--transfer-clamp must be 'batch', 'image' or 'none'" in bad.output
+    assert len(Store(db).list_runs()) == 1
+
+
 def test_a_smoothness_weight_stores_its_term_and_none_stores_none(store) -> None:
     """`--w-smooth` (TRS's term) is stored by name in every epoch row, positive and finite, and counted
     in the total; a run without it has no such term."""

@@ -42,7 +42,7 @@ def step(fn, models, x, y, cfg, sample, **kw):
 
 @pytest.mark.parametrize("n, sample, clamp, detach, smooth", [
     (3, None, "batch", False, 0.0), (5, [0, 2, 4], "batch", False, 0.0), (3, None, "image", False, 0.0),
-    (3, None, "image", True, 0.0), (5, [0, 2, 4], "image", False, 0.3)])
+    (3, None, "image", True, 0.0), (5, [0, 2, 4], "image", False, 0.3), (5, [0, 2, 4], "none", False, 0.0)])
 # the NHWC layout sums in another order; tanh(2e4·g) magnifies that rounding in float32, so its
 # equality is checked in float64, where rounding is far below the tolerance
 @pytest.mark.parametrize("batched, channels_last, dtype", [(True, False, torch.float32), (False, True, torch.float64)])
@@ -99,7 +99,7 @@ def test_transfer_batch_changes_only_the_transfer_terms() -> None:
     assert float(same.total.detach()) == pytest.approx(float(full.total.detach()), rel=1e-5)
 
 
-@pytest.mark.parametrize("clamp", ["batch", "image"])
+@pytest.mark.parametrize("clamp", ["batch", "image", "none"])
 def test_transfer_batch_puts_every_pair_term_on_the_first_images(clamp: str) -> None:
     """As in `deflect grow`: the pair terms equal the whole-batch terms computed on the first images
     alone (their gradients rescaled to the whole batch's per-image size), classification keeps the
@@ -129,7 +129,7 @@ def test_transfer_batch_puts_every_pair_term_on_the_first_images(clamp: str) -> 
 
 
 def test_bad_step_options_are_refused() -> None:
-    with pytest.raises(DeflectError, match="--transfer-clamp must be 'batch' or 'image'"):
+    with pytest.raises(DeflectError, match="--transfer-clamp must be 'batch', 'image' or 'none'"):
         make_config(3, "digits", transfer_clamp="sample")
     with pytest.raises(DeflectError, match="unknown step 'quick'"):
         make_config(3, "digits", step="quick")

@@ -275,7 +275,7 @@ def test_cli_refill_passes_the_recipe_to_the_background_grow(store: Store, small
                      ["--teacher", "T", "--distill", "0.3", "--distill-temperature", "2.0", "--device", "auto"]]
 
 
-@pytest.mark.parametrize("clamp", ["batch", "image"])
+@pytest.mark.parametrize("clamp", ["batch", "image", "none"])
 def test_transfer_batch_puts_every_pair_term_on_the_first_images(digits_runs, clamp: str) -> None:
     """With `transfer_batch`, the pair terms equal the full-batch terms computed on those images alone
     (their gradients rescaled to the whole batch's per-image size); classification keeps the batch."""

@@ -147,6 +147,48 @@ def test_per_image_clamp_hand_values() -> None:
     assert image.transfer2.item() > batch.transfer2.item() >= 0
 
 
+@pytest.mark.parametrize("grow", [False, True])
+def test_unclamped_terms_keep_negative_increases_against_a_detached_clean_loss(grow: bool) -> None:
+    """transfer_clamp="none": each pair's plain mean increase, negative ones included (where the
+    released clamp reads 0), in the joint loss and in a grown model's (model 0 new, model 1 frozen); where
+    every increase is positive, the value and gradient of `batch` with a detached clean loss."""
+    kw = dict(n=2, eps1=6.0, eps2=0.4, w_angle=0.0, w_transfer1=0.5, w_transfer2=0.7)
+    active = ActiveTerms(False, True, True)
+
+    def parts(seed: int, **extra):
+        x, y, w, b, models = two_linear_models(seed, 6)
+        for m in models:
+            m.zero_grad()
+        xt, yt, cfg = torch.tensor(x), torch.tensor(y), make_config(**kw, **extra)
+        out = (growth_loss(models[0], models[1:], xt, yt, cfg, active) if grow
+               else disjoint_loss(models, xt, yt, cfg, active))
+        out.total.backward()
+        return out, [p.grad.clone() for m in models for p in m.parameters() if p.grad is not None]
+
+    x, y, w, b, _ = two_linear_models(1, 6)  # transfer term 2: one pair's increase below zero, one above
+    xf, z, grads, _ = by_hand(x, y, w, b)
+    clean = [ce(zi, y) for zi in z]
+
+    def increase(i: int, delta: np.ndarray) -> float:
+        return ce((xf + delta) @ w[i].T + b[i], y) - clean[i]
+
+    t2_pairs = [increase(0, 0.4 * np.tanh(2e4 * grads[1])), increase(1, 0.4 * np.tanh(2e4 * grads[0]))]
+    t1 = np.mean([increase(0, 6.0 * grads[1]), increase(1, 6.0 * grads[0])])
+    assert min(t2_pairs) < 0 < max(t2_pairs)  # the case the clamp changes
+    unclamped, _ = parts(1, transfer_clamp="none")
+    clamped, _ = parts(1)
+    assert unclamped.transfer2.item() == pytest.approx(np.mean(t2_pairs), rel=1e-8)
+    assert unclamped.transfer1.item() == pytest.approx(t1, rel=1e-8)
+    assert clamped.transfer2.item() == pytest.approx(np.mean(np.maximum(t2_pairs, 0)), rel=1e-8)
+
+    none, none_grads = parts(3, transfer_clamp="none")  # every increase positive: no clamp acts
+    detached, detached_grads = parts(3, detach_clean=True)
+    assert none.total.item() == pytest.approx(detached.total.item(), rel=1e-12)
+    assert none.transfer2.item() > 0 and len(none_grads) == len(detached_grads) > 0
+    for a, c in zip(none_grads, detached_grads, strict=True):
+        assert torch.allclose(a, c, atol=1e-12)
+
+
 @pytest.mark.parametrize("clamp", ["batch", "image"])
 @pytest.mark.parametrize("grow", [False, True])
 def test_detached_clean_loss_changes_only_the_gradient(clamp: str, grow: bool) -> None:

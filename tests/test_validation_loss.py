@@ -48,7 +48,7 @@ class SavedTensors:
         self._hooks.__exit__(*exc)
 
 
-@pytest.mark.parametrize("clamp", ["batch", "image"])
+@pytest.mark.parametrize("clamp", ["batch", "image", "none"])
 def test_validation_loss_is_the_objective_with_graph_kept_only_for_input_gradients(clamp: str) -> None:
     models, data, cfg = setup(4, clamp)
     active = ActiveTerms.all_enabled(cfg)

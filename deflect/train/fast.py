@@ -36,6 +36,7 @@ from deflect.train.losses import (
     ActiveTerms,
     LossParts,
     clamped_increase,
+    clamps,
     clean_terms,
     pair_rows,
     plain_loss,
@@ -151,7 +152,7 @@ def fast_disjoint_loss(
             with running_stats_kept(models[i], cfg.clean_bn_stats):
                 values = [plain_loss(models[i](xt + d), yt, per_image) for d in deltas]
         for (term, j), value in zip(keys, values, strict=True):
-            (t1 if term == "t1" else t2)[(i, j)] = clamped_increase(value, clean_i)
+            (t1 if term == "t1" else t2)[(i, j)] = clamped_increase(value, clean_i, clamps(cfg))
 
     pairs = list(itertools.permutations(sample if transfer else [], 2))
     transfer1 = torch.stack([t1[p] for p in pairs]).mean() if t1 else zero

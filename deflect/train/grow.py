@@ -30,6 +30,7 @@ from deflect.train.losses import (
     LossParts,
     angular_loss,
     clamped_increase,
+    clamps,
     input_gradients,
     loss_increase,
     mean_loss,
@@ -52,7 +53,8 @@ class GrowEvent(BatchEvent):
 
 
 def _frozen_increase(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor, deltas: Sequence[torch.Tensor]
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor, deltas: Sequence[torch.Tensor],
+    clamp: bool = True,
 ) -> list[torch.Tensor]:
     """loss_increase of a frozen (eval-mode) model under several perturbations in one forward.
 
@@ -61,7 +63,7 @@ def _frozen_increase(
     """
     logits = model(torch.cat([x + d for d in deltas])).chunk(len(deltas))
     per_image = clean_loss.dim() > 0
-    return [clamped_increase(plain_loss(z, y, per_image), clean_loss) for z in logits]
+    return [clamped_increase(plain_loss(z, y, per_image), clean_loss, clamp) for z in logits]
 
 
 def growth_loss(
@@ -120,9 +122,9 @@ def growth_loss(
         base_new = transfer_baseline(pair_new, cfg)
         kinds = ([t1_terms] if active.transfer1 else []) + ([t2_terms] if active.transfer2 else [])
         for model, loss_f, g_f in zip(frozen, losses_f, grads_f, strict=True):
-            into_new = [loss_increase(new, xt, yt, base_new, d, cfg.clean_bn_stats)  # frozen → new
+            into_new = [loss_increase(new, xt, yt, base_new, d, cfg.clean_bn_stats, clamps(cfg))  # frozen → new
                         for d in deltas(model, g_f)]
-            into_frozen = _frozen_increase(model, xt, yt, loss_f, mine)  # new → frozen
+            into_frozen = _frozen_increase(model, xt, yt, loss_f, mine, clamps(cfg))  # new → frozen
             for terms, a, b in zip(kinds, into_new, into_frozen, strict=True):
                 terms.extend((a, b))
     transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero
