@@ -100,7 +100,8 @@ class RunEvaluator:
         res = transfer_matrix(self.models, self.test, self.attack(name, **(overrides or {})),
                               progress=progress, **self.kw)
         ev = store_transfer(self.store, self.run, res, split=self.split)
-        heatmap_png(res.matrix, figures_dir(self.run) / f"transfer-{name}.png",
+        # named by evaluation too: the same attack at another ε or on another split keeps its own figure
+        heatmap_png(res.matrix, figures_dir(self.run) / f"transfer-{name}-{ev.id}.png",
                     f"{self.run.id}: {name} (accuracy %)")
         return res, ev
 
@@ -119,7 +120,7 @@ class RunEvaluator:
                        "mean_owned": s["mean_owned"]},
             )
         )
-        heatmap_png(res.matrix, figures_dir(self.run) / f"ensemble-{name}-m{m}.png",
+        heatmap_png(res.matrix, figures_dir(self.run) / f"ensemble-{name}-m{m}-{ev.id}.png",
                     f"{self.run.id}: {name} on {m}-model ensembles", row_labels=labels)
         return res, ev
 

@@ -152,7 +152,8 @@ def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
     assert first["params"]["steps"] == 7 and first["params"]["eps"] == pytest.approx(0.15)
     rows = Store(tmp_path / "deflect.db").evaluations(run_id)
     assert [r.attack for r in rows] == ["pgd1", "fgsm"] and rows[0].matrix == first["matrix"]
-    assert (tmp_path / "runs" / run_id / "figures" / "transfer-pgd1.png").stat().st_size > 1000
+    figures = tmp_path / "runs" / run_id / "figures"
+    assert (figures / f"transfer-pgd1-{rows[0].id}.png").stat().st_size > 1000
 
     ens = runner.invoke(app, ["evaluate", run_id, "--attack", "fgsm", "--ensemble", "2", "--limit", "30", "--json"])
     assert ens.exit_code == 0, ens.output
@@ -180,6 +181,12 @@ def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
     summary = next(line for line in shown.stdout.splitlines() if line.startswith("fgsm: black-box "))
     assert summary.split()[2].startswith(f"{stored.blackbox_mean:.1f}±"), (summary, stored.blackbox_mean)
     assert sum(line.lstrip("│ ").startswith(("m0 ", "m1 ")) for line in shown.stdout.splitlines()) == 2, shown.stdout
+
+    again = runner.invoke(app, ["evaluate", run_id, "--attack", "pgd1", "--eps", "0.05", "--limit", "50"])
+    assert again.exit_code == 0, again.output  # another ε: a figure of its own, the first one kept
+    assert sorted(f.name for f in figures.glob("transfer-pgd1-*.png")) == sorted(
+        f"transfer-pgd1-{r.id}.png" for r in Store(tmp_path / "deflect.db").evaluations(run_id) if r.attack == "pgd1")
+    assert len(list(figures.glob("transfer-pgd1-*.png"))) == 2
 
 
 @pytest.mark.parametrize(
