@@ -373,7 +373,7 @@ def test_killed_evaluate_leaves_complete_rows_or_none(tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
 
 
-@pytest.mark.parametrize("after", [0.3, 1.5, 5.0])
+@pytest.mark.parametrize("after", [0.3, 1.5, 5.0, 10.0])
 def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path: Path, after: float) -> None:
     """Ctrl-C while the command loads torch, while it parses and reads the data, or once it trains:
     one line saying so (with how to continue, where there is something to continue), exit code 130,

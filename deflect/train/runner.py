@@ -238,6 +238,15 @@ def train(
     teacher, cfg = Teacher.for_config(store, cfg, device)
     train_set, val_set, test_set = _load_splits(cfg)
 
+    # the models and optimiser exist before the run does: a Ctrl-C while they are built leaves no row,
+    # and once the row exists the loop's handler (and the front end's on_start) follow at once
+    models = [m.to(device) for m in build_set(cfg)]
+    if shard is not None:
+        global_batchnorm(models)
+    models = training_layout(models, device)
+    batches = (len(train_set) // cfg.batch_size)
+    opt, sched = _optimizer(models, cfg, cfg.epochs * batches)
+
     if resume is None and not leader:
         run = store.get_run(_broadcast(None))  # rank 0 created it
         run_dir = Path(run.run_dir)
@@ -261,13 +270,8 @@ def train(
             host=socket.gethostname(),
         )
 
-    models = [m.to(device) for m in build_set(cfg)]
     if shard is not None:
-        global_batchnorm(models)
         barrier()  # every rank has the run before rank 0 records the first epoch
-    models = training_layout(models, device)
-    batches = (len(train_set) // cfg.batch_size)
-    opt, sched = _optimizer(models, cfg, cfg.epochs * batches)
     first_epoch, best_val, best_epoch, seconds = 1, math.inf, None, 0.0
     if resume is not None and run.epochs_done:
         name = state_file(run.epochs_done)
