@@ -610,7 +610,7 @@ def _beyond_budget(plan: Plan, runs: dict[str, Run], sweeps: Curves,
 TUNING_RECORD = {"fashion-mnist": "fashion-mnist-preset.md", "digits": "digits-preset.md"}
 CLAMP_WORDS = {"image": "each image's loss increase (`image`)",
                "batch": "the batch mean's increase (`batch`, the released code)",
-               "none": "none: the mean increase against a detached clean loss (`none`)"}
+               "none": "no clamp: the mean increase against a detached clean loss (`none`)"}
 
 
 def _recipe(plan: Plan, runs: dict[str, Run]) -> list[str]:

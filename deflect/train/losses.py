@@ -188,7 +188,8 @@ def clamped_increase(perturbed: torch.Tensor, clean_loss: torch.Tensor, clamp: b
     if clean_loss.dim() == 0:
         rise = mean_loss(perturbed) - clean_loss
         return torch.clamp(rise, min=0.0) if clamp else rise
-    return batch_mean(torch.clamp(perturbed - clean_loss, min=0.0))
+    rises = perturbed - clean_loss
+    return batch_mean(torch.clamp(rises, min=0.0) if clamp else rises)
 
 
 def angular_loss(grads: Sequence[torch.Tensor], mode: str = "channel") -> torch.Tensor:
