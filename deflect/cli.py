@@ -385,7 +385,9 @@ def grow(
                               distill_temperature=distill_temperature,
                               callbacks=GrowCallbacks(on_start, on_batch, on_epoch, on_model))
     except KeyboardInterrupt:
-        interrupted(f"run {task.get('run', '?')} is marked interrupted and {task.get('parent', run)} is unchanged")
+        parent = task.get("parent", run)
+        interrupted(f"run {task['run']} is marked interrupted and {parent} is unchanged" if "run" in task
+                    else f"the grown run had not been created; {parent} is unchanged")
     if as_json:
         typer.echo(json.dumps(run_to_dict(store.get_run(run_id))))
     else:

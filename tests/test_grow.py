@@ -154,6 +154,35 @@ def test_cli_grow_bad_input(store: Store, small_parent: str) -> None:
     _one_line_error(["grow", unfinished, *db], "only a finished set can be grown")
 
 
+@pytest.mark.parametrize("when", ["before the run exists", "while it trains"])
+def test_cli_grow_interrupted_says_what_was_stored(store: Store, small_parent: str, when: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during `deflect grow`: exit 130 and one line naming the interrupted child run, or saying none
+    was created; the parent is unchanged either way."""
+    from deflect.train import grow_run
+
+    if when == "before the run exists":
+        def no_child(*args: object, **kwargs: object) -> str:
+            raise KeyboardInterrupt
+        monkeypatch.setattr(grow_run, "grow", no_child)
+    else:
+        def stop(*args: object) -> None:
+            raise KeyboardInterrupt
+        monkeypatch.setattr(grow_run, "_train_new_model", stop)
+    result = runner.invoke(app, ["grow", small_parent, "--epochs", "1", "--db", str(store.path)])
+    lines = [line for line in result.stderr.splitlines() if "interrupted" in line]
+    assert result.exit_code == 130 and len(lines) == 1, result.output
+    children = [r for r in Store(store.path).list_runs() if r.id != small_parent]
+    if when == "before the run exists":
+        assert not children
+        assert lines[0] == f"deflect: interrupted; the grown run had not been created; {small_parent} is unchanged"
+    else:
+        (child,) = children
+        assert child.status == "interrupted"
+        assert lines[0] == f"deflect: interrupted; run {child.id} is marked interrupted and {small_parent} is unchanged"
+    assert Store(store.path).get_run(small_parent).status == "finished"
+
+
 def test_interrupted_grow_leaves_the_parent_alone(store: Store, small_parent: str) -> None:
     parent = store.get_run(small_parent)
     files = _file_digests(parent.run_dir, 2)
