@@ -239,7 +239,7 @@ def train(
     train_set, val_set, test_set = _load_splits(cfg)
 
     # the models and optimiser exist before the run does: a Ctrl-C while they are built leaves no row,
-    # and once the row exists the loop's handler (and the front end's on_start) follow at once
+    # and once a new run's row exists the loop's handler (and the front end's on_start) follow at once
     models = [m.to(device) for m in build_set(cfg)]
     if shard is not None:
         global_batchnorm(models)
