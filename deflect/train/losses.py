@@ -25,10 +25,10 @@ every image that still transfers keeps a gradient. The clean losses then travel 
 clean loss means the released clamp, a per-image vector the per-image clamp.
 `transfer_clamp = "none"` (deflect's option, off in every preset) drops the clamp, as the clamp's
 ablation: a term is the mean loss increase against a detached clean loss, so model i learns model
-j's perturbed images (cross-training, as DVERGE does with its distilled images). Images that j's
-perturbation helps then cancel those it hurts, and the robustness across the set lines the models'
-gradients up: a Fashion-MNIST set of 8 loses 12 points of black-box accuracy
-(results/fashion-mnist-unclamped.md).
+j's perturbed images (cross-training, as DVERGE does with its distilled images). The robustness
+across the set lines the models' gradients up: a Fashion-MNIST set of 8 loses 12 points of
+black-box accuracy, where the released clamp, which seldom acts there, loses none; the detached clean
+loss, not the missing clamp, is what costs (results/fashion-mnist-unclamped.md).
 
 `TrainConfig.clean_bn_stats` (deflect's option, off in every preset) keeps the perturbed forwards of
 the transfer terms out of BatchNorm's running statistics. In training mode every forward updates
