@@ -8,8 +8,6 @@ loads, which takes seconds on a small machine.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from deflect.errors import DeflectError
@@ -31,20 +29,7 @@ def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'deflect' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
+    module = importlib.import_module(home)
+    value = module if home == f"{__name__}.{name}" else getattr(module, name)  # `train`: a callable package
     globals()[name] = value
     return value
-
-
-class _Package(types.ModuleType):
-    """`deflect.train` is the training function, as it was when this package imported it eagerly. The
-    import system binds each subpackage on its parent when it first loads; for `deflect.train` that
-    would hide the function behind the subpackage, so the function is bound instead."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "train" and isinstance(value, types.ModuleType):
-            value = value.train
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -185,8 +185,8 @@ def test_command_line_mistakes_are_one_line(args: list[str], needle: str, tmp_pa
 def test_the_package_and_the_command_load_torch_only_when_used(tmp_path: Path) -> None:
     """`import deflect`, `deflect --help` and `deflect runs` stay light (so the command's own Ctrl-C
     handler is in place before torch loads, and listing runs takes a second, not five); the public
-    names still resolve, and `deflect.train` stays the training function after its subpackage is
-    imported."""
+    names still resolve, and `deflect.train` is both the training function (callable, with its
+    signature) and the package (`import deflect.train.losses as losses` works)."""
     import subprocess
     from importlib.metadata import entry_points
 
@@ -200,10 +200,20 @@ from typer.testing import CliRunner
 listed = CliRunner().invoke(deflect.cli.app, ["runs", "--db", "runs.db"])
 assert listed.exit_code == 0 and "no runs yet" in listed.stdout, listed.output
 assert "torch" not in sys.modules, "deflect runs loaded torch"
-import deflect.train.losses
+import inspect
+import deflect.train.losses as losses
+import deflect.train.grow
 from deflect.train import runner
-from deflect import Store, TrainConfig, load_dataset, load_set, make_config, train
-assert callable(deflect.train) and deflect.train is train is runner.train
+from deflect import DeflectError, Store, TrainConfig, load_dataset, load_set, make_config, train
+assert train is deflect.train and callable(train) and deflect.train.losses is losses
+assert deflect.train.grow.growth_loss and deflect.train.train is runner.train
+assert inspect.signature(train) == inspect.signature(runner.train)
+try:
+    train(TrainConfig(n=1), Store("runs.db"))
+except DeflectError as exc:  # the call reached the training function's own check
+    assert "--n must be at least 2" in str(exc), exc
+else:
+    raise AssertionError("train(n=1) did not refuse")
 assert Store.__name__ == "Store" and TrainConfig.__name__ == "TrainConfig"
 try:
     deflect.no_such_name

@@ -206,7 +206,7 @@ def test_growing_a_bf16_set_keeps_bf16_only_where_it_is_native(store: Store, sma
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     run = store.get_run(small_parent)
     store.update_run(small_parent, config={**run.config, "bf16": True})  # as if trained with --bf16 on a GPU
-    # by module object: the attribute `deflect.train` is the train() function, not the package
+    # by module object, as the code under test looks the name up
     monkeypatch.setattr(sys.modules["deflect.train.grow_run"], "bf16_supported", lambda device: native)
     used: list[bool] = []
     steps = sys.modules["deflect.train.disjoint"]

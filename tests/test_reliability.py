@@ -239,7 +239,7 @@ def test_cli_option_values_never_crash(args: list[str], monkeypatch: pytest.Monk
     """
     from deflect.train.runner import resolve_device
 
-    train_pkg = sys.modules["deflect.train"]  # the package; `deflect.train` the attribute is the function
+    train_pkg = sys.modules["deflect.train"]  # the callable package; its `train` is what a call runs
     real_train = train_pkg.train
 
     def validate_only(cfg: Any, store: Any, callbacks: Any = None, resume: str | None = None,

@@ -1,4 +1,16 @@
-"""Training of disjoint and baseline sets."""
+"""Training of disjoint and baseline sets.
+
+This package is also the training function: calling it, ``deflect.train(config, store)``, runs
+:func:`deflect.train.runner.train`. One object serves as both so that every import form a notebook
+uses works: ``deflect.train(cfg, store)``, ``from deflect import train``, ``import
+deflect.train.losses as L``, and ``deflect.train.losses`` after ``import deflect.train.losses``. A
+function bound over the package, as before, broke the last two.
+"""
+
+import inspect
+import sys
+import types
+from typing import Any
 
 from deflect.train.losses import (
     ActiveTerms,
@@ -13,3 +25,15 @@ __all__ = [
     "ActiveTerms", "Callbacks", "LossParts", "angular_loss", "build_set", "disjoint_loss",
     "input_gradients", "resolve_device", "train",
 ]
+
+__signature__ = inspect.signature(train)  # what inspect.signature(deflect.train) reports
+
+
+class _CallablePackage(types.ModuleType):
+    """Calls go to the package's ``train``, looked up per call, so a patched one is what runs."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
