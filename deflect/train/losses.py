@@ -27,8 +27,9 @@ clean loss means the released clamp, a per-image vector the per-image clamp.
 ablation: a term is the mean loss increase against a detached clean loss, so model i learns model
 j's perturbed images (cross-training, as DVERGE does with its distilled images). The robustness
 across the set lines the models' gradients up: a Fashion-MNIST set of 8 loses 12 points of
-black-box accuracy, where the released clamp, which seldom acts there, loses none; the detached clean
-loss, not the missing clamp, is what costs (results/fashion-mnist-unclamped.md).
+black-box accuracy, where the released clamp, which seldom acts there, loses none, and loses the same
+12-13 points once its clean loss is detached (`--detach-clean`): the detached clean loss, not the
+missing clamp, is what costs (results/fashion-mnist-unclamped.md).
 
 `TrainConfig.clean_bn_stats` (deflect's option, off in every preset) keeps the perturbed forwards of
 the transfer terms out of BatchNorm's running statistics. In training mode every forward updates
