@@ -208,6 +208,8 @@ from deflect import DeflectError, Store, TrainConfig, load_dataset, load_set, ma
 assert train is deflect.train and callable(train) and deflect.train.losses is losses
 assert deflect.train.grow.growth_loss and deflect.train.train is runner.train
 assert inspect.signature(train) == inspect.signature(runner.train)
+import pickle
+assert pickle.loads(pickle.dumps(train)) is train  # by name, for process pools
 try:
     train(TrainConfig(n=1), Store("runs.db"))
 except DeflectError as exc:  # the call reached the training function's own check

@@ -7,6 +7,7 @@ deflect.train.losses as L``, and ``deflect.train.losses`` after ``import deflect
 function bound over the package, as before, broke the last two.
 """
 
+import importlib
 import inspect
 import sys
 import types
@@ -34,6 +35,10 @@ class _CallablePackage(types.ModuleType):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.train(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """Pickled by name, as the function was, so `deflect.train` can go to a process pool."""
+        return importlib.import_module, (self.__name__,)
 
 
 sys.modules[__name__].__class__ = _CallablePackage
