@@ -13,6 +13,8 @@ and is not a deflect option. Run:
 
 import sys
 
+import torch
+
 from deflect.launch import main
 from deflect.train import fast, grow, losses
 
@@ -21,7 +23,7 @@ def patch(ratio: float) -> None:
     """Every caller of `clamped_increase` compares with the clean loss less `ratio` of its detached value."""
     original = losses.clamped_increase
 
-    def with_margin(perturbed, clean_loss, clamp=True):  # noqa: ANN001, ANN202 - same signature as the original
+    def with_margin(perturbed: torch.Tensor, clean_loss: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         return original(perturbed, clean_loss - ratio * clean_loss.detach(), clamp)
 
     for module in (losses, fast, grow):
