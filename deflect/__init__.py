@@ -15,14 +15,17 @@ from deflect.errors import DeflectError
 if TYPE_CHECKING:
     from deflect.config import TrainConfig, make_config
     from deflect.data import load_dataset
+    from deflect.evaluate import ensemble_matrix, transfer_matrix
     from deflect.sets import load_set
     from deflect.store import Store
     from deflect.train import train
 
-__all__ = ["DeflectError", "Store", "TrainConfig", "load_dataset", "load_set", "make_config", "train"]
+__all__ = ["DeflectError", "Store", "TrainConfig", "ensemble_matrix", "load_dataset", "load_set", "make_config",
+           "train", "transfer_matrix"]
 
 _HOMES = {"TrainConfig": "deflect.config", "make_config": "deflect.config", "load_dataset": "deflect.data",
-          "load_set": "deflect.sets", "Store": "deflect.store", "train": "deflect.train"}
+          "load_set": "deflect.sets", "Store": "deflect.store", "train": "deflect.train",
+          "transfer_matrix": "deflect.evaluate", "ensemble_matrix": "deflect.evaluate"}
 
 
 def __getattr__(name: str) -> Any:

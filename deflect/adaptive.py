@@ -414,6 +414,7 @@ def plan(settings: AdaptiveSettings, owned: list[int]) -> list[tuple[str, list[i
     return out
 
 
+@fast_cpu_math()
 def evaluate_adaptive(store: Store, run_ref: str, settings: AdaptiveSettings | None = None, *,
                       device: str = "auto", progress: Progress | None = None) -> AdaptiveReport:
     """Run every adaptive attacker of `settings.families` against run `run_ref`; store and return the rows."""
@@ -423,7 +424,6 @@ def evaluate_adaptive(store: Store, run_ref: str, settings: AdaptiveSettings | N
         raise DeflectError(f"run {run.id} has no saved epoch yet ({run.status})")
     settings.validate(run.n)
     dev = resolve_device(device)
-    fast_cpu_math()
     runner = _Runner(store, run, settings, dev, progress)
     report = AdaptiveReport(run_id=run.id, method=run.method, dataset=run.dataset, n=run.n,
                             settings={**dataclasses.asdict(settings), "owned": runner.owned,

@@ -353,10 +353,10 @@ def default_settings(device: str = "cpu", preset: str | None = None) -> BenchSet
                          width=cfg.width, batch_size=cfg.batch_size)
 
 
+@fast_cpu_math()
 def run_bench(settings: BenchSettings, progress: Progress | None = None) -> BenchResult:
     """All figures, in this process, one after another."""
     device = torch.device(settings.device)
-    fast_cpu_math()
     result = BenchResult(dataclasses.asdict(settings), str(device), torch.get_num_threads())
     for n in settings.ns:
         if progress:
@@ -466,6 +466,7 @@ def _trace(name: str, overrides: dict[str, Any], dataset: str, n: int, epochs: i
     return trace
 
 
+@fast_cpu_math()
 def time_to_quality(dataset: str = "fashion-mnist", n: int = 3, epochs: int = 8, train_limit: int | None = 20000,
                     bar: QualityBar | None = None, device: str = "cpu",
                     progress: Progress | None = None, data_dir: str | None = None,
@@ -478,7 +479,6 @@ def time_to_quality(dataset: str = "fashion-mnist", n: int = 3, epochs: int = 8,
     preset's)."""
     bar = bar or QualityBar()
     dev = torch.device(device)
-    fast_cpu_math()
     recipe = dict(FAST_RECIPE)
     fast_epochs = epochs if fast_epochs is None else fast_epochs
     faithful = _trace("faithful", {}, dataset, n, epochs, train_limit, bar, dev, progress, data_dir, width)

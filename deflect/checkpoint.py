@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import struct
-import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,9 +39,13 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> str:
-    """Write bytes via temp file + fsync + rename; return their sha256."""
+    """Write bytes via temp file + fsync + rename; return their sha256.
+
+    The temp file is created with the process's umask (as a plain open would), not mkstemp's 0600,
+    so a run folder can be shared with a group like any other file the user writes.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -52,6 +56,19 @@ def atomic_write(path: Path, data: bytes) -> str:
         Path(tmp).unlink(missing_ok=True)
         raise DeflectError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return sha256_bytes(data)
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A new, exclusive temp file beside `path`, mode 0666 less the umask."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise DeflectError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    raise DeflectError(f"cannot write {path}: no free temp file name beside it")
 
 
 def encode_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> bytes:

@@ -52,7 +52,8 @@ class TrainConfig:
     n: int = 3
     method: str = "disjoint"
     dataset: str = "digits"
-    preset: str = "digits"
+    # the preset `make_config` started from; a configuration built field by field is its own recipe
+    preset: str = "custom"
     arch: str = "cnn"
     width: int = 32
     normalize: bool = True
@@ -167,6 +168,9 @@ class TrainConfig:
             raise DeflectError(f"--distill must be in (0, 1], got {self.distill_alpha}")
         if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
             raise DeflectError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        for name in ("angle_window", "transfer1_window", "transfer2_window"):
+            if not isinstance(getattr(self, name), TermWindow):
+                raise DeflectError(f"{name} must be a TermWindow(first, last), got {getattr(self, name)!r}")
         if self.train_limit is not None and self.train_limit < self.batch_size:
             raise DeflectError(f"--limit must be at least the batch size, got {self.train_limit}")
 
@@ -303,6 +307,10 @@ def make_config(
         raise DeflectError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     name = preset or DEFAULT_PRESET[dataset]
     preset_dataset(name)  # an unknown name is refused here
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} | {"transfer_until"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:  # a misspelt setting would otherwise train the preset's recipe without a word
+        raise DeflectError(f"unknown setting(s) {', '.join(unknown)}; TrainConfig's fields are the settings")
     values: dict[str, Any] = {"n": n, "dataset": dataset, "preset": name}
     values.update(PRESET_BUILDERS[name](max(n, 2)))
     given = {k: v for k, v in overrides.items() if v is not None}

@@ -19,6 +19,8 @@ from torch.utils.data import Dataset
 
 from deflect.errors import DeflectError
 
+__all__ = ["DATASETS", "DatasetInfo", "ImageTensorDataset", "dataset_info", "load_dataset", "split_indices"]
+
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
 SPLITS = ("train", "val", "test", "train-full")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -67,7 +69,10 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int | slice) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor]:
+        """One item (image, int label), or for a slice a batch (images, label tensor) as `batch` gives."""
+        if isinstance(index, slice):
+            return _to_float(self.images[index]), self.labels[index]
         return _to_float(self.images[index]), int(self.labels[index])
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +199,7 @@ def _torchvision(
     try:
         ds = cls(root=str(root), train=train, download=download)
     except (RuntimeError, OSError) as exc:
-        hint = "" if download else " (add --download to fetch it)"
+        hint = "" if download else " (--download, or download=True in Python, fetches it)"
         raise DeflectError(f"{name} not found under {root}{hint}: {str(exc).splitlines()[0]}") from exc
     data = ds.data if isinstance(ds.data, torch.Tensor) else torch.from_numpy(np.asarray(ds.data))
     images = data[:, None] if data.ndim == 3 else data.permute(0, 3, 1, 2)

@@ -23,12 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from deflect.attacks import Attack, make_attack
+from deflect.attacks import Attack, CallableAttack, make_attack
 from deflect.data import ImageTensorDataset
 from deflect.errors import DeflectError
 from deflect.inference import bf16_crafting, eval_batch_size, inference_copy
 from deflect.runtime import fast_cpu_math
+
+__all__ = ["PAPER_SWEEP_EPS", "EnsembleResult", "TransferResult", "ensemble_matrix", "eps_sweep",
+           "gradient_signs", "gradient_tsne", "model_subsets", "neighbour_agreement", "select_subset",
+           "sweep_eps_values", "task_seed", "transfer_matrix"]
 
 Progress = Callable[[int, int], None]  # (done, total) units of work
 PAPER_SWEEP_EPS = (0.0196, 0.031, 0.047, 0.062, 0.078, 0.094, 0.117, 0.156)  # Figure 5
@@ -112,6 +117,8 @@ class EnsembleResult:
     clean: list[float]
     n_examples: int
     seconds: float = 0.0
+    # attack success (%) per subset and target: of the images the target gets right, the share flipped
+    success: list[list[float]] = field(default_factory=list)
 
     @property
     def mean_all(self) -> float:
@@ -140,25 +147,61 @@ class EnsembleResult:
 
 def select_subset(data: ImageTensorDataset, limit: int | None, seed: int = 0) -> ImageTensorDataset:
     """A fixed, seeded subset of `limit` examples (the whole set when limit is None)."""
-    if limit is None or limit >= len(data):
+    if limit is None:
         return data
-    if limit < 1:
-        raise DeflectError(f"--limit must be at least 1, got {limit}")
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
-    return data.subset(idx.sort().values)
+    idx = _subset_indices(len(data), limit, seed)
+    return data if idx is None else data.subset(idx)
 
 
-def _batches(data: ImageTensorDataset | Iterable, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _subset_indices(size: int, limit: int, seed: int) -> torch.Tensor | None:
+    """The sorted indices of a seeded subset of `limit` of `size` examples; None for all of them."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise DeflectError(f"--limit (limit=) must be a whole number of at least 1, got {limit!r}")
+    if limit >= size:
+        return None
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def examples(data: ImageTensorDataset | Dataset | Iterable, limit: int | None, seed: int
+             ) -> ImageTensorDataset | Dataset | Iterable:
+    """The examples an evaluation runs on: a seeded subset of `limit` of a dataset (deflect's own or
+    any map-style torch `Dataset` of (image, label) items), or every batch of a loader.
+
+    A loader yields batches already drawn, so it has no subset to take: `limit` with one is refused
+    rather than read as "the first batches", which would not be the images `limit` picks elsewhere.
+    """
+    if isinstance(data, ImageTensorDataset):
+        return select_subset(data, limit, seed)
+    if _map_style(data):
+        idx = None if limit is None else _subset_indices(len(data), limit, seed)  # type: ignore[arg-type]
+        return data if idx is None else Subset(data, idx.tolist())  # type: ignore[arg-type]
+    if limit is not None:
+        raise DeflectError("limit= picks images from a dataset; pass the dataset itself, not a loader of batches")
+    return data
+
+
+def _map_style(data: object) -> bool:
+    return isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__")
+
+
+def _batches(data: ImageTensorDataset | Dataset | Iterable, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches: `batch_size` at a time from a dataset, as they come from a loader."""
     if isinstance(data, ImageTensorDataset):
         return [data.batch(torch.arange(s, min(s + batch_size, len(data)))) for s in range(0, len(data), batch_size)]
-    return [(x, y) for x, y in data]
+    source = DataLoader(data, batch_size=batch_size) if _map_style(data) else data  # type: ignore[arg-type]
+    out = []
+    for item in source:
+        if not (isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[0], torch.Tensor)):
+            raise DeflectError("the evaluation data must give (images, labels) pairs: a dataset of "
+                               "(image tensor, label) items or a loader of (image batch, labels) batches")
+        out.append((item[0], torch.as_tensor(item[1]).long().reshape(-1)))
+    return out
 
 
 def _prepare(models: Sequence[nn.Module], device: torch.device | str | None) -> tuple[list[nn.Module], torch.device]:
     if len(models) < 1:
         raise DeflectError("need at least one model to evaluate")
     dev = torch.device(device) if device is not None else next(models[0].parameters()).device
-    fast_cpu_math()
     return [inference_copy(m, dev) for m in models], dev
 
 
@@ -168,8 +211,27 @@ def _correct(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> t
     return torch.stack([m(x).argmax(1) == y for m in models])
 
 
-def _resolve(attack: Attack | str, dataset: str | None) -> Attack:
-    return make_attack(attack, dataset) if isinstance(attack, str) else attack
+def _resolve(attack: Attack | str | Callable, dataset: str | None, data: object) -> Attack:
+    """An attack object from a name (budget for `dataset`, else for the data's own dataset), an
+    `Attack`, or a plain ``fn(model, x, y) -> x_adv`` (wrapped in `CallableAttack`)."""
+    if isinstance(attack, Attack):
+        return attack
+    if isinstance(attack, str):
+        return make_attack(attack, _dataset_of(dataset, data, f"attack {attack!r}"))
+    if callable(attack):
+        return CallableAttack(attack, name=getattr(attack, "__name__", type(attack).__name__))
+    raise DeflectError(f"attack must be a name, an Attack or a callable (model, x, y), got {type(attack).__name__}")
+
+
+def _dataset_of(dataset: str | None, data: object, what: str) -> str:
+    """The dataset whose budgets `what` uses: the caller's, else the one deflect's data comes from.
+    Without either the budget would silently be CIFAR-10's, several times too small elsewhere."""
+    if dataset is not None:
+        return dataset
+    if isinstance(data, ImageTensorDataset):
+        return data.info.name
+    raise DeflectError(f"{what} needs dataset= (its budget depends on the dataset) with data not "
+                       "loaded by deflect.load_dataset")
 
 
 def task_seed(seed: int, batch: int, source: int) -> int:
@@ -211,7 +273,7 @@ def _one_thread_each(workers: int) -> Iterator[ThreadPoolExecutor]:
 def craft_and_score(
     sources: Sequence[Sequence[nn.Module]],
     targets: Sequence[nn.Module],
-    data: ImageTensorDataset | Iterable,
+    data: ImageTensorDataset | Dataset | Iterable,
     attack: Attack,
     batch_size: int | None,
     seed: int,
@@ -274,9 +336,10 @@ def craft_and_score(
     return adv_correct.cpu().numpy(), flipped.cpu().numpy(), clean_correct.cpu().numpy(), count
 
 
+@fast_cpu_math()
 def transfer_matrix(
     models: Sequence[nn.Module],
-    data: ImageTensorDataset | Iterable,
+    data: ImageTensorDataset | Dataset | Iterable,
     attack: Attack | str,
     *,
     dataset: str | None = None,
@@ -295,9 +358,8 @@ def transfer_matrix(
     ``precision: bf16`` (float32 results carry no such key).
     """
     models, dev = _prepare(models, device)
-    attack = _resolve(attack, dataset)
-    if isinstance(data, ImageTensorDataset):
-        data = select_subset(data, limit, seed)
+    attack = _resolve(attack, dataset, data)
+    data = examples(data, limit, seed)
     start = time.perf_counter()
     adv, flipped, clean, count = craft_and_score(
         [[m] for m in models], models, data, attack, batch_size, seed, dev, progress, workers, bf16
@@ -324,18 +386,19 @@ def with_precision(params: dict[str, Any], bf16: bool) -> dict[str, Any]:
 def model_subsets(n: int, m: int, max_subsets: int | None = None, seed: int = 0) -> list[tuple[int, ...]]:
     """All m-of-n subsets, or a seeded sample of `max_subsets` of them."""
     if not 1 <= m <= n:
-        raise DeflectError(f"--ensemble must be between 1 and the set size {n}, got {m}")
+        raise DeflectError(f"--ensemble (m=) must be between 1 and the set size {n}, got {m}")
     subsets = list(itertools.combinations(range(n), m))
     if max_subsets is not None and max_subsets < len(subsets):
         if max_subsets < 1:
-            raise DeflectError(f"--max-subsets must be at least 1, got {max_subsets}")
+            raise DeflectError(f"--max-subsets (max_subsets=) must be at least 1, got {max_subsets}")
         subsets = sorted(random.Random(seed).sample(subsets, max_subsets))
     return subsets
 
 
+@fast_cpu_math()
 def ensemble_matrix(
     models: Sequence[nn.Module],
-    data: ImageTensorDataset | Iterable,
+    data: ImageTensorDataset | Dataset | Iterable,
     attack: Attack | str,
     m: int,
     *,
@@ -351,19 +414,21 @@ def ensemble_matrix(
 ) -> EnsembleResult:
     """Attacks on the averaged logits of every m-model subset, scored on all n models."""
     models, dev = _prepare(models, device)
-    attack = _resolve(attack, dataset)
-    if isinstance(data, ImageTensorDataset):
-        data = select_subset(data, limit, seed)
+    attack = _resolve(attack, dataset, data)
+    data = examples(data, limit, seed)
     subsets = model_subsets(len(models), m, max_subsets, seed)
     start = time.perf_counter()
-    adv, _, clean, count = craft_and_score(
+    adv, flipped, clean, count = craft_and_score(
         [[models[i] for i in s] for s in subsets], models, data, attack, batch_size, seed, dev, progress, workers,
         bf16,
     )
+    if count == 0:
+        raise DeflectError("no examples to evaluate")
     return EnsembleResult(
         m=m, attack=attack.name, params=with_precision(attack.params(), bf16), subsets=subsets,
         matrix=(100.0 * adv / count).tolist(), clean=(100.0 * clean / count).tolist(),
         n_examples=count, seconds=time.perf_counter() - start,
+        success=(100.0 * flipped / np.maximum(clean, 1)[None, :]).tolist(),
     )
 
 
@@ -375,9 +440,10 @@ def sweep_eps_values(dataset: str | None) -> list[float]:
     return [round(e * scale, 4) for e in PAPER_SWEEP_EPS]
 
 
+@fast_cpu_math()
 def eps_sweep(
     models: Sequence[nn.Module],
-    data: ImageTensorDataset | Iterable,
+    data: ImageTensorDataset | Dataset | Iterable,
     eps_values: Sequence[float] | None = None,
     *,
     steps: int = 100,
@@ -392,11 +458,13 @@ def eps_sweep(
     """PGD with `steps` steps and α = 2.5ε/steps at each ε (paper Figure 5)."""
     from deflect.attacks import pgd_sweep_attack
 
+    if eps_values is None:
+        dataset = _dataset_of(dataset, data, "the default ε list")
     values = list(eps_values) if eps_values is not None else sweep_eps_values(dataset)
     models, device = _prepare(models, device)  # once for every ε, not once per ε
     results = []
     for k, eps in enumerate(values):
-        if eps <= 0:
+        if not eps > 0:
             raise DeflectError(f"sweep ε must be positive, got {eps}")
         attack = pgd_sweep_attack(eps, steps=steps, dataset=dataset)
         cb = (lambda d, t, k=k, eps=eps: progress(k * t + d, len(values) * t, eps)) if progress else None
@@ -407,6 +475,7 @@ def eps_sweep(
     return results
 
 
+@fast_cpu_math()
 def gradient_signs(
     models: Sequence[nn.Module], data: ImageTensorDataset, n_images: int = 1000, seed: int = 0,
     device: torch.device | str | None = None, batch_size: int | None = None,

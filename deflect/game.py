@@ -79,7 +79,7 @@ class SuccessTable:
                 success[ev.attack] = [[v / 100 for v in row] for row in ev.success]
                 clean[ev.attack] = [v / 100 for v in ev.clean_acc]
         ensembles: dict[str, dict[tuple[int, ...], list[float]]] = {}
-        for ev in ensemble:
+        for ev in sorted(ensemble, key=lambda e: (e.n_examples, e.id or 0)):  # the largest, newest rows win
             labels = (ev.extra or {}).get("row_labels") or []
             if ev.attack not in success or not ev.success:
                 continue
@@ -279,7 +279,7 @@ def craft_outcomes(models: Sequence[nn.Module], owned: Sequence[int], attack: At
     if not owned:
         raise DeflectError("an attack needs at least one owned model to be crafted on")
     sources = [models[i] for i in owned]
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):  # forks only x's device
         torch.manual_seed(seed)
         x_adv = attack(sources[0] if len(sources) == 1 else sources, x, y)
     outcomes = []

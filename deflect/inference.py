@@ -44,6 +44,8 @@ DEVICE_EVAL_BATCH = 256
 def eval_batch_size(device: torch.device | str, requested: int | None = None) -> int:
     """The evaluation batch: the caller's, else the size measured fastest for the device."""
     if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise DeflectError(f"batch_size must be a whole number of at least 1, got {requested!r}")
         return requested
     return CPU_EVAL_BATCH if torch.device(device).type == "cpu" else DEVICE_EVAL_BATCH
 

@@ -114,7 +114,7 @@ class RunEvaluator:
         ev = self.store.add_evaluation(
             Evaluation(
                 run_id=self.run.id, kind="ensemble", attack=name, params={**res.params, "m": m, "split": self.split},
-                matrix=res.matrix, clean_acc=res.clean, whole_set_mean=s["mean_all"],
+                matrix=res.matrix, success=res.success, clean_acc=res.clean, whole_set_mean=s["mean_all"],
                 n_examples=res.n_examples, seconds=res.seconds,
                 extra={"m": m, "row_labels": labels, "mean_unowned": s["mean_unowned"],
                        "mean_owned": s["mean_owned"]},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,24 @@ from deflect.attacks import adaptive_attack_names, attack_names
 from deflect.deploy import ReleasePolicy
 from deflect.errors import DeflectError
 
+__all__ = ["ADVERSARIES", "SHIPPED", "Scenario", "load_scenario", "with_overrides"]
+
 ADVERSARIES = ("static", "skilled", "oracle")
 #: Without --attack: a plain attack for the static adversary, a transferable one for the skilled
 #: (MI-FGSM; `cw2` is the high-confidence alternative), a strong white-box one for the oracle.
 DEFAULT_ATTACK = {"static": "pgd1", "skilled": "mifgsm2", "oracle": "pgd2"}
 DEFAULT_ORACLE_K = 2
-SHIPPED = Path(__file__).resolve().parent.parent / "scenarios"
+
+
+def _shipped() -> Path:
+    """The scenarios shipped with deflect: scenarios/ beside the package in a source checkout (or an
+    editable install), else where a wheel puts them (pyproject's data-files)."""
+    source = Path(__file__).resolve().parent.parent / "scenarios"
+    installed = Path(sys.prefix) / "share" / "deflect" / "scenarios"
+    return source if source.is_dir() or not installed.is_dir() else installed
+
+
+SHIPPED = _shipped()
 
 
 @dataclass
@@ -64,6 +77,7 @@ _INT_MIN = {"k": 1, "clients": 1, "rounds": 1, "per_round": 1, "seed": 0, "limit
 _INT_MAX = {"clients": 1_000_000, "rounds": 100_000, "per_round": 100_000, "seed": 2**32 - 1}
 _STRINGS = ("adversary", "attack", "run", "name", "description")
 _RELEASE_KEYS = ("initial", "threshold", "pool")
+_NAMES = ("adversary", "attack")  # matched in any case, stored in lower case
 
 
 def _problem(key: str, value: Any) -> str | None:
@@ -72,7 +86,7 @@ def _problem(key: str, value: Any) -> str | None:
     if key in _STRINGS:
         if not isinstance(value, str):
             return f"expected a string, got {type(value).__name__} {value!r}"
-        if key == "adversary" and value not in ADVERSARIES:
+        if key == "adversary" and value.strip().lower() not in ADVERSARIES:
             return f"unknown adversary {value!r}; choose one of: {', '.join(ADVERSARIES)}"
         if key == "attack" and value.strip().lower() not in [*attack_names(), *adaptive_attack_names()]:
             return f"unknown attack {value!r}; choose one of: {', '.join([*attack_names(), *adaptive_attack_names()])}"
@@ -138,7 +152,7 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
             raise bad(key, f"unknown key; allowed: {', '.join(allowed)}")
         if (problem := _problem(key, value)) is not None:
             raise bad(key, problem)
-        values[key] = value.strip().lower() if key == "attack" else value
+        values[key] = value.strip().lower() if key in _NAMES else value
     values.setdefault("name", path.stem)
     scenario = Scenario(**values, release=ReleasePolicy(**release))
     if (combo := _check_combination(scenario)) is not None:
@@ -156,7 +170,7 @@ def with_overrides(base: Scenario, **flags: Any) -> Scenario:
             raise DeflectError(f"unknown scenario setting {key!r}")
         if (problem := _problem(key, value)) is not None:
             raise DeflectError(f"--{key.replace('_', '-')}: {problem}")
-        changes[key] = value.strip().lower() if key == "attack" else value
+        changes[key] = value.strip().lower() if key in _NAMES else value
     scenario = dataclasses.replace(base, **changes)
     if scenario.adversary is None:
         raise DeflectError("no adversary: give --adversary static|skilled|oracle or a --scenario file")

@@ -14,6 +14,8 @@ from deflect.errors import DeflectError
 from deflect.models import build_model
 from deflect.store import Store
 
+__all__ = ["load_set", "run_config"]
+
 
 def run_config(run_dir: Path) -> TrainConfig:
     path = run_dir / "config.json"
@@ -35,6 +37,8 @@ def load_set(run: str | os.PathLike, db: str | os.PathLike | Store | None = None
     Every file is checked against its recorded sha256 before it is read.
     """
     path = Path(run)
+    if not path.is_dir() and len(path.parts) > 1:  # a run id holds no path separator
+        raise DeflectError(f"{path} is not a run directory" if path.exists() else f"no run directory {path}")
     if path.is_dir():
         run_dir = path
         manifest = run_dir / MANIFEST
@@ -42,7 +46,7 @@ def load_set(run: str | os.PathLike, db: str | os.PathLike | Store | None = None
         if not digests:
             raise DeflectError(f"{run_dir} has no {MANIFEST}; its checkpoints cannot be verified")
     else:
-        store = db if isinstance(db, Store) else Store(db)
+        store = db if isinstance(db, Store) else Store(db, create=False)
         record = store.get_run(str(run))
         run_dir = Path(record.run_dir)
         digests = store.checkpoint_digest_sets(record.id)

@@ -51,6 +51,8 @@ from deflect.store import Evaluation, Run, Simulation, Store
 from deflect.train import Callbacks, resolve_device
 from deflect.train.grow_run import lineage
 
+__all__ = ["RoundResult", "SimCallbacks", "SimulationResult", "deployed_set", "simulate", "wilson_interval"]
+
 STATIC_ROLE = "static-adversary"
 STATIC_SEED = 1000  # the static adversary's model: an independent run with this seed
 Z95 = 1.959963984540054
@@ -242,6 +244,7 @@ def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(params))
 
 
+@fast_cpu_math()
 def _source_success(
     store: Store, run: Run, models: Sequence[nn.Module], pool: ImageTensorDataset, attack: Attack,
     adversary: str, owned: list[int], static: tuple[nn.Module, str] | None, device: torch.device,
@@ -276,7 +279,6 @@ def _source_success(
             i = labels.index(label)
             return ev.success[i], ev.clean_acc, f"{kind} evaluation {ev.id}"
     start = time.perf_counter()
-    fast_cpu_math()
     adv, flipped, clean, count, passes = _craft_passes(sources, models, pool, attack, batch_size, device, progress)
     matrix = (100.0 * adv / count).tolist()
     success = (100.0 * flipped / np.maximum(clean, 1)[None, :]).tolist()
@@ -362,6 +364,7 @@ def _craft(attack: Attack, surrogate: nn.Module | list[nn.Module], x: torch.Tens
                       for i in range(0, len(x), batch_size)])
 
 
+@fast_cpu_math()
 def simulate(
     store: Store,
     scenario: Scenario,
@@ -392,7 +395,6 @@ def simulate(
                            f"of run {run.id}")
 
     dev = resolve_device(device)
-    fast_cpu_math()
     models = [m.to(dev).eval() for m in load_set(run.id, store)]
     rng = np.random.default_rng(scenario.seed)
     owned = sorted(int(i) for i in rng.choice(deployment.released, size=k, replace=False)) if k else []

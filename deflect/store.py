@@ -177,10 +177,14 @@ class BlackboxFigure:
 class Store:
     """A deflect database: open (creating tables on first use) and query it."""
 
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, *, create: bool = True) -> None:
+        """Open (and, with `create`, make) the database; readers pass create=False so that a
+        mistyped path is an error rather than a new empty database left behind."""
         self.path = Path(path) if path is not None else default_db_path()
         if self.path.exists() and self.path.is_dir():
             raise DeflectError(f"database path {self.path} is a directory")
+        if not create and not self.path.exists():
+            raise DeflectError(f"no database at {self.path}; 'deflect train' creates it")
         if not self.path.parent.exists():
             raise DeflectError(f"database folder {self.path.parent} does not exist")
         _refuse_foreign(self.path)
@@ -274,22 +278,28 @@ class Store:
         return run
 
     def get_run(self, ref: str) -> Run:
-        """A run by id, unique id prefix, or 'latest'."""
+        """A run by id, unique id prefix, or 'latest' (the newest finished one, helper runs left out)."""
         return self._located(self._find_run(ref))
 
     def _find_run(self, ref: str) -> Run:
         self.mark_stale_runs()
         with self.session() as s:
-            if ref == "latest":
-                ordered = s.exec(select(Run).order_by(Run.created.desc())).all()  # type: ignore[attr-defined]
-                run = next((r for r in ordered if not is_helper_run(r)), None)
-                if run is None:
-                    raise DeflectError(f"no runs in {self.path} yet; create one with 'deflect train'")
-                return run
+            if ref == "latest":  # the newest finished set: a failed or stopped run is named, not implied
+                ordered = [r for r in s.exec(select(Run).order_by(Run.created.desc())).all()  # type: ignore[attr-defined]
+                           if not is_helper_run(r)]
+                run = next((r for r in ordered if r.status == "finished"), None)
+                if run is not None:
+                    return run
+                if ordered:
+                    raise DeflectError(f"no finished run in {self.path} yet ('latest' names the newest finished one); "
+                                       f"the newest is {ordered[0].id} ({ordered[0].status}): name it")
+                raise DeflectError(f"no runs in {self.path} yet; create one with 'deflect train'")
             run = s.get(Run, ref)
             if run is not None:
                 return run
             matches = s.exec(select(Run).where(Run.id.startswith(ref))).all()  # type: ignore[attr-defined]
+        if len(matches) > 1:  # deflect's own helper runs never make a user's prefix ambiguous
+            matches = [r for r in matches if not is_helper_run(r)] or matches
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
@@ -428,10 +438,13 @@ class Store:
         return worst
 
     def newest_transfer(self, run_id: str) -> dict[str, Evaluation]:
-        """Attack name -> newest transfer evaluation of a run, attacks in the order first evaluated."""
+        """Attack name -> a run's transfer evaluation to show for it: the largest, the newest of equals
+        (as `worst_blackbox` counts), so a 1-image check never replaces a 1000-image matrix.
+        Attacks in the order first evaluated."""
         newest: dict[str, Evaluation] = {}
-        for ev in self.evaluations(run_id, kind="transfer"):
-            newest[ev.attack] = ev
+        for ev in self.evaluations(run_id, kind="transfer"):  # oldest first: a newer one wins a tie
+            if ev.attack not in newest or ev.n_examples >= newest[ev.attack].n_examples:
+                newest[ev.attack] = ev
         return newest
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,15 @@ ACTIVE = ActiveTerms(angle=True, transfer1=True, transfer2=True)
 SAMPLE = [0, 2]
 
 
+@pytest.fixture(autouse=True)
+def _as_training_runs() -> Iterator[None]:
+    """Denormals flushed, as training does: flushing moves tiny input gradients."""
+    with fast_cpu_math():
+        yield
+
+
 def _setup() -> tuple:
     """Three digits models fitted a little to one batch, so every transfer term is positive."""
-    fast_cpu_math()  # as training does: denormal flushing moves tiny input gradients
     cfg = make_config(n=3, dataset="digits", eps1=3000.0, eps2=0.5)
     models = build_set(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -54,6 +61,7 @@ def _grads(models: list) -> np.ndarray:
 
 def _worker(rank: int, world: int, path: str, queue: mp.Queue) -> None:
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # as training does (its own process: nothing to restore)
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     cfg, models, x, y = _setup()
     global_batchnorm(models)

@@ -11,7 +11,7 @@ from deflect.attacks import make_attack
 from deflect.errors import DeflectError
 from deflect.game import DEFLECTED, FOOLED, VOID, AttackerGame, GameRules, SuccessTable, craft_outcomes
 from deflect.sets import load_set
-from deflect.store import Evaluation
+from deflect.store import Evaluation, Run, Store
 
 # three models: white-box success 0.9; model 0's examples transfer to model 1 (0.5), nothing else transfers
 SUCCESS = [[0.9, 0.5, 0.0], [0.0, 0.9, 0.0], [0.0, 0.0, 0.9]]
@@ -152,3 +152,37 @@ def test_craft_outcomes_white_box_fools_the_owned_model(digits_runs) -> None:
         assert [o != VOID for o in out] == clean_ok
         fooled += out[0] == FOOLED
     assert fooled >= 30  # white-box PGD on an undefended model breaks nearly every image
+
+
+def test_evaluate_ensemble_stores_success_rows_the_game_plays_with(digits_runs) -> None:
+    """`deflect evaluate --ensemble 2` feeds the game its measured pair rows."""
+    from deflect.pipeline import RunEvaluator
+
+    store, ids = digits_runs
+    evaluator = RunEvaluator(store, ids["disjoint"], limit=60)
+    evaluator.transfer("fgsm")
+    res, ev = evaluator.ensemble("fgsm", 2, None)
+    assert len(ev.success) == len(res.subsets) == 3 and all(len(row) == 3 for row in ev.success)
+    for acc_row, success_row in zip(res.matrix, res.success, strict=True):
+        for acc, success, clean in zip(acc_row, success_row, res.clean, strict=True):
+            assert 0.0 <= success <= 100.0
+            # the target is right on at least the clean images it keeps: clean·(1 − success) ≤ accuracy
+            assert clean * (1 - success / 100) <= acc + 1e-9
+    owned_pair = [0, 1]
+    assert max(res.success[0][j] for j in owned_pair) > 0  # FGSM crafted on the pair flips some of its images
+    table = SuccessTable.from_evaluations(list(store.newest_transfer(ids["disjoint"]).values()),
+                                          store.evaluations(ids["disjoint"], "ensemble"))
+    assert set(table.ensembles["fgsm"]) == {(0, 1), (0, 2), (1, 2)}
+    clean = res.clean[2] / 100
+    assert table.fool_probability("fgsm", [1, 0], 2) == pytest.approx(clean * res.success[0][2] / 100)
+
+
+def test_a_small_check_never_stands_in_for_a_larger_evaluation() -> None:
+    """The matrix screen and the game read `newest_transfer`: the largest evaluation, newest of equals."""
+    store = Store("x.db")
+    store.add_run(Run(id="r", method="disjoint", dataset="digits", arch="cnn", preset="digits", n=3, run_dir="runs/r"))
+    big = store.add_evaluation(Evaluation(run_id="r", kind="transfer", attack="pgd1", n_examples=1000))
+    store.add_evaluation(Evaluation(run_id="r", kind="transfer", attack="pgd1", n_examples=1))
+    assert store.newest_transfer("r")["pgd1"].id == big.id
+    again = store.add_evaluation(Evaluation(run_id="r", kind="transfer", attack="pgd1", n_examples=1000))
+    assert store.newest_transfer("r")["pgd1"].id == again.id

@@ -87,7 +87,8 @@ def test_must_show_one_line_errors(digits_runs: tuple[Store, dict[str, str]]) ->
     # found once the run is open and the bar has started: still nothing but the one line (not stripped:
     # no blank line where the bar was)
     late = runner.invoke(app, ["evaluate", "latest", "--limit", "0", "--db", str(store.path)])
-    assert late.exit_code == 2 and late.stderr.splitlines() == ["deflect: error: --limit must be at least 1, got 0"]
+    assert late.exit_code == 2
+    assert late.stderr.splitlines() == ["deflect: error: --limit (limit=) must be a whole number of at least 1, got 0"]
 
 
 def test_a_set_larger_than_memory_allows_is_refused_before_any_work(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ import json, resource, torch, torch.nn.functional as F
 from deflect.data import dataset_info
 from deflect.inference import inference_copy
 from deflect.models import build_model
-from deflect.runtime import fast_cpu_math, reuse_freed_memory
-fast_cpu_math()
+from deflect.runtime import reuse_freed_memory
+reuse_freed_memory()
 torch.set_num_threads(1)
 net = inference_copy(build_model("cnn", dataset_info("fashion-mnist"), True, 16), "cpu")
 x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))

@@ -7,7 +7,7 @@ with :func:`make_attack`, e.g. ``make_attack("pgd1", dataset="digits")``; the ad
 ``make_attack("di-ti-mifgsm-cw", dataset="digits")``. :meth:`Square.run` also reports queries.
 """
 
-from deflect.attacks.base import Attack, Ensemble, as_model, eval_mode
+from deflect.attacks.base import Attack, CallableAttack, Ensemble, as_model, eval_mode
 from deflect.attacks.cw import CW
 from deflect.attacks.diversity import gaussian_kernel, input_diversity, smooth_gradient
 from deflect.attacks.ead import EAD
@@ -45,6 +45,7 @@ __all__ = [
     "TI_KERNELS",
     "Attack",
     "Budget",
+    "CallableAttack",
     "DiTiMIFGSM",
     "Ensemble",
     "Square",

@@ -39,6 +39,10 @@ class Ensemble(nn.Module):
                     f"ensemble members must be torch.nn.Module, got {type(m).__name__}"
                 )
         self.members = nn.ModuleList(members)
+        # An attack library (torchattacks) reads the wrapper's own flag and, when done, calls
+        # `.train()` on it if it was set, which reaches every member: the flag says whether all
+        # members train (eval-mode members, the usual case, stay in eval mode). Members keep their modes.
+        self.training = all(m.training for m in members)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.stack([m(x) for m in self.members]).mean(dim=0)
@@ -207,3 +211,22 @@ class Attack(ABC):
     @abstractmethod
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Compute adversarial inputs; ``model`` is already in eval mode, ``x`` detached."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CallableAttack(Attack):
+    """Any ``fn(model, x, y) -> x_adv`` (a torchattacks attack built per call, say) under the contract.
+
+    Evaluations accept a plain callable and wrap it here, so it gets the checks, eval mode and [0, 1]
+    clamp of deflect's own attacks, and an ensemble as one averaged-logits model. It has no seedable
+    generator, so its tasks run in order on the global RNG seeded with the evaluation's seed.
+    """
+
+    fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = dataclasses.field(metadata={"param": False})
+    name: str = "custom"
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        out = self.fn(model, x, y)
+        check(isinstance(out, Tensor) and out.shape == x.shape,
+              f"attack {self.name!r} must return a tensor shaped like x {tuple(x.shape)}")
+        return out

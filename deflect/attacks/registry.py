@@ -194,4 +194,6 @@ def pgd_sweep_attack(eps: float, steps: int = 100, dataset: str | None = None) -
 
     ``eps`` is absolute (not scaled by ``dataset``, which only fills the other defaults).
     """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise DeflectError(f"the sweep's steps must be a whole number of at least 1, got {steps!r}")
     return make_attack("pgd1", dataset, eps=eps, alpha=2.5 * eps / steps, steps=steps)

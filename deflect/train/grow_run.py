@@ -189,6 +189,7 @@ def grow(
                      recipe, 1.0 if pair_scale is None else pair_scale)
 
 
+@fast_cpu_math()
 def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int | None, seed: int | None,
           device_name: str, extra: dict[str, Any], cb: GrowCallbacks, recipe: dict[str, Any],
           pair_scale: float = 1.0) -> str:
@@ -204,7 +205,6 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
     device = resolve_device(device_name)
     if cfg.bf16 and not bf16_supported(device):  # a set trained with --bf16 on a GPU, grown on a plain CPU:
         cfg = dataclasses.replace(cfg, bf16=False)  # emulated bf16 is slower than float32; the config says so
-    fast_cpu_math()
     train_set, val_set, test_set = _load_splits(cfg)
     frozen, files = _load_parent(store, parent, device)
     teacher, cfg = Teacher.for_config(store, cfg, device)

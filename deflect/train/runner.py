@@ -197,6 +197,7 @@ def _is_json(v: Any) -> bool:
     return True
 
 
+@fast_cpu_math()
 def train(
     cfg: TrainConfig | None = None,
     store: Store | None = None,
@@ -234,7 +235,6 @@ def train(
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
     where = str(device) if shard is None else f"{device.type} x{shard.world}"
-    fast_cpu_math()
     teacher, cfg = Teacher.for_config(store, cfg, device)
     train_set, val_set, test_set = _load_splits(cfg)
 
