@@ -195,8 +195,10 @@ def test_matrix_screen_without_evaluations_says_how_to_make_one(tmp_path: Path) 
             await until(pilot, lambda: isinstance(app.screen, RunsScreen)
                         and app.screen.query_one("#runs", DataTable).row_count == 1)
             await pilot.press("enter")
+            # the whole command, wrapped at 80 columns, in the title (the heatmap is as wide as its table)
             await until(pilot, lambda: isinstance(app.screen, MatrixScreen)
-                        and "deflect evaluate" in text_of(app.screen.query_one("#heatmap", Heatmap)))
+                        and "deflect evaluate digits-disjoint-n3-dddddd --attack pgd1"
+                        in " ".join(text_of(app.screen.query_one("#matrix-title", Static)).split()))
             await pilot.press("e")  # nothing to export: a warning, no file
             await pilot.pause(0.2)
             assert not (tmp_path / "runs").exists()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
+import pytest
 from textual.widgets import OptionList, Static
 
 from deflect.data import load_dataset
@@ -12,10 +14,11 @@ from deflect.evaluate import select_subset, transfer_matrix
 from deflect.pipeline import store_transfer
 from deflect.sets import load_set
 from deflect.simulate import DEFLECTED, SUCCEEDED, VOID
-from deflect.store import Run, Simulation, Store
+from deflect.store import Evaluation, Run, Simulation, Store
 from deflect.train import train
 from deflect.tui.app import DeflectApp
 from deflect.tui.screens.game import GameScreen
+from deflect.tui.screens.help import HelpScreen
 from deflect.tui.screens.replay import ReplayScreen
 from deflect.tui.widgets.clients import ClientGrid
 from deflect.tui.widgets.gauge import DeflectionGauge
@@ -175,3 +178,114 @@ def test_game_without_evaluation_says_what_to_run(tmp_path: Path) -> None:
             await until(pilot, lambda: "deflect evaluate" in text_of(app.screen.query_one("#game-status", Static)))
 
     asyncio.run(scenario())
+
+
+def _footer_keys(screen: object) -> tuple[list[str], list[str]]:
+    """(keys the footer shows within 80 columns, keys it cuts off)."""
+    shown, cut = [], []
+    for key in screen.query("FooterKey"):  # type: ignore[attr-defined]
+        (shown if key.region.width and key.region.right <= SIZE[0] else cut).append(key.key_display or key.key)
+    return shown, cut
+
+
+def test_every_screen_keeps_quit_and_help_in_the_footer_at_80_columns(tmp_path: Path) -> None:
+    store = Store(tmp_path / "deflect.db")
+    add_simulation(store, tmp_path)
+    run_id = "digits-disjoint-n3-aaaaaa"
+    store.add_evaluation(Evaluation(run_id=run_id, kind="transfer", attack="pgd1", n_examples=10,
+                                    matrix=[[0.0, 80.0, 80.0], [80.0, 0.0, 80.0], [80.0, 80.0, 0.0]],
+                                    success=[[100.0, 10.0, 10.0]] * 3, clean_acc=[90.0, 90.0, 90.0]))
+
+    async def scenario() -> None:
+        app = DeflectApp(store, poll_interval=0.1)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.screen.__class__.__name__ == "RunsScreen"
+                        and app.screen._cursor_run() == run_id)
+            seen = {}
+            for keys, name in (((), "RunsScreen"), (("enter",), "MatrixScreen"), (("g",), "GameScreen")):
+                await pilot.press(*keys)
+                await until(pilot, lambda name=name: app.screen.__class__.__name__ == name)
+                await pilot.pause(0.2)
+                seen[name] = _footer_keys(app.screen)
+            await pilot.press("question_mark")  # the game's help: one line for the ten buy keys, all on screen
+            await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+            help_text = text_of(app.screen.query_one("#help-keys", Static))
+            assert "0-9" in help_text and "Buy m5" not in help_text and "Quit" in help_text
+            assert app.screen.query_one("#help-box").region.bottom <= SIZE[1]
+            await pilot.press("escape", "escape", "escape")
+            await until(pilot, lambda: app.screen.__class__.__name__ == "RunsScreen")
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, ReplayScreen) and app.screen.choices)
+            await pilot.pause(0.2)
+            seen["ReplayScreen"] = _footer_keys(app.screen)
+            for name, (shown, cut) in seen.items():
+                assert not cut and {"q", "?"} <= set(shown), (name, shown, cut)
+            assert "space" not in seen["ReplayScreen"][0]  # playback keys only once a replay is on screen
+            assert "s" in seen["RunsScreen"][0]
+
+    asyncio.run(scenario())
+
+
+def test_keys_pressed_while_crafting_change_the_next_round_not_this_one(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import deflect.game
+
+    store = Store(tmp_path / "deflect.db")
+    run_id = train(tiny_config(n=3, epochs=1), store)
+    run = store.get_run(run_id)
+    pool = select_subset(load_dataset("digits", "test"), 40, 0)
+    for attack in ("pgd1", "fgsm"):
+        store_transfer(store, run, transfer_matrix(load_set(run_id, store), pool, attack))
+    release = threading.Event()
+    crafted = deflect.game.craft_outcomes
+
+    def slow(*args: object, **kwargs: object) -> list[str]:
+        release.wait(30)  # crafting takes as long as the test wants (a cw2 example takes seconds)
+        return crafted(*args, **kwargs)
+
+    monkeypatch.setattr(deflect.game, "craft_outcomes", slow)
+
+    async def scenario() -> None:
+        app = DeflectApp(store, poll_interval=0.1)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.screen.__class__.__name__ == "RunsScreen"
+                        and app.screen._cursor_run() == run_id)
+            await pilot.press("g")
+            await until(pilot, lambda: isinstance(app.screen, GameScreen) and app.screen.game is not None)
+            screen = app.screen
+            game = screen.game
+            await pilot.press("1", "enter")
+            chosen = (game.table.attacks[screen.attack], screen.image, screen.count)
+            await pilot.press("a", "i", "plus", "plus")  # while the example is still being crafted
+            release.set()
+            await until(pilot, lambda: len(game.rounds) == 1)
+            played = game.rounds[0]
+            assert (played.attack, played.image, len(played.results)) == chosen
+            assert (game.table.attacks[screen.attack], screen.image) != chosen[:2]  # kept for the next round
+
+    asyncio.run(scenario())
+
+
+def test_a_scenario_left_while_crafting_stops_there(digits_runs: tuple[Store, dict[str, str]]) -> None:
+    """`cancellable` callbacks stop a simulation in its crafting, not at the next round; nothing is stored."""
+    from deflect.scenario import Scenario, with_overrides
+    from deflect.simulate import SimCallbacks, simulate
+    from deflect.tui.screens.replay import cancellable
+
+    store, ids = digits_runs
+    before = len(store.simulations())
+    calls: list[int] = []
+    left = {"screen": False}
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        left["screen"] = True  # the user leaves after the first batch
+
+    callbacks = cancellable(SimCallbacks(on_progress=progress), lambda: left["screen"])
+    scenario = with_overrides(Scenario(), adversary="ORACLE", k=2, run=ids["disjoint"], attack="fgsm", rounds=2)
+    assert scenario.adversary == "oracle"  # names in any case, like --attack
+    with pytest.raises(KeyboardInterrupt):
+        simulate(store, scenario, callbacks=callbacks)
+    assert calls == [1] and len(store.simulations()) == before
+    with pytest.raises(KeyboardInterrupt):
+        callbacks.training.on_batch(None)  # the static adversary's training stops at its next batch too

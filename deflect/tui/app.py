@@ -30,7 +30,8 @@ class DeflectApp(App):
     TITLE = "deflect"
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
-        Binding("s", "replay", "Replay"),
+        # shown in the footer by the screens it leads away from (runs, welcome); `?` lists it everywhere
+        Binding("s", "replay", "Replay", show=False),
         Binding("q", "quit", "Quit"),
         Binding("question_mark", "help", "Help", key_display="?"),
     ]
@@ -84,5 +85,6 @@ class DeflectApp(App):
             entry = (self.get_key_display(binding), binding.description)
             if entry not in keys:
                 keys.append(entry)
+        keys.extend(getattr(self.screen, "HELP_KEYS", []))
         keys.append(("↑ ↓", "move / scroll"))
         self.push_screen(HelpScreen(keys, title=f"Keys · {type(self.screen).__name__.removesuffix('Screen')}"))

@@ -107,13 +107,14 @@ class GameScreen(Screen):
         Binding("i", "image(1)", "Image"),
         Binding("I", "image(-1)", "Prev image", show=False),
         Binding("plus,equals_sign", "clients(1)", "More clients", key_display="+"),
-        Binding("minus", "clients(-1)", "Fewer", key_display="-"),
+        Binding("minus", "clients(-1)", "Fewer clients", key_display="-", show=False),
         Binding("b", "buy_cursor", "Buy"),
         Binding("left_square_bracket", "shop(-1)", "Shop ←", key_display="[", show=False),
         Binding("right_square_bracket", "shop(1)", "Shop →", key_display="]", show=False),
         Binding("g", "new_game", "New game"),
-        *[Binding(str(d), f"buy({d})", f"Buy m{d}", show=False) for d in range(10)],
+        *[Binding(str(d), f"buy({d})", "", show=False) for d in range(10)],  # one line in `?`: HELP_KEYS
     ]
+    HELP_KEYS = [("0-9", "Buy that model")]
 
     @dataclass
     class Ready(Message):
@@ -122,8 +123,14 @@ class GameScreen(Screen):
 
     @dataclass
     class Crafted(Message):
+        """A crafted example's outcomes, with the choices it was crafted for (keys pressed while it was
+        crafting change the next round's choices, not this one's)."""
+
         outcomes: list[str] | None
         error: str | None = None
+        attack: str = ""
+        image: int = 0
+        count: int = 0
 
     def __init__(self, run_id: str, rules: dict[str, int] | None = None, seed: int = 0) -> None:
         super().__init__()
@@ -152,7 +159,7 @@ class GameScreen(Screen):
             yield Static("", id="game-reveal")
             yield Static("", id="game-rounds")
             yield Static("", id="game-end")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.load()
@@ -237,10 +244,10 @@ class GameScreen(Screen):
         self.crafting = True
         self.message = "crafting on your models …"
         self.render_game()
-        self.craft(list(game.owned), game.table.attacks[self.attack], self.image, len(game.rounds) + 1)
+        self.craft(list(game.owned), game.table.attacks[self.attack], self.image, self.count, len(game.rounds) + 1)
 
     @work(thread=True, exclusive=True, group="game-craft")
-    def craft(self, owned: list[int], attack_name: str, image: int, round_number: int) -> None:
+    def craft(self, owned: list[int], attack_name: str, image: int, count: int, round_number: int) -> None:
         from deflect.attacks import make_attack
         from deflect.game import craft_outcomes
 
@@ -253,7 +260,7 @@ class GameScreen(Screen):
         except Exception as exc:
             self.post_message(self.Crafted(None, str(exc).splitlines()[0]))
             return
-        self.post_message(self.Crafted(outcomes))
+        self.post_message(self.Crafted(outcomes, attack=attack_name, image=image, count=count))
 
     def on_game_screen_crafted(self, message: Crafted) -> None:
         self.crafting = False
@@ -263,7 +270,7 @@ class GameScreen(Screen):
             self.render_game()
             return
         try:
-            self.last = game.send(game.table.attacks[self.attack], self.image, self.count, message.outcomes)
+            self.last = game.send(message.attack, message.image, message.count, message.outcomes)
             self.message = f"round {self.last.number}: {self.last.score} fooled"
         except Exception as exc:
             self.message = f"[red]{escape(str(exc))}[/]"

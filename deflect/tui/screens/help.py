@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
@@ -27,6 +27,6 @@ class HelpScreen(ModalScreen[None]):
         table.add_column("action")
         for key, description in self.keys:
             table.add_row(key, description)
-        with Vertical(id="help-box"):
+        with VerticalScroll(id="help-box"):  # scrolls where the terminal is shorter than the list
             yield Static(table, id="help-keys")
             yield Static("[dim]escape or ? closes this help[/]")

@@ -8,7 +8,7 @@ from pathlib import Path
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
+from textual.containers import ScrollableContainer
 from textual.message import Message
 from textual.widgets import Footer, Static
 from textual.worker import Worker, get_current_worker
@@ -59,11 +59,12 @@ class MatrixScreen(PollingScreen):
 
     def compose(self) -> ComposeResult:
         yield TitleBar(str(self.app.store.path))  # type: ignore[attr-defined]
-        with VerticalScroll(id="matrix-body"):
+        # both ways: a set of 9 or more is wider than 80 columns (arrow keys scroll once it has focus)
+        with ScrollableContainer(id="matrix-body"):
             yield Static(f"[b]{self.run_id}[/] · loading…", id="matrix-title")
             yield Heatmap(id="heatmap")
             yield Static("", id="matrix-summary")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.start_polling()
@@ -118,9 +119,11 @@ class MatrixScreen(PollingScreen):
             return
         ev = self.current
         if ev is None or not ev.matrix:
-            title.update(f"[b]{self.run_id}[/] · no transfer evaluation yet")
-            heatmap.show(None, f"Evaluate it in another terminal:  deflect evaluate {self.run_id} --attack pgd1\n"
-                               "This screen fills in as evaluations are stored.")
+            # in the title, which wraps at the screen's width (the heatmap is as wide as its table)
+            title.update(f"[b]{self.run_id}[/] · no transfer evaluation yet\n\nEvaluate it in another terminal:  "
+                         f"deflect evaluate {self.run_id} --attack pgd1\n"
+                         "This screen fills in as evaluations are stored.")
+            heatmap.show(None)
             summary.update("")
             return
         attacks = "  ".join(f"[reverse]{a}[/]" if a == self.attack else a for a in self.evaluations)

@@ -7,6 +7,8 @@ per-model hit counts and the staged-release log show when the defender rotates a
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from rich.markup import escape
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, OptionList, Static
@@ -51,6 +53,33 @@ def scenario_files() -> list[Path]:
             for path in sorted(folder.glob("*.toml")):
                 seen.setdefault(path.resolve(), path)
     return list(seen.values())
+
+
+def cancellable(callbacks: Any, cancelled: Callable[[], bool]) -> Any:
+    """`callbacks` (a `SimCallbacks`) that stop the simulation once `cancelled()` holds.
+
+    A simulation spends its time crafting (and, on first use, training the static adversary's
+    model), not between rounds: checking only at each round would let a screen that was left, or
+    a dashboard that was quit, go on working for minutes. Crafting progress and every training
+    batch check too, and raise KeyboardInterrupt, which the simulation and training treat as Ctrl-C.
+    """
+    from deflect.train.runner import Callbacks
+
+    def check() -> None:
+        if cancelled():
+            raise KeyboardInterrupt
+
+    def wrap(hook: Callable[..., None] | None) -> Callable[..., None]:
+        def checked(*args: Any) -> None:
+            check()
+            if hook is not None:
+                hook(*args)
+        return checked
+
+    training = callbacks.training or Callbacks()
+    return dataclasses.replace(
+        callbacks, on_round=wrap(callbacks.on_round), on_progress=wrap(callbacks.on_progress),
+        training=dataclasses.replace(training, on_batch=wrap(training.on_batch)))
 
 
 def load_choices(store: Any) -> list[Choice]:
@@ -107,20 +136,27 @@ class ReplayScreen(Screen):
         self.marks_round = 0
         self.title_text = ""
         self.phase = ""
+        self.rounds_total: int | None = None  # a scenario being run: its rounds, before they arrive
 
     def compose(self) -> ComposeResult:
         yield TitleBar(str(self.app.store.path))  # type: ignore[attr-defined]
         with Vertical(id="replay-pick"):
             yield Static("[b]Replay a simulation[/] · choose one (enter); scenario files run first", id="pick-title")
             yield OptionList(id="replay-choices")
-        with Vertical(id="replay-view"):
+        with VerticalScroll(id="replay-view"):  # scrolls on a terminal too short for grid and gauge
             yield Static("", id="replay-title")
             yield Static("", id="replay-legend")
             yield ClientGrid(GRID_COLUMNS, id="replay-grid")
             yield DeflectionGauge("", id="replay-gauge")
             yield Static("", id="replay-hits")
             yield Static("", id="replay-log")
-        yield Footer()
+        yield Footer(compact=True)
+
+    PLAYBACK = ("toggle", "step", "round", "speed")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """The playback keys only while a replay is on screen (the footer hides them in the list)."""
+        return self.replay is not None if action in self.PLAYBACK else True
 
     def on_mount(self) -> None:
         self.query_one("#replay-view").display = False
@@ -161,6 +197,8 @@ class ReplayScreen(Screen):
 
     def start(self, choice: Choice) -> None:
         self.replay, self.marks, self.marks_round, self.playing, self.phase = None, {}, 0, self.autoplay, ""
+        self.rounds_total = None
+        self.refresh_bindings()
         self.query_one("#replay-pick").display = False
         self.query_one("#replay-view").display = True
         self.query_one("#replay-title", Static).update(f"loading {escape(choice.label)} …")
@@ -192,13 +230,13 @@ class ReplayScreen(Screen):
 
         worker = get_current_worker()
         first = {"sent": False}
+        total: dict[str, int] = {}
 
         def on_round(rnd: Any, result: Any) -> None:
-            if worker.is_cancelled:
-                raise KeyboardInterrupt  # leaving the screen stops the simulation
             title = f"{path.name} · {result.run_id} · {result.adversary} adversary, k={result.k} · {result.attack}"
             self.post_message(self.Loaded(title, result.n_models, [rnd.to_dict()],
-                                          {"client_slots": result.client_slots}, append=first["sent"]))
+                                          {"client_slots": result.client_slots, "rounds_total": total["rounds"]},
+                                          append=first["sent"]))
             first["sent"] = True
 
         def on_phase(text: str) -> None:
@@ -206,8 +244,10 @@ class ReplayScreen(Screen):
 
         try:
             scenario = load_scenario(path)
+            total["rounds"] = scenario.rounds
             result = simulate(self.app.store, scenario,  # type: ignore[attr-defined]
-                              callbacks=SimCallbacks(on_phase=on_phase, on_round=on_round))
+                              callbacks=cancellable(SimCallbacks(on_phase=on_phase, on_round=on_round),
+                                                    lambda: worker.is_cancelled))
         except KeyboardInterrupt:
             return
         except Exception as exc:  # a bad scenario or no run to play against: say so on the screen
@@ -226,6 +266,8 @@ class ReplayScreen(Screen):
         else:
             self.replay = Replay.from_simulation(message.n_models, message.rounds, message.params)
             self.title_text = message.title
+            self.rounds_total = message.params.get("rounds_total")
+            self.refresh_bindings()
         self.render_replay()
 
     # playing ------------------------------------------------------------------------------------
@@ -276,6 +318,7 @@ class ReplayScreen(Screen):
         if self.query_one("#replay-view").display and self.choices:
             self.workers.cancel_group(self, "replay-run")
             self.replay = None
+            self.refresh_bindings()
             self.query_one("#replay-view").display = False
             self.query_one("#replay-pick").display = True
             self.load_list()
@@ -290,7 +333,7 @@ class ReplayScreen(Screen):
             title.update(self.phase or "waiting for the first round …")
             return
         state = "playing" if self.playing and not replay.done else "paused" if not replay.done else "finished"
-        rounds = f"round {replay.round_number}/{len(replay.rounds)}"
+        rounds = f"round {replay.round_number}/{self.rounds_total or len(replay.rounds)}"
         title.update(f"[b]{escape(self.title_text)}[/]\n{rounds} · {replay.sent} sent · {state} · "
                      f"{SPEEDS[self.speed]} attacks/tick" + (f" · {self.phase}" if self.phase else ""))
         shown = min(len(replay.client_slots), GRID_COLUMNS * GRID_ROWS)

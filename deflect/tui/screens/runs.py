@@ -40,6 +40,7 @@ class RunsScreen(PollingScreen):
         Binding("enter", "open_matrix", "Matrix", priority=True),
         Binding("g", "game", "Attacker game"),
         Binding("r", "poll", "Refresh"),
+        Binding("s", "app.replay", "Replay"),
     ]
 
     @dataclass
@@ -60,7 +61,7 @@ class RunsScreen(PollingScreen):
             yield Static("", id="detail-title")
             yield Sparkline([], id="curve")
             yield Static("", id="losses")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one("#runs", DataTable)

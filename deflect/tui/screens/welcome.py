@@ -32,7 +32,7 @@ class WelcomeScreen(PollingScreen):
     def compose(self) -> ComposeResult:
         yield TitleBar(str(self.app.store.path))  # type: ignore[attr-defined]
         yield Static(WELCOME, id="welcome")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         # The app looked just before showing this screen: the first poll waits one interval.
