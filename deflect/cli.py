@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -99,10 +100,40 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def open_store(db: Path | None) -> Any:
+def open_store(db: Path | None, create: bool = False) -> Any:
+    """The database; only the commands that make runs (train, demo, reproduce) and the dashboard, which
+    waits for a first run, create it: elsewhere a mistyped --db is an error, not a new empty file."""
     from deflect.store import Store
 
-    return Store(db)
+    return Store(db, create=create)
+
+
+#: `deflect train` options that set the disjoint objective's pair terms: refused for the other methods
+DISJOINT_ONLY = ("eps1", "eps2", "w_angle", "w_transfer1", "w_transfer2", "w_smooth", "angle_epochs", "transfer_until",
+                 "sample", "no_angle", "no_transfer", "eps1_per_sample", "transfer_batch", "transfer_clamp",
+                 "detach_clean", "clean_bn_stats", "transfer_steps", "transfer_refine")
+
+
+def warn_unfinished(run: Any) -> None:
+    """One line on stderr when a command works on a set that never finished training."""
+    if run.status != "finished":
+        from deflect.console import err_console
+
+        err_console.print(f"deflect: warning: run {run.id} is {run.status} after {run.epochs_done} of "
+                          f"{run.epochs_total} epochs; its last saved checkpoint is used", highlight=False)
+
+
+def output_folder(out: Path) -> Path:
+    """`--out`, made and checked before any work: hours of training must not end on a bad folder."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create --out folder {out}: {exc.strerror or exc}")
+    if not os.access(out, os.W_OK | os.X_OK):
+        fail(f"--out folder {out} is not writable")
+    return out
 
 
 def _training_bar(progress: Any, task: dict[str, Any], label: str = "") -> Callable[[Any], None]:
@@ -211,7 +242,15 @@ def train(
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             fail(f"--resume continues a run with its stored settings; drop {flags}")
-    store = open_store(db)
+    typed = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+    if method != "disjoint" and (pair_options := [name for name in DISJOINT_ONLY if name in typed]):
+        fail(f"{', '.join('--' + name.replace('_', '-') for name in pair_options)} only apply to "
+             f"--method disjoint (its pair terms), not {method}")
+    if at_eps is not None and method != "fast-at":
+        fail(f"--at-eps only applies to --method fast-at, not {method}")
+    if data_dir is not None and not download and not data_dir.is_dir():  # else a built-in copy would stand in
+        fail(f"--data-dir {data_dir} is not a folder (add --download to fetch the dataset into it)")
+    store = open_store(db, create=True)
     cfg = None
     if resume is None:
         overrides: dict[str, Any] = dict(
@@ -405,8 +444,13 @@ def runs(db: DbOption = None, as_json: JsonOption = False) -> None:
     """
 
     from deflect.console import runs_table, stdout_console
-    from deflect.store import run_to_dict
+    from deflect.store import default_db_path, run_to_dict
 
+    path = db if db is not None else default_db_path()
+    if not path.exists() and path.parent.is_dir():  # nothing to list; the path is named, in case it is a typo
+        typer.echo("[]" if as_json else f"no runs yet: no database at {path}; 'deflect train' or 'deflect demo' "
+                                        "creates it")
+        return
     store = open_store(db)
     rows = store.list_runs()
     worst = store.worst_blackbox()
@@ -484,9 +528,11 @@ def evaluate(
                                           "at most n-1).")] = None,
     attackers: Annotated[str | None, typer.Option(help="--adaptive: comma list of transfer, surrogate, "
                                                   "method-aware, query (default all).")] = None,
-    queries: Annotated[int, typer.Option(help="--adaptive: the surrogate's label-query budget.")] = 1000,
-    max_queries: Annotated[int, typer.Option(help="--adaptive: Square's queries per image at most.")] = 5000,
-    square_limit: Annotated[int, typer.Option(help="--adaptive: images Square attacks.")] = 100,
+    queries: Annotated[int | None, typer.Option(help="--adaptive: the surrogate's label-query budget "
+                                                "(default 1000).")] = None,
+    max_queries: Annotated[int | None, typer.Option(help="--adaptive: Square's queries per image at most "
+                                                    "(default 5000).")] = None,
+    square_limit: Annotated[int | None, typer.Option(help="--adaptive: images Square attacks (default 100).")] = None,
     restarts: Annotated[int | None, typer.Option(help="--adaptive: DI-TI-MI-FGSM restarts (default 3).")] = None,
     aware_epochs: Annotated[int | None, typer.Option(help="--adaptive: epochs of the method-aware attacker's "
                                                      "own set (default: the run's).")] = None,
@@ -530,15 +576,32 @@ def evaluate(
         fail(f"--steps must be at least 1, got {steps}")
     if batch_size is not None and batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
+    if eps is not None and eps > 1:
+        fail(f"--eps must be at most 1 (images are in [0, 1]), got {eps}")
+    adaptive_only = {"--k": k, "--attackers": attackers, "--queries": queries, "--max-queries": max_queries,
+                     "--square-limit": square_limit, "--restarts": restarts, "--aware-epochs": aware_epochs}
+    if not adaptive and (given := [name for name, value in adaptive_only.items() if value is not None]):
+        fail(f"{', '.join(given)} only apply with --adaptive")
+    if all_attacks and attack is not None:
+        fail("--all runs every attack of Table 1; drop --attack, or --all")
+    if max_subsets is not None and ensemble is None:
+        fail("--max-subsets only applies with --ensemble M")
+    if ensemble is not None and attack is None and not all_attacks and (eps_sweep or tsne):
+        fail("--ensemble crafts the attacks of --attack/--all, not the ε sweep or the t-SNE; name the attacks")
     if adaptive:
         if attack or all_attacks or ensemble is not None or eps_sweep or tsne or alpha is not None or bf16:
             fail("--adaptive runs on its own: drop --attack/--all/--ensemble/--eps-sweep/--tsne/--alpha/--bf16")
         from deflect.adaptive import FAMILIES, AdaptiveSettings
 
-        families = tuple(a.strip() for a in (",".join(FAMILIES) if attackers is None else attackers).split(",")
-                         if a.strip())
-        settings = AdaptiveSettings(k=k, limit=limit, eps=eps, steps=steps, restarts=restarts, queries=queries,
-                                    max_queries=max_queries, square_limit=square_limit, aware_epochs=aware_epochs,
+        parts = [a.strip() for a in (",".join(FAMILIES) if attackers is None else attackers).split(",")]
+        if any(not a for a in parts) and any(parts):
+            fail(f"--attackers {attackers!r} has an empty name between commas")
+        families = tuple(a for a in parts if a)
+        settings = AdaptiveSettings(k=k, limit=limit, eps=eps, steps=steps, restarts=restarts,
+                                    queries=1000 if queries is None else queries,
+                                    max_queries=5000 if max_queries is None else max_queries,
+                                    square_limit=100 if square_limit is None else square_limit,
+                                    aware_epochs=aware_epochs,
                                     families=families, seed=seed, batch_size=batch_size or 256, split=split)
         settings.check()  # before the run is opened
         _evaluate_adaptive(open_store(db), run, settings, device, as_json)
@@ -548,6 +611,7 @@ def evaluate(
     store = open_store(db)
     ev = RunEvaluator(store, run, limit=limit, batch_size=batch_size, seed=seed, device=device, split=split,
                       bf16=bf16)
+    warn_unfinished(ev.run)
     if ensemble is not None and not 1 <= ensemble <= ev.run.n:
         fail(f"--ensemble must be between 1 and the set size {ev.run.n}, got {ensemble}")
     out = stdout_console()
@@ -664,6 +728,8 @@ def export(
 
     if fmt not in ("csv", "json", "md"):
         fail(f"unknown --format {fmt!r}; choose csv, json or md")
+    if out is not None:
+        output_folder(out)
     store = open_store(db)
     record = store.get_run(run)
     evals = store.evaluations(record.id)
@@ -671,7 +737,6 @@ def export(
     if out is None:
         typer.echo(text, nl=False)
         return
-    out.mkdir(parents=True, exist_ok=True)
     from deflect.checkpoint import atomic_write
 
     atomic_write(out / f"{record.id}.{fmt}", text.encode())  # a full disk leaves no half-written export
@@ -685,13 +750,14 @@ def export(
 @app.command()
 @handle_errors
 def dashboard(db: DbOption = None) -> None:
-    """Live, read-only dashboard: runs, training curves and transfer matrices (q quits, ? keys).
+    """Live dashboard: runs, training curves, transfer matrices, scenario replays and the attacker game
+    (q quits, ? keys). It never changes a run; it writes only what you ask for (a PNG, a scenario you run).
 
     Example: deflect dashboard
     """
     from deflect.tui.app import DeflectApp
 
-    store = open_store(db)
+    store = open_store(db, create=True)
     DeflectApp(store).run()
 
 
@@ -852,6 +918,8 @@ def simulate(
     sc = with_overrides(base, adversary=adversary, k=k, run=run, attack=attack, clients=clients, rounds=rounds,
                         per_round=per_round, seed=seed, limit=limit)
     store = open_store(db)
+    if sc.run is not None:
+        warn_unfinished(store.get_run(sc.run))
     display = _SimDisplay(err_console)
     try:
         result = run_simulation(store, sc, key_path=key, device=device, callbacks=display.callbacks())
@@ -897,7 +965,7 @@ def demo(
     parse_attacks(attack, False)
     make_config(n=n, dataset="digits")  # every value checked before any work
     with_overrides(Scenario(), adversary="static", clients=clients, rounds=rounds)
-    store = open_store(db)
+    store = open_store(db, create=True)
     ids: dict[str, str] = {}
     for method in ("independent", "disjoint"):
         cfg = make_config(n=n, dataset="digits", method=method)
@@ -977,7 +1045,8 @@ def reproduce(
     from deflect.reproduce import reproduce as run_reproduction
     from deflect.train import Callbacks
 
-    store = open_store(db)
+    output_folder(out)
+    store = open_store(db, create=True)
     progress = training_progress(err_console)
     bars: dict[str, Callbacks] = {}
 
@@ -1004,6 +1073,7 @@ def reproduce(
 @app.command()
 @handle_errors
 def bench(
+    ctx: typer.Context,
     quick: Annotated[bool, typer.Option("--quick", help="Small models and batches: a smoke check in seconds.")] = False,
     steps: Annotated[int | None, typer.Option(
         help="Timed steps per figure after one warm-up (default: 3 on CPU, 10 on CUDA).")] = None,
@@ -1034,10 +1104,18 @@ def bench(
     from deflect.console import err_console, stdout_console, work_progress
     from deflect.train import resolve_device
 
+    typed = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+    ttq_only = [name for name in ("dataset", "epochs", "fast_epochs", "limit", "clean_bar", "blackbox_bar", "data_dir")
+                if name in typed]
+    if ttq_only and not time_to_quality:
+        fail(f"{', '.join('--' + name.replace('_', '-') for name in ttq_only)} only apply with --time-to-quality")
     if time_to_quality:
         from deflect.bench import TTQ_WIDTH, QualityBar
         from deflect.bench import time_to_quality as ttq
 
+        for name, bar in (("--clean-bar", clean_bar), ("--blackbox-bar", blackbox_bar)):
+            if not (math.isfinite(bar) and 0 <= bar <= 100):  # a bar never met trains the whole schedule for nothing
+                fail(f"{name} must be an accuracy in [0, 100], got {bar}")
         if epochs < 1:
             fail(f"--epochs must be at least 1, got {epochs}")
         if fast_epochs is not None and fast_epochs < 1:

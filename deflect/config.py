@@ -159,7 +159,8 @@ class TrainConfig:
                      "w_smooth"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise DeflectError(f"{name} must be a finite non-negative number, got {value}")
+                flag = "--lr" if name == "lr_max" else "--" + name.replace("_", "-")  # the flag a user typed
+                raise DeflectError(f"{flag} ({name}) must be a finite non-negative number, got {value}")
         if self.sample_models is not None and self.sample_models < 2:
             raise DeflectError(f"--sample must be at least 2, got {self.sample_models}")
         if self.teacher is not None and self.method not in ("disjoint", "independent"):
@@ -330,4 +331,10 @@ def make_config(
     values.update(given)
     cfg = TrainConfig.from_dict(values)
     cfg.validate()
+    # settings that do nothing beyond their limit: refused for a new run (a stored one still loads)
+    if cfg.transfer_batch is not None and cfg.transfer_batch > cfg.batch_size:
+        raise DeflectError(f"--transfer-batch {cfg.transfer_batch} is more than the batch size {cfg.batch_size}; "
+                           "leave it out for the whole batch")
+    if cfg.sample_models is not None and cfg.sample_models > cfg.n:
+        raise DeflectError(f"--sample {cfg.sample_models} is more than the set's {cfg.n} models")
     return cfg

@@ -40,13 +40,19 @@ def parse_attacks(spec: str | None, use_all: bool) -> list[str]:
     names = attack_names()
     if use_all:
         return names
-    chosen = [a.strip().lower() for a in ("pgd1" if spec is None else spec).split(",") if a.strip()]
+    parts = [a.strip().lower() for a in ("pgd1" if spec is None else spec).split(",")]
+    chosen = [a for a in parts if a]
     known = [*names, *adaptive_attack_names()]
     if not chosen:
         raise DeflectError(f"--attack names no attack; choose from: {', '.join(known)}")
+    if len(chosen) < len(parts):  # "pgd2,,fgsm": a name lost between the commas, not silently skipped
+        raise DeflectError(f"--attack {spec!r} has an empty name between commas")
     for a in chosen:
         if a not in known:
             raise DeflectError(f"unknown attack {a!r}; choose from: {', '.join(known)}")
+    repeated = sorted({a for a in chosen if chosen.count(a) > 1})
+    if repeated:
+        raise DeflectError(f"--attack names {', '.join(repeated)} more than once")
     return chosen
 
 
@@ -93,7 +99,13 @@ class RunEvaluator:
                        bf16=bf16)
 
     def attack(self, name: str, **overrides: Any) -> Any:
-        return make_attack(name, self.dataset, **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        takes = make_attack(name, self.dataset).params()
+        if unknown := [k for k in given if k not in takes]:  # named as the flags evaluate offers
+            offered = [f"--{k}" for k in ("eps", "alpha", "steps") if k in takes]
+            raise DeflectError(f"{', '.join('--' + k for k in unknown)} does not apply to attack {name} "
+                               f"(it takes {', '.join(offered) or 'none of --eps, --alpha, --steps'})")
+        return make_attack(name, self.dataset, **given)
 
     def transfer(self, name: str, overrides: dict[str, Any] | None = None,
                  progress: Progress | None = None) -> tuple[TransferResult, Evaluation]:

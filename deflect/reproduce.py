@@ -351,6 +351,18 @@ def _threads(jobs: int) -> str:
     return f"{jobs} sets at a time, {threads} torch thread{'s' if threads > 1 else ''} each"
 
 
+def _images_line(store: Store, runs: dict[str, Run], limit: int) -> str:
+    """How many test images the evaluations used, as stored: `limit` is only an upper bound (the digits
+    test split holds 360)."""
+    counts = sorted({ev.n_examples for run in runs.values() for ev in store.evaluations(run.id)
+                     if ev.kind in ("transfer", "ensemble")})
+    if not counts or counts == [limit]:
+        return f"Every evaluation is on a seeded subset of {limit} test images"
+    if len(counts) == 1:
+        return f"Every evaluation is on all {counts[0]} test images (fewer than the plan's {limit})"
+    return f"Evaluations are on {'-'.join(map(str, (counts[0], counts[-1])))} test images (at most {limit} each)"
+
+
 def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
                 jobs: int = 1) -> tuple[str, dict[str, Any]]:
     """The Markdown report and the data behind its figures."""
@@ -374,7 +386,7 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
         f"{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ', CPU only'}. "
         f"Compute behind the numbers: training {train_min:.1f} min, evaluation {eval_min:.1f} min "
         f"({invocation}; steps already stored are not redone). "
-        f"Every evaluation is on a seeded subset of {plan.limit} test images; numbers are what was measured.",
+        f"{_images_line(store, runs, plan.limit)}; numbers are what was measured.",
         "",
         *([f"**Partial report** (`--report-only`, the reproduction still under way): {len(runs)} of "
            f"{len(runs) + len(pending)} sets finished; pending: {', '.join(pending)}. A finished set's "

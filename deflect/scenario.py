@@ -122,7 +122,9 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
-        raise DeflectError(f"scenario file {path} does not exist") from None
+        shipped = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.toml"))) if SHIPPED.is_dir() else ""
+        hint = f"; shipped scenarios: {shipped}" if shipped and path.suffix == "" else ""
+        raise DeflectError(f"scenario file {path} does not exist{hint}") from None
     except IsADirectoryError:
         raise DeflectError(f"scenario file {path} is a directory") from None
     except UnicodeDecodeError as exc:

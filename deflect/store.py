@@ -151,6 +151,9 @@ def _refuse_foreign(path: Path) -> None:
     except sqlite3.DatabaseError as exc:
         if "locked" in str(exc):
             return  # a deflect writer holding it: the engine's busy timeout decides
+        if "unable to open" in str(exc) and not os.access(path.parent, os.W_OK | os.X_OK):
+            raise DeflectError(f"cannot open database {path}: its folder {path.parent} is not writable "
+                               "(SQLite keeps its -wal and -shm files beside the database)") from None
         raise DeflectError(f"{path} is not a deflect database or is corrupt: {exc}") from None
     own = set(SQLModel.metadata.tables)
     if tables and not tables & own and version == 0:
@@ -183,10 +186,10 @@ class Store:
         self.path = Path(path) if path is not None else default_db_path()
         if self.path.exists() and self.path.is_dir():
             raise DeflectError(f"database path {self.path} is a directory")
-        if not create and not self.path.exists():
-            raise DeflectError(f"no database at {self.path}; 'deflect train' creates it")
         if not self.path.parent.exists():
             raise DeflectError(f"database folder {self.path.parent} does not exist")
+        if not create and not self.path.exists():
+            raise DeflectError(f"no database at {self.path}; 'deflect train' creates it")
         _refuse_foreign(self.path)
         self.engine = create_engine(
             f"sqlite:///{self.path}", connect_args={"check_same_thread": False, "timeout": 30}
@@ -211,7 +214,10 @@ class Store:
                         raise
                     time.sleep(0.05 * (attempt + 1))
         except OperationalError as exc:
-            raise DeflectError(f"cannot open database {self.path}: {exc.orig}") from exc
+            folder = self.path.parent
+            why = (f"its folder {folder} is not writable (SQLite keeps its -wal and -shm files beside the database)"
+                   if not os.access(folder, os.W_OK | os.X_OK) else exc.orig)
+            raise DeflectError(f"cannot open database {self.path}: {why}") from exc
         except DatabaseError as exc:
             raise DeflectError(f"{self.path} is not a deflect database or is corrupt: {exc.orig}") from exc
 
@@ -271,10 +277,12 @@ class Store:
             raise DeflectError(f"cannot write to database {self.path}: {exc.orig}") from exc
 
     def _located(self, run: Run) -> Run:
-        """`run` with its folder found beside this database when the recorded one is gone (the database
-        and its runs/ folder were moved or copied together)."""
-        if run.run_dir and not Path(run.run_dir).exists() and (self.runs_root / run.id).is_dir():
-            run.run_dir = str((self.runs_root / run.id).resolve())
+        """`run` with its folder found beside this database whenever one is there: a database copied
+        with its runs/ folder works on its own copies, not on the original's files (which may still
+        exist). Otherwise the recorded folder (one written under another DEFLECT_RUNS, say)."""
+        beside = self.runs_root / run.id
+        if run.run_dir and beside.is_dir() and Path(run.run_dir).resolve() != beside.resolve():
+            run.run_dir = str(beside.resolve())
         return run
 
     def get_run(self, ref: str) -> Run:
@@ -294,16 +302,20 @@ class Store:
                     raise DeflectError(f"no finished run in {self.path} yet ('latest' names the newest finished one); "
                                        f"the newest is {ordered[0].id} ({ordered[0].status}): name it")
                 raise DeflectError(f"no runs in {self.path} yet; create one with 'deflect train'")
+            if not ref.strip():
+                raise DeflectError("empty run reference; give a run id, a unique prefix of one, or 'latest'")
             run = s.get(Run, ref)
             if run is not None:
                 return run
-            matches = s.exec(select(Run).where(Run.id.startswith(ref))).all()  # type: ignore[attr-defined]
+            # a literal, case-sensitive prefix (SQL LIKE would read % and _ as wildcards and ignore case)
+            matches = [r for r in s.exec(select(Run)).all() if r.id.startswith(ref)]
         if len(matches) > 1:  # deflect's own helper runs never make a user's prefix ambiguous
             matches = [r for r in matches if not is_helper_run(r)] or matches
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
-            raise DeflectError(f"run {ref!r} is ambiguous: matches {', '.join(r.id for r in matches[:5])}")
+            more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
+            raise DeflectError(f"run {ref!r} is ambiguous: matches {', '.join(r.id for r in matches[:5])}{more}")
         raise DeflectError(f"no run {ref!r} in {self.path} ('deflect runs' lists them)")
 
     def latest_run(self, method: str | None = None, status: str | None = "finished",

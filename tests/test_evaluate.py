@@ -199,7 +199,7 @@ def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
         (["export", "latest", "--format", "xls"], "unknown --format"),
     ],
 )
-def test_cli_evaluate_errors(args: list[str], needle: str) -> None:
+def test_cli_evaluate_errors(store: Store, args: list[str], needle: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1

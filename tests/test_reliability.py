@@ -80,6 +80,7 @@ def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float
 def test_must_show_one_line_errors(digits_runs: tuple[Store, dict[str, str]]) -> None:
     """The issue's three examples, each naming the value and what is allowed."""
     store, _ = digits_runs
+    Store()  # the default database, empty: the run is what is missing
     _one_line_error(["evaluate", "no-such-run"], "no run 'no-such-run'", "deflect runs", strict=True)
     _one_line_error(["train", "--n", "1"], "--n must be at least 2", "got 1", strict=True)
     _one_line_error(["simulate", "--k", "9", "--adversary", "oracle", "--db", str(store.path)],

@@ -141,6 +141,7 @@ def test_cli_simulate_errors(tmp_path: Path, digits_runs: tuple[Store, dict[str,
     bad.write_text('adversary = "static"\n[release]\ntreshold = 5\n')
     _one_line_error(["simulate", "--scenario", str(bad)], str(bad), "key 'release.treshold'", "unknown key")
     _one_line_error(["simulate"], "no adversary")
+    Store()  # the default database, empty
     _one_line_error(["simulate", "--adversary", "static"], "no finished disjoint run")
     _one_line_error(["simulate", "--adversary", "oracle", "--clients", "0"], "--clients: must be at least 1")
     store, ids = digits_runs

@@ -38,7 +38,7 @@ from deflect.checkpoint import (
     update_manifest,
     write_json,
 )
-from deflect.config import TrainConfig
+from deflect.config import MAX_N, TrainConfig
 from deflect.data import ImageTensorDataset, dataset_info
 from deflect.errors import DeflectError
 from deflect.inference import bf16_supported, inference_copy
@@ -46,11 +46,19 @@ from deflect.models import build_model
 from deflect.pool import current_pool, is_pool, pool_base, pool_config, pool_lock
 from deflect.runtime import fast_cpu_math, training_layout
 from deflect.sets import mismatch_error
-from deflect.store import EpochMetric, Run, Store
+from deflect.store import HELPER_ROLE_KEY, EpochMetric, Run, Store, is_helper_run
 from deflect.train.disjoint import BatchEvent, clean_accuracy
 from deflect.train.distill import Teacher, require_teacher
 from deflect.train.grow import DEFAULT_SAMPLE, GrowEvent, grow_epoch, growth_validation_loss, sample_frozen
-from deflect.train.runner import CONFIG_JSON, _git_hash, _load_splits, _optimizer, new_run_id, resolve_device
+from deflect.train.runner import (
+    CONFIG_JSON,
+    _git_hash,
+    _load_splits,
+    _optimizer,
+    new_run_id,
+    register_run,
+    resolve_device,
+)
 
 
 @dataclass
@@ -168,6 +176,11 @@ def grow(
         raise DeflectError(f"--pair-scale must be a finite number >= 0, got {pair_scale}")
     require_teacher(teacher, distill_alpha, distill_temperature)
     parent = store.get_run(parent_ref)
+    if is_helper_run(parent) and not is_pool(parent):  # a grown child of it would be a set nobody trained
+        raise DeflectError(f"run {parent.id} is deflect's own helper run ({parent.config[HELPER_ROLE_KEY]}), "
+                           "not a set of yours; grow one of your sets")
+    if parent.n + add > MAX_N:
+        raise DeflectError(f"--add {add} would make a set of {parent.n + add} models; a set holds at most {MAX_N}")
     if not pool and is_pool(parent):  # its models past the set's own are unreleased: never a plain set's
         raise DeflectError(f"run {parent.id} is the pool of run {parent.config['pool_of']}; grow that set, "
                            "or add to its pool with --pool")
@@ -211,15 +224,13 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
 
     run_id = new_run_id(cfg)
     run_dir = store.runs_root / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
     grow_info: dict[str, Any] = {"parent_n": n, "sample": sample, "epochs": cfg.epochs, "seed": seed,
                                  "transfer_batch": cfg.transfer_batch, "transfer_steps": cfg.transfer_steps,
                                  "transfer_refine": cfg.transfer_refine,
                                  "pair_scale": pair_scale, "seconds": []}
     config = {**json.loads(cfg.to_json()), "parent": parent.id, "inherited": list(range(n)),
               "new": list(range(n, n + add)), "grow": grow_info, **extra}
-    write_json(run_dir / CONFIG_JSON, config)
-    run = store.add_run(Run(
+    run = register_run(store, run_dir, config, Run(
         id=run_id, method=cfg.method, dataset=cfg.dataset, arch=cfg.arch, preset=cfg.preset, n=cfg.n,
         config=config, device=str(device), git_hash=_git_hash(), run_dir=str(run_dir.resolve()),
         epochs_total=add * cfg.epochs, message=f"grown from {parent.id} by {add} model(s)",

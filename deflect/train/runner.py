@@ -12,11 +12,13 @@ ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import time
@@ -105,6 +107,18 @@ def _fast_at_check(models: list[nn.Module], train_set: Any, cfg: TrainConfig, de
         if i not in frozen:
             last_good[i] = copy.deepcopy(m.state_dict())
     return {"robust_first_batch": robust, "frozen": list(at_state["frozen"]), "rolled_back": collapsed}
+
+
+def register_run(store: Store, run_dir: Path, config: dict[str, Any], record: Run) -> Run:
+    """The run's folder with its config.json, then its row; a row that cannot be written (a read-only
+    or locked database) takes the folder with it, so no folder is left that no run names."""
+    run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        write_json(run_dir / CONFIG_JSON, config)
+        return store.add_run(record)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def new_run_id(cfg: TrainConfig) -> str:
@@ -253,15 +267,11 @@ def train(
     elif resume is None:
         run_id = new_run_id(cfg)
         run_dir = store.runs_root / run_id
-        run_dir.mkdir(parents=True, exist_ok=False)
-        write_json(run_dir / CONFIG_JSON, json.loads(cfg.to_json()))
-        run = store.add_run(
-            Run(
-                id=run_id, method=cfg.method, dataset=cfg.dataset, arch=cfg.arch, preset=cfg.preset,
-                n=cfg.n, config=json.loads(cfg.to_json()), device=where, git_hash=_git_hash(),
-                run_dir=str(run_dir.resolve()), epochs_total=cfg.epochs,
-            )
-        )
+        run = register_run(store, run_dir, json.loads(cfg.to_json()), Run(
+            id=run_id, method=cfg.method, dataset=cfg.dataset, arch=cfg.arch, preset=cfg.preset,
+            n=cfg.n, config=json.loads(cfg.to_json()), device=where, git_hash=_git_hash(),
+            run_dir=str(run_dir.resolve()), epochs_total=cfg.epochs,
+        ))
         if shard is not None:
             _broadcast(run.id)  # after the row is committed: the other ranks read it
     elif leader:
@@ -354,7 +364,11 @@ def train(
     except Exception as exc:
         message = str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
         if leader:
-            store.update_run(run.id, status="failed", message=message)
+            with contextlib.suppress(DeflectError):  # the database may be what failed: keep the first error
+                store.update_run(run.id, status="failed", message=message)
+        if isinstance(exc, DeflectError) and message.startswith("cannot write"):  # a lock, a full disk: passing
+            raise DeflectError(f"{message}; 'deflect train --resume {run.id}' continues from the last saved epoch"
+                               ) from exc
         raise
     if not leader:
         return run.id
