@@ -491,7 +491,7 @@ def _progress_callback(progress: Any, description: str, unit: str) -> Callable[[
 
 def _evaluate_adaptive(store: Any, run: str, settings: Any, device: str, as_json: bool) -> None:
     """`evaluate --adaptive`: every adaptive attacker, one progress task per attack, then the table."""
-
+    warn_unfinished(store.get_run(run))
     from deflect.adaptive import evaluate_adaptive, rich_table
     from deflect.console import err_console, stdout_console, work_progress
 
@@ -576,8 +576,6 @@ def evaluate(
         fail(f"--steps must be at least 1, got {steps}")
     if batch_size is not None and batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
-    if eps is not None and eps > 1:
-        fail(f"--eps must be at most 1 (images are in [0, 1]), got {eps}")
     adaptive_only = {"--k": k, "--attackers": attackers, "--queries": queries, "--max-queries": max_queries,
                      "--square-limit": square_limit, "--restarts": restarts, "--aware-epochs": aware_epochs}
     if not adaptive and (given := [name for name, value in adaptive_only.items() if value is not None]):

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from deflect.attacks import Attack, CallableAttack, make_attack
 from deflect.data import ImageTensorDataset
 from deflect.errors import DeflectError
-from deflect.inference import bf16_crafting, eval_batch_size, inference_copy
+from deflect.inference import bf16_crafting, eval_batch_size, inference_copy, whole_number
 from deflect.runtime import fast_cpu_math
 
 __all__ = ["PAPER_SWEEP_EPS", "EnsembleResult", "TransferResult", "ensemble_matrix", "eps_sweep",
@@ -155,11 +155,12 @@ def select_subset(data: ImageTensorDataset, limit: int | None, seed: int = 0) ->
 
 def _subset_indices(size: int, limit: int, seed: int) -> torch.Tensor | None:
     """The sorted indices of a seeded subset of `limit` of `size` examples; None for all of them."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+    whole = whole_number(limit)
+    if whole is None or whole < 1:
         raise DeflectError(f"--limit (limit=) must be a whole number of at least 1, got {limit!r}")
-    if limit >= size:
+    if whole >= size:
         return None
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:whole].sort().values
 
 
 def examples(data: ImageTensorDataset | Dataset | Iterable, limit: int | None, seed: int

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deflect.attacks import Attack
+from deflect.attacks import Attack, make_attack
 from deflect.errors import DeflectError
 from deflect.store import Evaluation
 
@@ -268,6 +268,26 @@ class AttackerGame:
         for _ in range(k):  # greedy: add the model that helps most
             owned = max((tuple(sorted((*owned, v))) for v in range(n) if v not in owned), key=value)
         return owned
+
+
+def as_crafted(transfer: Sequence[Evaluation], ensemble: Sequence[Evaluation], dataset: str
+               ) -> tuple[list[Evaluation], list[Evaluation]]:
+    """The evaluations a game's expected score may use: the attack's own settings for `dataset` (as the
+    game crafts it: no ε or step override, no bf16) on the test split, where its images come from;
+    of the transfer evaluations, each attack's largest (the newest of equals)."""
+    def default(ev: Evaluation) -> bool:
+        params = {k: v for k, v in (ev.params or {}).items() if k not in ("split", "m")}
+        try:
+            wanted = make_attack(ev.attack, dataset).params()
+        except DeflectError:  # an attack this deflect no longer knows
+            return False
+        return (ev.params or {}).get("split", "test") == "test" and params == wanted
+
+    largest: dict[str, Evaluation] = {}
+    for ev in transfer:  # oldest first: a newer one wins a tie
+        if default(ev) and (ev.attack not in largest or ev.n_examples >= largest[ev.attack].n_examples):
+            largest[ev.attack] = ev
+    return list(largest.values()), [ev for ev in ensemble if default(ev)]
 
 
 def craft_outcomes(models: Sequence[nn.Module], owned: Sequence[int], attack: Attack, x: torch.Tensor,

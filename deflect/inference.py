@@ -30,6 +30,7 @@ moved by at most 0.25 points against float32 crafting (README, "Performance").
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 from torch import fx, nn
@@ -41,12 +42,23 @@ CPU_EVAL_BATCH = 128
 DEVICE_EVAL_BATCH = 256
 
 
+def whole_number(value: object) -> int | None:
+    """`value` as an int when it is a whole number of any integer type (numpy's too; not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def eval_batch_size(device: torch.device | str, requested: int | None = None) -> int:
     """The evaluation batch: the caller's, else the size measured fastest for the device."""
     if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        whole = whole_number(requested)
+        if whole is None or whole < 1:
             raise DeflectError(f"batch_size must be a whole number of at least 1, got {requested!r}")
-        return requested
+        return whole
     return CPU_EVAL_BATCH if torch.device(device).type == "cpu" else DEVICE_EVAL_BATCH
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from deflect.attacks import adaptive_attack_names, attack_names, make_attack
+from deflect.attacks import adaptive_attack_names, attack_names, linf_params, make_attack
 from deflect.data import load_dataset
 from deflect.errors import DeflectError
 from deflect.evaluate import (
@@ -105,6 +105,8 @@ class RunEvaluator:
             offered = [f"--{k}" for k in ("eps", "alpha", "steps") if k in takes]
             raise DeflectError(f"{', '.join('--' + k for k in unknown)} does not apply to attack {name} "
                                f"(it takes {', '.join(offered) or 'none of --eps, --alpha, --steps'})")
+        if (eps := given.get("eps")) is not None and eps > 1 and "eps" in linf_params(name):
+            raise DeflectError(f"--eps {eps} is more than 1: {name}'s ε is an L∞ budget on images in [0, 1]")
         return make_attack(name, self.dataset, **given)
 
     def transfer(self, name: str, overrides: dict[str, Any] | None = None,

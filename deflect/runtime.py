@@ -25,9 +25,10 @@ def fast_cpu_math() -> Iterator[None]:
 
     Input gradients of a batch-mean loss are tiny, and their double backward produces denormal
     numbers that x86 CPUs handle ~50x slower (measured: a 6-model digits epoch 140 s → 8 s).
-    Flushing them changes no result at float32 precision that the losses depend on. It is scoped,
-    not left on: a notebook's own float32 code after a deflect call keeps its denormals. Threads
-    started inside the block (the crafting workers) inherit the setting.
+    Flushing them changes no result at float32 precision that the losses depend on. The setting is
+    per thread: it is scoped on the calling thread (a notebook's own float32 code after a deflect call
+    keeps its denormals), threads started inside the block (the crafting workers, torch's intra-op
+    pool when it starts there) inherit it and keep it, and threads started before it keep theirs.
     """
     before = flushes_denormals()
     torch.set_flush_denormal(True)

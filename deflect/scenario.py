@@ -30,10 +30,13 @@ DEFAULT_ORACLE_K = 2
 
 def _shipped() -> Path:
     """The scenarios shipped with deflect: scenarios/ beside the package in a source checkout (or an
-    editable install), else where a wheel puts them (pyproject's data-files)."""
-    source = Path(__file__).resolve().parent.parent / "scenarios"
-    installed = Path(sys.prefix) / "share" / "deflect" / "scenarios"
-    return source if source.is_dir() or not installed.is_dir() else installed
+    editable install), else where a wheel puts them (pyproject's data-files: <prefix>/share/deflect/
+    scenarios, the prefix being the one the package was installed under: a venv, --user, --prefix)."""
+    here = Path(__file__).resolve().parent  # <prefix>/lib/pythonX.Y/site-packages/deflect when installed
+    candidates = [here.parent / "scenarios", *(Path(p) / "share" / "deflect" / "scenarios"
+                                              for p in (here.parents[3] if len(here.parents) > 3 else here,
+                                                        sys.prefix))]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 SHIPPED = _shipped()

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, event
+from sqlalchemy import Column, event, func
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlmodel import JSON, Field, Session, SQLModel, create_engine, select
 
@@ -308,7 +308,7 @@ class Store:
             if run is not None:
                 return run
             # a literal, case-sensitive prefix (SQL LIKE would read % and _ as wildcards and ignore case)
-            matches = [r for r in s.exec(select(Run)).all() if r.id.startswith(ref)]
+            matches = s.exec(select(Run).where(func.substr(Run.id, 1, len(ref)) == ref)).all()
         if len(matches) > 1:  # deflect's own helper runs never make a user's prefix ambiguous
             matches = [r for r in matches if not is_helper_run(r)] or matches
         if len(matches) == 1:
@@ -438,8 +438,7 @@ class Store:
         """
         chosen: dict[tuple[str, str, str], Evaluation] = {}
         for ev in self.evaluations(kind="transfer"):  # oldest first, so a newer evaluation wins a tie
-            settings = json.dumps({k: v for k, v in (ev.params or {}).items() if k != "split"}, sort_keys=True)
-            key = (ev.run_id, ev.attack, settings)
+            key = (ev.run_id, ev.attack, settings_key(ev))
             if ev.blackbox_mean is not None and (key not in chosen or ev.n_examples >= chosen[key].n_examples):
                 chosen[key] = ev
         worst: dict[str, BlackboxFigure] = {}
@@ -450,14 +449,18 @@ class Store:
         return worst
 
     def newest_transfer(self, run_id: str) -> dict[str, Evaluation]:
-        """Attack name -> a run's transfer evaluation to show for it: the largest, the newest of equals
-        (as `worst_blackbox` counts), so a 1-image check never replaces a 1000-image matrix.
-        Attacks in the order first evaluated."""
-        newest: dict[str, Evaluation] = {}
+        """Attack name -> the transfer evaluation to show for it: of the settings (ε, steps, ...; not
+        the split) it was measured with most recently, the largest evaluation, the newest of equals
+        (as `worst_blackbox` counts), so a 1-image check never replaces a 1000-image matrix of the
+        same attack. Attacks in the order first evaluated."""
+        largest: dict[tuple[str, str], Evaluation] = {}
+        latest: dict[str, str] = {}
         for ev in self.evaluations(run_id, kind="transfer"):  # oldest first: a newer one wins a tie
-            if ev.attack not in newest or ev.n_examples >= newest[ev.attack].n_examples:
-                newest[ev.attack] = ev
-        return newest
+            key = (ev.attack, settings_key(ev))
+            if key not in largest or ev.n_examples >= largest[key].n_examples:
+                largest[key] = ev
+            latest[ev.attack] = key[1]
+        return {attack: largest[(attack, settings)] for attack, settings in latest.items()}
 
 
     # simulations ------------------------------------------------------------------------------
@@ -481,6 +484,12 @@ def _migrate(conn: Any, version: int) -> None:
             conn.exec_driver_sql("ALTER TABLE epochmetric ADD COLUMN terms JSON")
     conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.commit()
+
+
+def settings_key(ev: Evaluation) -> str:
+    """An evaluation's attack settings (ε, steps, precision, ...) as a comparable key; the split is
+    where it was measured, not what."""
+    return json.dumps({k: v for k, v in (ev.params or {}).items() if k != "split"}, sort_keys=True)
 
 
 def is_helper_run(run: Run) -> bool:

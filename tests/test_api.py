@@ -58,6 +58,7 @@ def test_any_map_style_dataset_or_loader_gives_the_same_matrix(trained: tuple[St
     whole = deflect.transfer_matrix(models, loader, fgsm)
     assert whole.n_examples == len(test)
     assert whole.matrix == deflect.transfer_matrix(models, test, fgsm).matrix
+    assert deflect.transfer_matrix(models, test, fgsm, limit=np.int64(50), seed=3).matrix == ours.matrix
     with pytest.raises(DeflectError, match="pass the dataset itself"):
         deflect.transfer_matrix(models, loader, fgsm, limit=50)
     for bad in (0, -1):

@@ -58,7 +58,7 @@ def test_output_folders_are_checked_before_any_work(tmp_path: Path, store: Store
     (["--attack", "pgd1", "--queries", "5", "--restarts", "2"], ["--queries, --restarts only apply with --adaptive"]),
     (["--attack", "pgd1", "--max-subsets", "3"], ["--max-subsets only applies with --ensemble"]),
     (["--eps-sweep", "--ensemble", "2"], ["--ensemble crafts the attacks of --attack/--all"]),
-    (["--attack", "pgd1", "--eps", "5"], ["--eps must be at most 1"]),
+    (["--attack", "pgd1", "--eps", "5"], ["--eps 5.0 is more than 1", "L∞ budget"]),
     (["--attack", "pgd2,,fgsm"], ["empty name between commas"]),
     (["--attack", "pgd1,fgsm,pgd1"], ["names pgd1 more than once"]),
     (["--adaptive", "--attackers", "transfer,,"], ["--attackers", "empty name between commas"]),
@@ -68,6 +68,12 @@ def test_evaluate_refuses_options_that_would_be_ignored(store: Store, finished: 
                                                         needles: list[str]) -> None:
     _one_line_error(["evaluate", finished, *args, "--limit", "10"], *needles)
     assert store.evaluations() == []
+
+
+def test_an_l2_budget_may_exceed_one(store: Store, finished: str) -> None:
+    result = runner.invoke(app, ["evaluate", finished, "--attack", "fgm", "--eps", "1.5", "--limit", "10"])
+    assert result.exit_code == 0, result.output
+    assert store.evaluations(finished)[0].params["eps"] == 1.5
 
 
 @pytest.mark.parametrize(("args", "needles"), [

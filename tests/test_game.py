@@ -9,7 +9,16 @@ import torch
 
 from deflect.attacks import make_attack
 from deflect.errors import DeflectError
-from deflect.game import DEFLECTED, FOOLED, VOID, AttackerGame, GameRules, SuccessTable, craft_outcomes
+from deflect.game import (
+    DEFLECTED,
+    FOOLED,
+    VOID,
+    AttackerGame,
+    GameRules,
+    SuccessTable,
+    as_crafted,
+    craft_outcomes,
+)
 from deflect.sets import load_set
 from deflect.store import Evaluation, Run, Store
 
@@ -186,3 +195,26 @@ def test_a_small_check_never_stands_in_for_a_larger_evaluation() -> None:
     assert store.newest_transfer("r")["pgd1"].id == big.id
     again = store.add_evaluation(Evaluation(run_id="r", kind="transfer", attack="pgd1", n_examples=1000))
     assert store.newest_transfer("r")["pgd1"].id == again.id
+    # other settings measured since: shown (the newest settings), on however many images
+    wider = store.add_evaluation(Evaluation(run_id="r", kind="transfer", attack="pgd1", n_examples=100,
+                                            params={"eps": 0.3}))
+    assert store.newest_transfer("r")["pgd1"].id == wider.id
+
+
+def test_the_game_scores_with_evaluations_of_the_attacks_it_crafts() -> None:
+    """As the game crafts: the attack's own settings for the dataset, test images, float32."""
+    own = make_attack("pgd1", "digits").params()
+    rows = [Evaluation(id=1, run_id="r", kind="transfer", attack="pgd1", n_examples=360,
+                       params={**own, "split": "test"}),
+            Evaluation(id=2, run_id="r", kind="transfer", attack="pgd1", n_examples=1000,
+                       params={**own, "eps": 0.3, "split": "test"}),
+            Evaluation(id=3, run_id="r", kind="transfer", attack="pgd1", n_examples=1000,
+                       params={**own, "split": "val"}),
+            Evaluation(id=4, run_id="r", kind="transfer", attack="pgd1", n_examples=1000,
+                       params={**own, "precision": "bf16", "split": "test"}),
+            Evaluation(id=5, run_id="r", kind="transfer", attack="fgsm", n_examples=360,
+                       params={**make_attack("fgsm", "fashion-mnist").params(), "split": "test"})]
+    pairs = [Evaluation(id=6, run_id="r", kind="ensemble", attack="pgd1", params={**own, "m": 2, "split": "test"}),
+             Evaluation(id=7, run_id="r", kind="ensemble", attack="pgd1", params={**own, "eps": 0.3, "m": 2})]
+    transfer, ensemble = as_crafted(rows, pairs, "digits")
+    assert [ev.id for ev in transfer] == [1] and [ev.id for ev in ensemble] == [6]

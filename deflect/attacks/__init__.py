@@ -25,6 +25,7 @@ from deflect.attacks.registry import (
     budget_for,
     dataset_names,
     default_params,
+    linf_params,
     make_attack,
     pgd_sweep_attack,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "eval_mode",
     "gaussian_kernel",
     "input_diversity",
+    "linf_params",
     "make_attack",
     "pgd_sweep_attack",
     "smooth_gradient",

@@ -152,6 +152,14 @@ def _dataset_key(dataset: str | None) -> str:
     return key
 
 
+def linf_params(name: str) -> tuple[str, ...]:
+    """The parameters of attack `name` that are L∞ budgets or steps (in [0, 1] pixel units); an L2
+    budget such as FGM's ε is not one of them and may exceed 1."""
+    key = name.strip().lower()
+    setting = {**_TABLE1, **_ADAPTIVE}.get(key)
+    return setting.linf if setting is not None else ()
+
+
 def make_attack(name: str, dataset: str | None = None, **overrides: Any) -> Attack:
     """Build the Table 1 (or adaptive) attack ``name``, budgets scaled to ``dataset``, then ``overrides``.
 

@@ -30,7 +30,7 @@ class DeflectApp(App):
     TITLE = "deflect"
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
-        # shown in the footer by the screens it leads away from (runs, welcome); `?` lists it everywhere
+        # shown in the footer by the screens that declare it (runs, welcome); `?` lists it everywhere
         Binding("s", "replay", "Replay", show=False),
         Binding("q", "quit", "Quit"),
         Binding("question_mark", "help", "Help", key_display="?"),

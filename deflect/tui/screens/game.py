@@ -20,7 +20,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from deflect.game import DEFLECTED, FOOLED, VOID, AttackerGame, GameRound, GameRules, SuccessTable
+from deflect.game import DEFLECTED, FOOLED, VOID, AttackerGame, GameRound, GameRules, SuccessTable, as_crafted
 from deflect.tui.widgets.clients import model_style
 from deflect.tui.widgets.titlebar import TitleBar
 
@@ -50,10 +50,11 @@ def load_setup(store: Any, run_id: str) -> GameSetup:
     run = store.run_readonly(run_id)
     if run is None:
         raise DeflectError(f"run {run_id} is no longer in the database")
-    table = SuccessTable.from_evaluations(list(store.newest_transfer(run_id).values()),
-                                          store.evaluations(run_id, "ensemble"))
+    table = SuccessTable.from_evaluations(*as_crafted(store.evaluations(run_id, "transfer"),
+                                                      store.evaluations(run_id, "ensemble"), run.dataset))
     if not table.attacks:
-        raise DeflectError(f"run {run_id} has no transfer evaluation yet: deflect evaluate {run_id} --attack pgd1")
+        raise DeflectError(f"run {run_id} has no transfer evaluation with the attacks' own settings on the test "
+                           f"split yet: deflect evaluate {run_id} --attack pgd1")
     models = [m.eval() for m in load_set(run_id, store)]
     test = load_dataset(run.dataset, "test", run.config.get("data_dir"), False)
     subset = select_subset(test, IMAGES, 0)

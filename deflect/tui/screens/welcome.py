@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from textual import work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import Footer, Static
 from textual.worker import Worker, get_current_worker
@@ -24,6 +25,8 @@ This screen switches to the runs table as soon as a run appears."""
 
 
 class WelcomeScreen(PollingScreen):
+    BINDINGS = [Binding("s", "app.replay", "Replay")]  # the app's own is hidden from the footer
+
     @dataclass
     class Checked(Message):
         has_runs: bool
