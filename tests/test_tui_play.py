@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from textual.pilot import Pilot
 from textual.widgets import OptionList, Static
 
 from deflect.data import load_dataset
@@ -121,6 +122,16 @@ def test_replay_runs_a_scenario_file_live(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+async def open_game(pilot: Pilot, app: DeflectApp, run_id: str) -> GameScreen:
+    """The game for `run_id`, opened with "g" from the runs screen once its models are loaded."""
+    # "g" opens the game for the run under the cursor: wait until the list has loaded one
+    # (on a busy machine the screen shows before its first poll fills the table)
+    await until(pilot, lambda: app.screen.__class__.__name__ == "RunsScreen" and app.screen._cursor_run() == run_id)
+    await pilot.press("g")
+    await until(pilot, lambda: isinstance(app.screen, GameScreen) and app.screen.game is not None)
+    return app.screen
+
+
 def test_attacker_game_round_with_real_models(tmp_path: Path) -> None:
     store = Store(tmp_path / "deflect.db")
     run_id = train(tiny_config(n=3, epochs=3), store)
@@ -132,13 +143,7 @@ def test_attacker_game_round_with_real_models(tmp_path: Path) -> None:
     async def scenario() -> None:
         app = DeflectApp(store, poll_interval=0.1)
         async with app.run_test(size=SIZE) as pilot:
-            # "g" opens the game for the run under the cursor: wait until the list has loaded one
-            # (on a busy machine the screen shows before its first poll fills the table)
-            await until(pilot, lambda: app.screen.__class__.__name__ == "RunsScreen"
-                        and app.screen._cursor_run() == run_id)
-            await pilot.press("g")
-            await until(pilot, lambda: isinstance(app.screen, GameScreen) and app.screen.game is not None)
-            screen = app.screen
+            screen = await open_game(pilot, app, run_id)
             game = screen.game
             await pilot.press("enter")  # nothing bought yet
             assert "buy a model first" in text_of(screen.query_one("#game-status", Static)) and not game.rounds
@@ -248,11 +253,7 @@ def test_keys_pressed_while_crafting_change_the_next_round_not_this_one(tmp_path
     async def scenario() -> None:
         app = DeflectApp(store, poll_interval=0.1)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.screen.__class__.__name__ == "RunsScreen"
-                        and app.screen._cursor_run() == run_id)
-            await pilot.press("g")
-            await until(pilot, lambda: isinstance(app.screen, GameScreen) and app.screen.game is not None)
-            screen = app.screen
+            screen = await open_game(pilot, app, run_id)
             game = screen.game
             await pilot.press("1", "enter")
             chosen = (game.table.attacks[screen.attack], screen.image, screen.count)
