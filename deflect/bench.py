@@ -49,7 +49,7 @@ from deflect.data import ImageTensorDataset, dataset_info
 from deflect.inference import bf16_supported
 from deflect.models import build_model
 from deflect.runtime import changes_layout, fast_cpu_math, training_layout
-from deflect.train.disjoint import autocast, step_loss
+from deflect.train.disjoint import BatchEvent, autocast, step_loss
 from deflect.train.losses import ActiveTerms, angular_loss, input_gradients, loss_increase
 
 Progress = Callable[[str], None]
@@ -442,7 +442,8 @@ class RecipeTrace:
 
 def _trace(name: str, overrides: dict[str, Any], dataset: str, n: int, epochs: int, train_limit: int | None,
            bar: QualityBar, device: torch.device, progress: Progress | None,
-           data_dir: str | None = None, width: int | None = None) -> RecipeTrace:
+           data_dir: str | None = None, width: int | None = None,
+           on_batch: Callable[[str, BatchEvent], None] | None = None) -> RecipeTrace:
     from deflect.evaluate import select_subset, transfer_matrix
     from deflect.train.disjoint import clean_accuracy, train_epoch
     from deflect.train.runner import _load_splits, _optimizer, build_set
@@ -454,12 +455,14 @@ def _trace(name: str, overrides: dict[str, Any], dataset: str, n: int, epochs: i
     opt, sched = _optimizer(models, cfg, cfg.epochs * (len(train) // cfg.batch_size))
     trace, trained = RecipeTrace(name), 0.0
     for epoch in range(1, cfg.epochs + 1):
-        if progress:
-            progress(f"time to quality: {name}, epoch {epoch}/{cfg.epochs}")
-        trained += train_epoch(models, opt, sched, train, cfg, epoch, device).seconds
+        batch_cb = (lambda event: on_batch(name, event)) if on_batch else None
+        trained += train_epoch(models, opt, sched, train, cfg, epoch, device, batch_cb).seconds
         clean = clean_accuracy(models, check, device)
         bb = transfer_matrix(models, check, "pgd1", dataset=dataset, device=device).blackbox_mean
         trace.epochs.append({"epoch": epoch, "seconds": trained, "clean_min": min(clean), "blackbox": bb})
+        if progress:
+            progress(f"{name}, epoch {epoch}/{cfg.epochs}: {trained:.1f} s of training, lowest clean "
+                     f"{min(clean):.1f} %, PGD black-box {bb:.1f} % on {len(check)} validation images")
         if min(clean) >= bar.clean and bb >= bar.blackbox:
             trace.reached_at, trace.reached_epoch = trained, epoch
             break
@@ -470,19 +473,21 @@ def _trace(name: str, overrides: dict[str, Any], dataset: str, n: int, epochs: i
 def time_to_quality(dataset: str = "fashion-mnist", n: int = 3, epochs: int = 8, train_limit: int | None = 20000,
                     bar: QualityBar | None = None, device: str = "cpu",
                     progress: Progress | None = None, data_dir: str | None = None,
-                    width: int | None = TTQ_WIDTH, fast_epochs: int | None = None) -> dict[str, Any]:
+                    width: int | None = TTQ_WIDTH, fast_epochs: int | None = None,
+                    on_batch: Callable[[str, BatchEvent], None] | None = None) -> dict[str, Any]:
     """Train the faithful recipe (the preset, reference step, `epochs`) and the fast recipe
     (FAST_RECIPE, `fast_epochs`, default `epochs`) on the same data, each epoch checking the bar on
     the validation split; report the training seconds each needed to clear it and their ratio (None
     where a recipe never cleared it). Each schedule spans its recipe's epochs, so a recipe's
     epoch count is part of the recipe. `width` sets the small CNN's width for both (None keeps the
-    preset's)."""
+    preset's). `progress` gets a line after each epoch's check of the bar, `on_batch` (recipe, batch)
+    every training batch."""
     bar = bar or QualityBar()
     dev = torch.device(device)
     recipe = dict(FAST_RECIPE)
     fast_epochs = epochs if fast_epochs is None else fast_epochs
-    faithful = _trace("faithful", {}, dataset, n, epochs, train_limit, bar, dev, progress, data_dir, width)
-    fast = _trace("fast", recipe, dataset, n, fast_epochs, train_limit, bar, dev, progress, data_dir, width)
+    faithful = _trace("faithful", {}, dataset, n, epochs, train_limit, bar, dev, progress, data_dir, width, on_batch)
+    fast = _trace("fast", recipe, dataset, n, fast_epochs, train_limit, bar, dev, progress, data_dir, width, on_batch)
     ratio = (faithful.reached_at / fast.reached_at
              if faithful.reached_at is not None and fast.reached_at is not None else None)
     return {"dataset": dataset, "n": n, "epochs": epochs, "fast_epochs": fast_epochs, "train_limit": train_limit,

@@ -492,6 +492,7 @@ def _progress_callback(progress: Any, description: str, unit: str) -> Callable[[
 def _evaluate_adaptive(store: Any, run: str, settings: Any, device: str, as_json: bool) -> None:
     """`evaluate --adaptive`: every adaptive attacker, one progress task per attack, then the table."""
     warn_unfinished(store.get_run(run))
+    store.check_writable()
     from deflect.adaptive import evaluate_adaptive, rich_table
     from deflect.console import err_console, stdout_console, work_progress
 
@@ -607,6 +608,7 @@ def evaluate(
     names = parse_attacks(attack, all_attacks) if (attack or all_attacks or not (eps_sweep or tsne)) else []
     overrides = {"eps": eps, "alpha": alpha, "steps": steps}
     store = open_store(db)
+    store.check_writable()  # before the matrices, not after: a locked database would lose them
     ev = RunEvaluator(store, run, limit=limit, batch_size=batch_size, seed=seed, device=device, split=split,
                       bf16=bf16)
     warn_unfinished(ev.run)
@@ -916,6 +918,7 @@ def simulate(
     sc = with_overrides(base, adversary=adversary, k=k, run=run, attack=attack, clients=clients, rounds=rounds,
                         per_round=per_round, seed=seed, limit=limit)
     store = open_store(db)
+    store.check_writable()
     if sc.run is not None:
         warn_unfinished(store.get_run(sc.run))
     display = _SimDisplay(err_console)
@@ -1118,11 +1121,19 @@ def bench(
             fail(f"--epochs must be at least 1, got {epochs}")
         if fast_epochs is not None and fast_epochs < 1:
             fail(f"--fast-epochs must be at least 1, got {fast_epochs}")
-        with err_console.status("time to quality") as status:
+        from deflect.console import training_progress
+
+        bars: dict[str, Callable[[Any], None]] = {}
+        with training_progress(err_console) as progress:  # one bar per recipe, a line per epoch's check
+
+            def on_batch(recipe: str, event: Any) -> None:
+                bars.setdefault(recipe, _training_bar(progress, {}, recipe))(event)
+
             report = ttq(dataset, epochs=epochs, train_limit=limit, bar=QualityBar(clean_bar, blackbox_bar),
-                         device=str(resolve_device(device)), progress=lambda text: status.update(text),
+                         device=str(resolve_device(device)),
+                         progress=lambda text: progress.console.print(text, highlight=False),
                          data_dir=str(data_dir) if data_dir else None, width=TTQ_WIDTH if width is None else width,
-                         fast_epochs=fast_epochs)
+                         fast_epochs=fast_epochs, on_batch=on_batch)
         if as_json:
             typer.echo(json.dumps(report))
             return

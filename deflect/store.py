@@ -130,9 +130,12 @@ class Simulation(SQLModel, table=True):
     seconds: float = 0.0
 
 
+BUSY_TIMEOUT_S = 30.0  # how long a write waits for another process's lock before it is reported
+
+
 def _pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
@@ -145,7 +148,8 @@ def _refuse_foreign(path: Path) -> None:
     if not path.is_file() or path.stat().st_size == 0:
         return
     try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as conn:
+        reader = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        with contextlib.closing(reader) as conn:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.DatabaseError as exc:
@@ -192,7 +196,7 @@ class Store:
             raise DeflectError(f"no database at {self.path}; 'deflect train' creates it")
         _refuse_foreign(self.path)
         self.engine = create_engine(
-            f"sqlite:///{self.path}", connect_args={"check_same_thread": False, "timeout": 30}
+            f"sqlite:///{self.path}", connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_S}
         )
         event.listen(self.engine, "connect", _pragmas)
         try:
@@ -250,6 +254,19 @@ class Store:
                 s.commit()
         except OperationalError as exc:
             raise DeflectError(f"cannot write to database {self.path}: {exc.orig}") from exc
+
+    def check_writable(self) -> None:
+        """Fail now, not after the work whose results would be stored: a read-only database, or a
+        write lock held past the busy timeout, refuses an empty write transaction too."""
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            raise DeflectError(f"cannot write to database {self.path}: {exc}") from exc
+        finally:
+            raw.close()
 
     # runs -----------------------------------------------------------------------------------
     def add_run(self, run: Run) -> Run:

@@ -141,3 +141,25 @@ def test_a_copied_database_works_on_its_own_copy_of_the_runs(tmp_path: Path, sto
     moved = Store(copy / "deflect.db")
     assert Path(moved.get_run(finished).run_dir) == (copy / "runs" / finished).resolve()
     assert Path(store.get_run(finished).run_dir) == (store.path.parent / "runs" / finished).resolve()
+
+
+def test_a_locked_database_is_refused_before_any_crafting(store: Store, finished: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    import deflect.store
+
+    monkeypatch.setattr(deflect.store, "BUSY_TIMEOUT_S", 0.2)  # the lock is held throughout: no need to wait
+    crafted: list[int] = []
+    monkeypatch.setattr("deflect.pipeline.transfer_matrix", lambda *a, **k: crafted.append(1))
+    locker = sqlite3.connect(store.path)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        _one_line_error(["evaluate", finished, "--attack", "fgsm", "--limit", "10"], "cannot write to database",
+                        "locked", strict=True)
+        _one_line_error(["simulate", "--adversary", "oracle", "--run", finished], "cannot write to database",
+                        strict=True)
+    finally:
+        locker.rollback()
+        locker.close()
+    assert crafted == [] and store.evaluations() == []

@@ -214,6 +214,8 @@ def test_time_to_quality_reports_each_recipe_and_their_ratio() -> None:
             "--json", "--width", "8"]
     result = CliRunner().invoke(app, [*args, "--clean-bar", "0", "--blackbox-bar", "0"])
     assert result.exit_code == 0, result.output
+    # long work shows itself: a line per epoch's check of the bar (the batch bars are Rich's, on stderr)
+    assert "faithful, epoch 1/2:" in result.stderr and "fast, epoch 1/2:" in result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["width"] == 8
     for name in ("faithful", "fast"):
