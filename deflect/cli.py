@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -112,6 +112,16 @@ def open_store(db: Path | None, create: bool = False) -> Any:
 DISJOINT_ONLY = ("eps1", "eps2", "w_angle", "w_transfer1", "w_transfer2", "w_smooth", "angle_epochs", "transfer_until",
                  "sample", "no_angle", "no_transfer", "eps1_per_sample", "transfer_batch", "transfer_clamp",
                  "detach_clean", "clean_bn_stats", "transfer_steps", "transfer_refine")
+
+
+def typed_options(ctx: typer.Context) -> list[str]:
+    """The options given on the command line (not defaults or the environment), in declaration order."""
+    return [name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+
+
+def as_flags(names: Sequence[str]) -> str:
+    """Parameter names as the flags a user types: `--w-angle, --sample`."""
+    return ", ".join("--" + name.replace("_", "-") for name in names)
 
 
 def warn_unfinished(run: Any) -> None:
@@ -236,16 +246,12 @@ def train(
     from deflect.train import train as run_training
     from deflect.train.distill import require_teacher
 
-    if resume is not None:  # the run's stored settings decide; a setting given beside --resume would be ignored
-        given = [name for name in ctx.params if name not in ("resume", "db", "as_json")
-                 and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
-        if given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            fail(f"--resume continues a run with its stored settings; drop {flags}")
-    typed = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+    typed = typed_options(ctx)
+    given = [name for name in typed if name not in ("resume", "db", "as_json")]
+    if resume is not None and given:  # the run's stored settings decide; a setting given beside it would be ignored
+        fail(f"--resume continues a run with its stored settings; drop {as_flags(given)}")
     if method != "disjoint" and (pair_options := [name for name in DISJOINT_ONLY if name in typed]):
-        fail(f"{', '.join('--' + name.replace('_', '-') for name in pair_options)} only apply to "
-             f"--method disjoint (its pair terms), not {method}")
+        fail(f"{as_flags(pair_options)} only apply to --method disjoint (its pair terms), not {method}")
     if at_eps is not None and method != "fast-at":
         fail(f"--at-eps only applies to --method fast-at, not {method}")
     if data_dir is not None and not download and not data_dir.is_dir():  # else a built-in copy would stand in
@@ -568,7 +574,7 @@ def evaluate(
         stdout_console,
         work_progress,
     )
-    from deflect.pipeline import RunEvaluator, parse_attacks
+    from deflect.pipeline import RunEvaluator, parse_attacks, split_names
 
     for name, value in (("--eps", eps), ("--alpha", alpha)):
         if value is not None and not (math.isfinite(value) and value >= 0):
@@ -592,10 +598,7 @@ def evaluate(
             fail("--adaptive runs on its own: drop --attack/--all/--ensemble/--eps-sweep/--tsne/--alpha/--bf16")
         from deflect.adaptive import FAMILIES, AdaptiveSettings
 
-        parts = [a.strip() for a in (",".join(FAMILIES) if attackers is None else attackers).split(",")]
-        if any(not a for a in parts) and any(parts):
-            fail(f"--attackers {attackers!r} has an empty name between commas")
-        families = tuple(a for a in parts if a)
+        families = tuple(split_names(",".join(FAMILIES) if attackers is None else attackers, "--attackers"))
         settings = AdaptiveSettings(k=k, limit=limit, eps=eps, steps=steps, restarts=restarts,
                                     queries=1000 if queries is None else queries,
                                     max_queries=5000 if max_queries is None else max_queries,
@@ -1105,11 +1108,11 @@ def bench(
     from deflect.console import err_console, stdout_console, work_progress
     from deflect.train import resolve_device
 
-    typed = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+    typed = typed_options(ctx)
     ttq_only = [name for name in ("dataset", "epochs", "fast_epochs", "limit", "clean_bar", "blackbox_bar", "data_dir")
                 if name in typed]
     if ttq_only and not time_to_quality:
-        fail(f"{', '.join('--' + name.replace('_', '-') for name in ttq_only)} only apply with --time-to-quality")
+        fail(f"{as_flags(ttq_only)} only apply with --time-to-quality")
     if time_to_quality:
         from deflect.bench import TTQ_WIDTH, QualityBar
         from deflect.bench import time_to_quality as ttq

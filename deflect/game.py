@@ -26,7 +26,7 @@ from torch import nn
 
 from deflect.attacks import Attack, make_attack
 from deflect.errors import DeflectError
-from deflect.store import Evaluation
+from deflect.store import Evaluation, largest_by
 
 FOOLED, DEFLECTED, VOID = "fooled", "deflected", "void"
 MAX_SUBSETS = 5000  # exhaustive search of owned sets up to this many per k, greedy beyond
@@ -283,10 +283,7 @@ def as_crafted(transfer: Sequence[Evaluation], ensemble: Sequence[Evaluation], d
             return False
         return (ev.params or {}).get("split", "test") == "test" and params == wanted
 
-    largest: dict[str, Evaluation] = {}
-    for ev in transfer:  # oldest first: a newer one wins a tie
-        if default(ev) and (ev.attack not in largest or ev.n_examples >= largest[ev.attack].n_examples):
-            largest[ev.attack] = ev
+    largest = largest_by((ev for ev in transfer if default(ev)), lambda ev: ev.attack)
     return list(largest.values()), [ev for ev in ensemble if default(ev)]
 
 

@@ -35,18 +35,26 @@ from deflect.train.runner import resolve_device
 Progress = Callable[[int, int], None]
 
 
+def split_names(spec: str, flag: str) -> list[str]:
+    """A comma list of names, stripped; none for a blank one, and an error for an empty name between
+    commas ("pgd2,,fgsm"), which would otherwise be lost without a word."""
+    parts = [a.strip() for a in spec.split(",")]
+    if not any(parts):
+        return []
+    if not all(parts):
+        raise DeflectError(f"{flag} {spec!r} has an empty name between commas")
+    return parts
+
+
 def parse_attacks(spec: str | None, use_all: bool) -> list[str]:
     """`pgd1`, `pgd1,fgsm` or --all (Table 1) → attack keys; the adaptive attacks may be named too."""
     names = attack_names()
     if use_all:
         return names
-    parts = [a.strip().lower() for a in ("pgd1" if spec is None else spec).split(",")]
-    chosen = [a for a in parts if a]
+    chosen = [a.lower() for a in split_names("pgd1" if spec is None else spec, "--attack")]
     known = [*names, *adaptive_attack_names()]
     if not chosen:
         raise DeflectError(f"--attack names no attack; choose from: {', '.join(known)}")
-    if len(chosen) < len(parts):  # "pgd2,,fgsm": a name lost between the commas, not silently skipped
-        raise DeflectError(f"--attack {spec!r} has an empty name between commas")
     for a in chosen:
         if a not in known:
             raise DeflectError(f"unknown attack {a!r}; choose from: {', '.join(known)}")

@@ -351,11 +351,10 @@ def _threads(jobs: int) -> str:
     return f"{jobs} sets at a time, {threads} torch thread{'s' if threads > 1 else ''} each"
 
 
-def _images_line(store: Store, runs: dict[str, Run], limit: int) -> str:
+def _images_line(evaluations: list[Evaluation], limit: int) -> str:
     """How many test images the evaluations used, as stored: `limit` is only an upper bound (the digits
     test split holds 360)."""
-    counts = sorted({ev.n_examples for run in runs.values() for ev in store.evaluations(run.id)
-                     if ev.kind in ("transfer", "ensemble")})
+    counts = sorted({ev.n_examples for ev in evaluations if ev.kind in ("transfer", "ensemble")})
     if not counts or counts == [limit]:
         return f"Every evaluation is on a seeded subset of {limit} test images"
     if len(counts) == 1:
@@ -373,7 +372,8 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
     ablations = [s for s in plan.sets if s.ablation]
     transfer = {label: _newest(store, run, "transfer") for label, run in runs.items()}
     train_min = sum(run.seconds for run in runs.values()) / 60
-    eval_min = sum(ev.seconds for run in runs.values() for ev in store.evaluations(run.id)) / 60
+    evaluations = [ev for run in runs.values() for ev in store.evaluations(run.id)]
+    eval_min = sum(ev.seconds for ev in evaluations) / 60
     invocation = ("this report: `--report-only`, from the stored sets" if jobs == 0
                   else f"this invocation: {seconds / 60:.1f} min")
     qualifiers = ", ".join(q for q in ("quick" if plan.quick else "", f"width {plan.width}" if plan.width else "") if q)
@@ -386,7 +386,7 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
         f"{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ', CPU only'}. "
         f"Compute behind the numbers: training {train_min:.1f} min, evaluation {eval_min:.1f} min "
         f"({invocation}; steps already stored are not redone). "
-        f"{_images_line(store, runs, plan.limit)}; numbers are what was measured.",
+        f"{_images_line(evaluations, plan.limit)}; numbers are what was measured.",
         "",
         *([f"**Partial report** (`--report-only`, the reproduction still under way): {len(runs)} of "
            f"{len(runs) + len(pending)} sets finished; pending: {', '.join(pending)}. A finished set's "

@@ -33,9 +33,8 @@ def _shipped() -> Path:
     editable install), else where a wheel puts them (pyproject's data-files: <prefix>/share/deflect/
     scenarios, the prefix being the one the package was installed under: a venv, --user, --prefix)."""
     here = Path(__file__).resolve().parent  # <prefix>/lib/pythonX.Y/site-packages/deflect when installed
-    candidates = [here.parent / "scenarios", *(Path(p) / "share" / "deflect" / "scenarios"
-                                              for p in (here.parents[3] if len(here.parents) > 3 else here,
-                                                        sys.prefix))]
+    prefixes = [*here.parents[3:4], Path(sys.prefix)]
+    candidates = [here.parent / "scenarios", *(prefix / "share" / "deflect" / "scenarios" for prefix in prefixes)]
     return next((c for c in candidates if c.is_dir()), candidates[0])
 
 

@@ -13,10 +13,11 @@ import os
 import socket
 import sqlite3
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Column, event, func
 from sqlalchemy.exc import DatabaseError, OperationalError
@@ -30,6 +31,7 @@ STATUSES = ("running", "finished", "failed", "interrupted")
 #: Run.config["role"] of runs deflect trains for its own use (the static adversary's model):
 #: listed like any run, but never what 'latest' means.
 HELPER_ROLE_KEY = "role"
+K = TypeVar("K")
 
 
 def utcnow() -> datetime:
@@ -142,6 +144,13 @@ def _pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _unwritable_folder(path: Path) -> str | None:
+    """Why SQLite cannot open `path` when its folder is read-only, else None."""
+    if os.access(path.parent, os.W_OK | os.X_OK):
+        return None
+    return f"its folder {path.parent} is not writable (SQLite keeps its -wal and -shm files beside the database)"
+
+
 def _refuse_foreign(path: Path) -> None:
     """Refuse an existing SQLite file that holds another application's tables, before deflect's first
     connection would switch it to WAL and add its own tables; read with a read-only connection."""
@@ -155,9 +164,8 @@ def _refuse_foreign(path: Path) -> None:
     except sqlite3.DatabaseError as exc:
         if "locked" in str(exc):
             return  # a deflect writer holding it: the engine's busy timeout decides
-        if "unable to open" in str(exc) and not os.access(path.parent, os.W_OK | os.X_OK):
-            raise DeflectError(f"cannot open database {path}: its folder {path.parent} is not writable "
-                               "(SQLite keeps its -wal and -shm files beside the database)") from None
+        if "unable to open" in str(exc) and (why := _unwritable_folder(path)):
+            raise DeflectError(f"cannot open database {path}: {why}") from None
         raise DeflectError(f"{path} is not a deflect database or is corrupt: {exc}") from None
     own = set(SQLModel.metadata.tables)
     if tables and not tables & own and version == 0:
@@ -218,9 +226,7 @@ class Store:
                         raise
                     time.sleep(0.05 * (attempt + 1))
         except OperationalError as exc:
-            folder = self.path.parent
-            why = (f"its folder {folder} is not writable (SQLite keeps its -wal and -shm files beside the database)"
-                   if not os.access(folder, os.W_OK | os.X_OK) else exc.orig)
+            why = _unwritable_folder(self.path) or exc.orig
             raise DeflectError(f"cannot open database {self.path}: {why}") from exc
         except DatabaseError as exc:
             raise DeflectError(f"{self.path} is not a deflect database or is corrupt: {exc.orig}") from exc
@@ -307,18 +313,17 @@ class Store:
         return self._located(self._find_run(ref))
 
     def _find_run(self, ref: str) -> Run:
+        if ref == "latest":  # the newest finished set: a failed or stopped run is named, not implied
+            run = self.latest_run()
+            if run is not None:
+                return run
+            newest = self.latest_run(status=None)
+            if newest is not None:
+                raise DeflectError(f"no finished run in {self.path} yet ('latest' names the newest finished one); "
+                                   f"the newest is {newest.id} ({newest.status}): name it")
+            raise DeflectError(f"no runs in {self.path} yet; create one with 'deflect train'")
         self.mark_stale_runs()
         with self.session() as s:
-            if ref == "latest":  # the newest finished set: a failed or stopped run is named, not implied
-                ordered = [r for r in s.exec(select(Run).order_by(Run.created.desc())).all()  # type: ignore[attr-defined]
-                           if not is_helper_run(r)]
-                run = next((r for r in ordered if r.status == "finished"), None)
-                if run is not None:
-                    return run
-                if ordered:
-                    raise DeflectError(f"no finished run in {self.path} yet ('latest' names the newest finished one); "
-                                       f"the newest is {ordered[0].id} ({ordered[0].status}): name it")
-                raise DeflectError(f"no runs in {self.path} yet; create one with 'deflect train'")
             if not ref.strip():
                 raise DeflectError("empty run reference; give a run id, a unique prefix of one, or 'latest'")
             run = s.get(Run, ref)
@@ -453,11 +458,8 @@ class Store:
         newest of equals: a 1-image check (`simulate --limit 1`) does not stand in for the same
         attack measured on 1000 images.
         """
-        chosen: dict[tuple[str, str, str], Evaluation] = {}
-        for ev in self.evaluations(kind="transfer"):  # oldest first, so a newer evaluation wins a tie
-            key = (ev.run_id, ev.attack, settings_key(ev))
-            if ev.blackbox_mean is not None and (key not in chosen or ev.n_examples >= chosen[key].n_examples):
-                chosen[key] = ev
+        chosen = largest_by((ev for ev in self.evaluations(kind="transfer") if ev.blackbox_mean is not None),
+                            lambda ev: (ev.run_id, ev.attack, settings_key(ev)))
         worst: dict[str, BlackboxFigure] = {}
         for (run_id, attack, settings), ev in chosen.items():
             assert ev.blackbox_mean is not None
@@ -470,13 +472,9 @@ class Store:
         the split) it was measured with most recently, the largest evaluation, the newest of equals
         (as `worst_blackbox` counts), so a 1-image check never replaces a 1000-image matrix of the
         same attack. Attacks in the order first evaluated."""
-        largest: dict[tuple[str, str], Evaluation] = {}
-        latest: dict[str, str] = {}
-        for ev in self.evaluations(run_id, kind="transfer"):  # oldest first: a newer one wins a tie
-            key = (ev.attack, settings_key(ev))
-            if key not in largest or ev.n_examples >= largest[key].n_examples:
-                largest[key] = ev
-            latest[ev.attack] = key[1]
+        evaluations = self.evaluations(run_id, kind="transfer")
+        largest = largest_by(evaluations, lambda ev: (ev.attack, settings_key(ev)))
+        latest = {ev.attack: settings_key(ev) for ev in evaluations}  # first-evaluated order, newest settings
         return {attack: largest[(attack, settings)] for attack, settings in latest.items()}
 
 
@@ -501,6 +499,18 @@ def _migrate(conn: Any, version: int) -> None:
             conn.exec_driver_sql("ALTER TABLE epochmetric ADD COLUMN terms JSON")
     conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.commit()
+
+
+def largest_by(evaluations: Iterable[Evaluation], key: Callable[[Evaluation], K]) -> dict[K, Evaluation]:
+    """Per key, the evaluation on the most images, the newest of equals (`evaluations` oldest first,
+    as `Store.evaluations` gives them): a 1-image check never stands in for the same attack measured
+    on 1000 images."""
+    chosen: dict[K, Evaluation] = {}
+    for ev in evaluations:
+        k = key(ev)
+        if k not in chosen or ev.n_examples >= chosen[k].n_examples:
+            chosen[k] = ev
+    return chosen
 
 
 def settings_key(ev: Evaluation) -> str:

@@ -230,7 +230,7 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
                                  "pair_scale": pair_scale, "seconds": []}
     config = {**json.loads(cfg.to_json()), "parent": parent.id, "inherited": list(range(n)),
               "new": list(range(n, n + add)), "grow": grow_info, **extra}
-    run = register_run(store, run_dir, config, Run(
+    run = register_run(store, Run(
         id=run_id, method=cfg.method, dataset=cfg.dataset, arch=cfg.arch, preset=cfg.preset, n=cfg.n,
         config=config, device=str(device), git_hash=_git_hash(), run_dir=str(run_dir.resolve()),
         epochs_total=add * cfg.epochs, message=f"grown from {parent.id} by {add} model(s)",

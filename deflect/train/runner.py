@@ -109,12 +109,14 @@ def _fast_at_check(models: list[nn.Module], train_set: Any, cfg: TrainConfig, de
     return {"robust_first_batch": robust, "frozen": list(at_state["frozen"]), "rolled_back": collapsed}
 
 
-def register_run(store: Store, run_dir: Path, config: dict[str, Any], record: Run) -> Run:
-    """The run's folder with its config.json, then its row; a row that cannot be written (a read-only
-    or locked database) takes the folder with it, so no folder is left that no run names."""
+def register_run(store: Store, record: Run) -> Run:
+    """The run's folder with its config.json (the row's config), then its row; a row that cannot be
+    written (a read-only or locked database) takes the folder with it, so no folder is left that no
+    run names."""
+    run_dir = Path(record.run_dir)
     run_dir.mkdir(parents=True, exist_ok=False)
     try:
-        write_json(run_dir / CONFIG_JSON, config)
+        write_json(run_dir / CONFIG_JSON, record.config)
         return store.add_run(record)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -267,7 +269,7 @@ def train(
     elif resume is None:
         run_id = new_run_id(cfg)
         run_dir = store.runs_root / run_id
-        run = register_run(store, run_dir, json.loads(cfg.to_json()), Run(
+        run = register_run(store, Run(
             id=run_id, method=cfg.method, dataset=cfg.dataset, arch=cfg.arch, preset=cfg.preset,
             n=cfg.n, config=json.loads(cfg.to_json()), device=where, git_hash=_git_hash(),
             run_dir=str(run_dir.resolve()), epochs_total=cfg.epochs,
