@@ -173,30 +173,22 @@ def grow_rates(settings: BenchSettings, device: torch.device, frozen_n: int = 3)
     and of one new model grown against `frozen_n` frozen ones, S = 2 sampled per step (the default),
     S = 1, and S = 2 with the transfer terms on 32 images (`--transfer-batch 32`); and S = 3 on 32
     images with one-step and 5-step transfer-2 perturbations (`--sample 3 --transfer-steps 5`), the
-    latter on the whole batch and on half of it (`--transfer-refine 0.5`). `_cached` recipes read the
-    frozen models' clean values from `FrozenClean` (what `deflect grow` does without augmentation),
-    stored before timing, as every epoch after a grow's first finds them; on CUDA, `_batched` also sends
-    the new model's perturbed forwards through it at once (`deflect grow` on a `--step fast` set)."""
-    from deflect.data import ImageTensorDataset, dataset_info
+    latter on the whole batch and on half of it (`--transfer-refine 0.5`). `grow_s2_tb32_batched` sends the
+    new model's perturbed forwards through it at once, BatchNorm per chunk, as `deflect grow` does on
+    CUDA for a `--step fast` set (timed everywhere: the ratio says where it pays)."""
     from deflect.inference import inference_copy
-    from deflect.train.frozen_cache import FrozenClean
     from deflect.train.grow import growth_loss
 
     x, y = _batch(settings, bench_config(settings, 2).batch_size, device)
     frozen = [inference_copy(m, device) for m in _models(settings, frozen_n, device)]
-    cache = FrozenClean(ImageTensorDataset(x.cpu(), y.cpu(), dataset_info(settings.dataset)), device)
-    rows = cache.rows(frozen, torch.arange(len(y)), x, y)
     recipes: dict[str, tuple[int, dict[str, Any]]] = {
         "one_model": (0, {}), "grow_s2": (2, {}), "grow_s1": (1, {}), "grow_s2_tb32": (2, {"transfer_batch": 32}),
-        "grow_s3_tb32": (3, {"transfer_batch": 32}),
-        "grow_s2_cached": (2, {}), "grow_s3_tb32_cached": (3, {"transfer_batch": 32}),
+        "grow_s3_tb32": (3, {"transfer_batch": 32}), "grow_s2_tb32_batched": (2, {"transfer_batch": 32}),
         "grow_s3_tb32_k5": (3, {"transfer_batch": 32, "transfer_steps": 5}),
         "grow_s3_tb32_k5_r50": (3, {"transfer_batch": 32, "transfer_steps": 5, "transfer_refine": 0.5}),
     }
     if changes_layout(device):
         recipes.update({"one_model_nchw": (0, {}), "grow_s2_tb32_nchw": (2, {"transfer_batch": 32})})
-    if device.type == "cuda":  # where `deflect grow` batches the new model's perturbed forwards (`--step fast`)
-        recipes["grow_s2_cached_batched"] = (2, {})
     rates: dict[str, float] = {}
     for name, (sample, overrides) in recipes.items():
         cfg = bench_config(settings, frozen_n + 1, **overrides)
@@ -206,18 +198,13 @@ def grow_rates(settings: BenchSettings, device: torch.device, frozen_n: int = 3)
         opt = torch.optim.SGD(new.parameters(), lr=0.01, momentum=0.9)
         active = ActiveTerms.all_enabled(cfg)
 
-        read = rows if "_cached" in name else None
-        batched = name.endswith("_batched")
-
         def one(new: nn.Module = new, cfg: Any = cfg, sample: int = sample, opt: torch.optim.Optimizer = opt,
-                active: ActiveTerms = active, read: Any = read, batched: bool = batched) -> None:
+                active: ActiveTerms = active, batched: bool = name.endswith("_batched")) -> None:
             with autocast(device, cfg.bf16):
                 if sample == 0:
                     loss = F.cross_entropy(new(x), y)
                 else:
-                    clean = read[:sample] if read is not None else None
-                    loss = growth_loss(new, frozen[:sample], x, y, cfg, active, frozen_clean=clean,
-                                       batched=batched).total
+                    loss = growth_loss(new, frozen[:sample], x, y, cfg, active, batched=batched).total
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -408,10 +395,7 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None) -> Benc
             result.ratios[f"nhwc_vs_nchw_{name}"] = grown[name] / grown[name + NCHW]
     result.ratios["grow_s3_tb32_k5_cost_vs_grow_s3_tb32"] = grown["grow_s3_tb32"] / grown["grow_s3_tb32_k5"]
     result.ratios["grow_s3_tb32_k5_r50_cost_vs_grow_s3_tb32"] = grown["grow_s3_tb32"] / grown["grow_s3_tb32_k5_r50"]
-    for name in ("grow_s2", "grow_s3_tb32"):
-        result.ratios[f"{name}_cached_vs_computed"] = grown[f"{name}_cached"] / grown[name]
-    if "grow_s2_cached_batched" in grown:
-        result.ratios["grow_s2_batched_vs_cached"] = grown["grow_s2_cached_batched"] / grown["grow_s2_cached"]
+    result.ratios["grow_batched_vs_grow_s2_tb32"] = grown["grow_s2_tb32_batched"] / grown["grow_s2_tb32"]
     if "torchattacks_images_per_s" in result.matrix:
         result.ratios["matrix_vs_torchattacks"] = (result.matrix["deflect_images_per_s"]
                                                    / result.matrix["torchattacks_images_per_s"])

@@ -171,8 +171,7 @@ def test_bench_quick_json_reports_rates_phases_and_ratios() -> None:
     # what `--transfer-steps 5` adds, joint and grown, beside the one-step baseline, on all or half the batch
     ratios = data["ratios"]
     for name in ("fast_k5_cost_vs_fast_n3", "fast_k5_r50_cost_vs_fast_n3", "grow_s3_tb32_k5_cost_vs_grow_s3_tb32",
-                 "grow_s3_tb32_k5_r50_cost_vs_grow_s3_tb32", "grow_s2_cached_vs_computed",
-                 "grow_s3_tb32_cached_vs_computed", "grow_s3_tb32_cached_cost_vs_one_model"):
+                 "grow_s3_tb32_k5_r50_cost_vs_grow_s3_tb32", "grow_batched_vs_grow_s2_tb32"):
         assert ratios[name] > 0, name
     # the training layout (channels-last on CPU) against NCHW models, step by step in one process
     for name in ("nhwc_vs_nchw_independent_n3", "nhwc_vs_nchw_reference_n3", "nhwc_vs_nchw_one_model",

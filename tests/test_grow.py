@@ -340,3 +340,43 @@ def test_transfer_batch_puts_every_pair_term_on_the_first_images(digits_runs, cl
     assert abs(pairs) > 1e-3
     assert scaled["total"] == pytest.approx(cfg.w_class * full["class"] + 0.25 * pairs, rel=1e-5)
     assert all(scaled[k] == pytest.approx(full[k], rel=1e-6) for k in ("class", "angle", "transfer1", "transfer2"))
+
+
+@pytest.mark.parametrize(("clamp", "clean_bn_stats"), [("batch", False), ("image", True)])
+def test_batched_forwards_give_the_same_loss_gradients_and_buffers(digits_runs, clamp: str,
+                                                                    clean_bn_stats: bool) -> None:
+    """The new model's 2·S perturbed forwards in one (BatchNorm per chunk, `deflect grow` on CUDA for a
+    `--step fast` set) give the loss, gradients and running statistics of one forward each."""
+    import copy
+
+    from deflect.config import make_config
+    from deflect.inference import inference_copy
+    from deflect.train.grow import growth_loss
+    from deflect.train.losses import ActiveTerms
+
+    store, ids = digits_runs  # trained models: perturbations along their gradients raise their losses
+    new, *frozen = deflect.load_set(ids["independent"], store)
+    frozen = [inference_copy(m, "cpu") for m in frozen]
+    new.train()  # training mode: BatchNorm's batch statistics and running statistics are in play
+    cfg = make_config(3, "digits", transfer_clamp=clamp, transfer_batch=16, clean_bn_stats=clean_bn_stats)
+    active = ActiveTerms.all_enabled(cfg)
+    x, y = deflect.load_dataset("digits", "train").batch(torch.arange(48))
+    start = copy.deepcopy(new.state_dict())
+    results = []
+    for batched in (False, True):
+        new.load_state_dict(start)
+        new.zero_grad()
+        parts = growth_loss(new, frozen, x, y, cfg, active, batched=batched)
+        parts.total.backward()
+        results.append((parts.as_floats(), [p.grad.clone() for p in new.parameters()],
+                        {k: v.clone() for k, v in new.state_dict().items()}))
+    (values, grads, buffers), (values_b, grads_b, buffers_b) = results
+    assert values["transfer1"] > 0 and values["transfer2"] > 0
+    for name, value in values.items():
+        assert values_b[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    for a, b in zip(grads, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for key, value in buffers.items():
+        torch.testing.assert_close(buffers_b[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    tracked = int(buffers_b["features.1.num_batches_tracked"]) - int(start["features.1.num_batches_tracked"])
+    assert tracked == (2 if clean_bn_stats else 2 + 2 * len(frozen))  # 2 clean forwards, 2·S perturbed unless kept out

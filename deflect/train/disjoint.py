@@ -95,14 +95,14 @@ def train_epoch(
     for m in models:
         m.train()
 
-    def batch_loss(x: torch.Tensor, y: torch.Tensor, _index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         sample = torch.randperm(len(models), generator=gen)[:k].sort().values.tolist()
         return method_loss(models, x, y, cfg, active, sample, device, gen, frozen, teacher)
 
     return run_epoch(batch_loss, optimizer, scheduler, data, cfg, epoch, gen, device, on_batch, shard)
 
 
-BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+BatchLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 
 
 def run_epoch(
@@ -118,8 +118,7 @@ def run_epoch(
     shard: Shard | None = None,
 ) -> EpochStats:
     """The loop every trainer shares: seeded batch order, augmentation, one SGD step per batch on
-    `batch_loss(x, y, index)` (which may draw more from `gen`; `index`: the images' rows in `data`),
-    per-batch LR schedule, mean loss terms.
+    `batch_loss(x, y)` (which may draw more from `gen`), per-batch LR schedule, mean loss terms.
 
     With a `shard` (torchrun), every process draws the same global batch and computes the loss on
     its slice inside `sharded` (global means and BatchNorm statistics); gradients are then summed."""
@@ -136,10 +135,10 @@ def run_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if shard is None:
             with autocast(device, cfg.bf16):
-                total, values = batch_loss(x, y, idx)
+                total, values = batch_loss(x, y)
         else:
             with autocast(device, cfg.bf16), sharded(len(y)):
-                total, values = batch_loss(shard.split(x), shard.split(y), shard.split(idx))
+                total, values = batch_loss(shard.split(x), shard.split(y))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if shard is not None:

@@ -94,6 +94,25 @@ def chunked_batchnorm(model: nn.Module, chunks: int) -> Iterator[None]:
             del bn._orig_forward
 
 
+def perturbed_losses(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, deltas: Sequence[torch.Tensor], per_image: bool,
+    keep_stats: bool = False, batched: bool = False,
+) -> list[torch.Tensor]:
+    """A training-mode model's losses (per image, or their batch mean) at x + δ for each δ, in order.
+
+    `batched` stacks the perturbed batches into one forward with BatchNorm per chunk, which gives the
+    values, gradients and running statistics of one forward per δ; `keep_stats` keeps the running
+    statistics out (`TrainConfig.clean_bn_stats`)."""
+    if batched:
+        stacked = (x.unsqueeze(0) + torch.stack(list(deltas))).flatten(0, 1)
+        with chunked_batchnorm(model, len(deltas)), running_stats_kept(model, keep_stats):
+            logits = model(stacked)
+        rows = F.cross_entropy(logits, y.repeat(len(deltas)), reduction="none").view(len(deltas), len(y))
+        return list((rows if per_image else rows.mean(1)).unbind(0))
+    with running_stats_kept(model, keep_stats):
+        return [plain_loss(model(x + d), y, per_image) for d in deltas]
+
+
 def fast_disjoint_loss(
     models: Sequence[nn.Module],
     x: torch.Tensor,
@@ -142,15 +161,7 @@ def fast_disjoint_loss(
         clean_i = losses[i]
         assert clean_i is not None
         per_image = clean_i.dim() > 0  # TrainConfig.transfer_clamp == "image"
-        if batched:
-            stacked = (xt.unsqueeze(0) + torch.stack(deltas)).flatten(0, 1)
-            with chunked_batchnorm(models[i], len(deltas)), running_stats_kept(models[i], cfg.clean_bn_stats):
-                logits = models[i](stacked)
-            rows = F.cross_entropy(logits, yt.repeat(len(deltas)), reduction="none").view(len(deltas), m)
-            values = list((rows if per_image else rows.mean(1)).unbind(0))
-        else:
-            with running_stats_kept(models[i], cfg.clean_bn_stats):
-                values = [plain_loss(models[i](xt + d), yt, per_image) for d in deltas]
+        values = perturbed_losses(models[i], xt, yt, deltas, per_image, cfg.clean_bn_stats, batched)
         for (term, j), value in zip(keys, values, strict=True):
             (t1 if term == "t1" else t2)[(i, j)] = clamped_increase(value, clean_i, clamps(cfg))
 

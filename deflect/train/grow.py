@@ -25,9 +25,7 @@ from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset
 from deflect.train.disjoint import BatchEvent, EpochStats, epoch_generator, mean_objective, run_epoch
 from deflect.train.distill import Teacher, distilled
-from deflect.train.distributed import batch_mean
-from deflect.train.fast import chunked_batchnorm
-from deflect.train.frozen_cache import FrozenClean
+from deflect.train.fast import perturbed_losses
 from deflect.train.losses import (
     ActiveTerms,
     LossParts,
@@ -35,11 +33,9 @@ from deflect.train.losses import (
     clamped_increase,
     clamps,
     input_gradients,
-    loss_increase,
     mean_loss,
     pair_rows,
     plain_loss,
-    running_stats_kept,
     transfer2_delta,
     transfer_baseline,
     with_smoothness,
@@ -70,25 +66,12 @@ def _frozen_increase(
     return [clamped_increase(plain_loss(z, y, per_image), clean_loss, clamp) for z in logits]
 
 
-def _stacked_increase(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_loss: torch.Tensor,
-                      deltas: Sequence[torch.Tensor], cfg: TrainConfig) -> list[torch.Tensor]:
-    """loss_increase of a training-mode model under each perturbation, in one forward whose BatchNorm
-    normalises (and updates its running statistics with) each perturbed batch on its own, in order."""
-    stacked = (x.unsqueeze(0) + torch.stack(list(deltas))).flatten(0, 1)
-    with chunked_batchnorm(model, len(deltas)), running_stats_kept(model, cfg.clean_bn_stats):
-        logits = model(stacked)
-    rows = F.cross_entropy(logits, y.repeat(len(deltas)), reduction="none").view(len(deltas), len(y))
-    values = rows.unbind(0) if clean_loss.dim() > 0 else rows.mean(1).unbind(0)
-    return [clamped_increase(v, clean_loss, clamps(cfg)) for v in values]
-
-
 def growth_loss(
     new: nn.Module, frozen: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     active: ActiveTerms,
     pair_scale: float = 1.0,
     *,
     create_graph: bool = True,
-    frozen_clean: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     batched: bool = False,
 ) -> LossParts:
     """w1·CE(new) + s·(w2·angle(new, f) + w3·T1 + w4·T2) over the pairs (new, f) of the `frozen` models given.
@@ -100,8 +83,6 @@ def growth_loss(
     each frozen model under the new model's perturbation (new → frozen); the latter reaches the new
     model through its input gradient (double backprop), exactly as in the joint loss.
     `create_graph=False` (under `torch.no_grad()`) gives the value alone, for validation.
-    `frozen_clean` gives each frozen model's per-image losses and per-image input gradients at the batch's
-    images (`deflect.train.frozen_cache`) instead of computing them: the same values, read.
     `batched` sends the new model's 2·S perturbed inputs through it in one forward, BatchNorm per chunk
     (`deflect.train.fast`): the same values, fewer and larger kernels (`--step fast` on CUDA).
     """
@@ -113,7 +94,7 @@ def growth_loss(
         loss_new, g_new, losses_f, grads_f = F.cross_entropy(new(x), y), None, [], []
     elif m == len(x):
         (pair_new,), (g_new,) = input_gradients([new], x, y, create_graph=create_graph, per_image=per_image)
-        losses_f, grads_f = _frozen_clean(frozen, x, y, per_image, frozen_clean)
+        losses_f, grads_f = input_gradients(frozen, x, y, create_graph=False, per_image=per_image)
         loss_new = mean_loss(pair_new)
     else:
         # `transfer_batch` (objective-changing): classification on the whole batch, every pair term on
@@ -123,7 +104,7 @@ def growth_loss(
         loss_new = F.cross_entropy(new(x), y)
         (pair_new,), (g_new,) = input_gradients([new], x[:m], y[:m], create_graph=create_graph,
                                                 per_image=per_image)
-        losses_f, grads_f = _frozen_clean(frozen, x[:m], y[:m], per_image, frozen_clean)
+        losses_f, grads_f = input_gradients(frozen, x[:m], y[:m], create_graph=False, per_image=per_image)
         g_new, grads_f = g_new * (m / len(x)), [g * (m / len(x)) for g in grads_f]
     losses_f = [loss.detach() for loss in losses_f]
     xt, yt = x[:m], y[:m]
@@ -143,13 +124,10 @@ def growth_loss(
         mine = deltas(new, g_new)
         base_new = transfer_baseline(pair_new, cfg)
         kinds = ([t1_terms] if active.transfer1 else []) + ([t2_terms] if active.transfer2 else [])
-        theirs = [deltas(model, g_f) for model, g_f in zip(frozen, grads_f, strict=True)]
-        if batched:  # frozen → new, every frozen model's perturbations through the new model at once
-            flat = _stacked_increase(new, xt, yt, base_new, [d for ds in theirs for d in ds], cfg)
-            into_news = [flat[k * len(kinds):(k + 1) * len(kinds)] for k in range(len(frozen))]
-        else:  # frozen → new, one forward per perturbation
-            into_news = [[loss_increase(new, xt, yt, base_new, d, cfg.clean_bn_stats, clamps(cfg)) for d in ds]
-                         for ds in theirs]
+        theirs = [d for model, g_f in zip(frozen, grads_f, strict=True) for d in deltas(model, g_f)]
+        perturbed = perturbed_losses(new, xt, yt, theirs, base_new.dim() > 0, cfg.clean_bn_stats, batched)
+        rises = [clamped_increase(v, base_new, clamps(cfg)) for v in perturbed]  # frozen → new
+        into_news = [rises[k * len(kinds):(k + 1) * len(kinds)] for k in range(len(frozen))]
         for model, loss_f, into_new in zip(frozen, losses_f, into_news, strict=True):
             into_frozen = _frozen_increase(model, xt, yt, loss_f, mine, clamps(cfg))  # new → frozen
             for terms, a, b in zip(kinds, into_new, into_frozen, strict=True):
@@ -159,19 +137,6 @@ def growth_loss(
     pairs = cfg.w_angle * angle + cfg.w_transfer1 * transfer1 + cfg.w_transfer2 * transfer2
     total, smooth = with_smoothness(cfg.w_class * loss_new + pair_scale * pairs, [g_new], len(x), cfg, active)
     return LossParts(total, loss_new, angle, transfer1, transfer2, smooth)
-
-
-def _frozen_clean(
-    frozen: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, per_image: bool,
-    rows: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The frozen models' clean losses (per image or their mean) and batch-mean input gradients at x,
-    as `input_gradients` returns them: computed, or from the first len(x) of cached per-image `rows`."""
-    if rows is None:
-        return input_gradients(frozen, x, y, create_graph=False, per_image=per_image)
-    m = len(x)
-    return ([loss[:m] if per_image else batch_mean(loss[:m]) for loss, _ in rows],
-            [grad[:m] / m for _, grad in rows])
 
 
 def sample_frozen(count: int, sample: int, gen: torch.Generator) -> list[int]:
@@ -193,23 +158,17 @@ def grow_epoch(
     on_batch: Callable[[BatchEvent], None] | None = None,
     pair_scale: float = 1.0,
     teacher: Teacher | None = None,
-    cache: FrozenClean | None = None,
 ) -> EpochStats:
     """One epoch of the new model; batch order, augmentation and frozen samples seeded by (seed, epoch).
-    A `teacher` (`deflect grow --teacher`) guides the new model's classification term; a `cache` over
-    `data` gives the frozen models' clean values (unused with augmentation, which changes the images)."""
+    A `teacher` (`deflect grow --teacher`) guides the new model's classification term."""
     gen = epoch_generator(seed, epoch)
     active = ActiveTerms.for_epoch(cfg, epoch)
     new.train()
-    if cfg.augment or not active.any:
-        cache = None
     batched = cfg.step == "fast" and device.type == "cuda"  # as the joint fast step: a win on GPUs only
 
-    def batch_loss(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         chosen = [frozen[i] for i in sample_frozen(len(frozen), sample, gen)]
-        m = pair_rows(cfg, len(x))  # the images the frozen models' values are taken at
-        rows = cache.rows(chosen, index[:m], x[:m], y[:m]) if cache is not None else None
-        parts = growth_loss(new, chosen, x, y, cfg, active, pair_scale, frozen_clean=rows, batched=batched)
+        parts = growth_loss(new, chosen, x, y, cfg, active, pair_scale, batched=batched)
         return distilled(parts, [new], x, teacher, cfg)
 
     return run_epoch(batch_loss, optimizer, scheduler, data, cfg, epoch, gen, device, on_batch)

@@ -49,7 +49,6 @@ from deflect.sets import mismatch_error
 from deflect.store import HELPER_ROLE_KEY, EpochMetric, Run, Store, is_helper_run
 from deflect.train.disjoint import BatchEvent, clean_accuracy
 from deflect.train.distill import Teacher, require_teacher
-from deflect.train.frozen_cache import FrozenClean
 from deflect.train.grow import DEFAULT_SAMPLE, GrowEvent, grow_epoch, growth_validation_loss, sample_frozen
 from deflect.train.runner import (
     CONFIG_JSON,
@@ -237,7 +236,7 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
         epochs_total=add * cfg.epochs, message=f"grown from {parent.id} by {add} model(s)",
     ))
     ctx = _Context(store, run_id, run_dir, parent.id, cfg, sample, device, train_set, val_set, test_set, add, cb,
-                   pair_scale, teacher, FrozenClean(train_set, device, cfg.bf16))
+                   pair_scale, teacher)
     try:
         if cb.on_start:
             cb.on_start(run, parent)
@@ -283,7 +282,6 @@ class _Context:
     cb: GrowCallbacks
     pair_scale: float = 1.0
     teacher: Teacher | None = None  # the set named by `deflect grow --teacher`
-    cache: FrozenClean | None = None  # the frozen models' clean values on the training split
     done: int = 0  # epochs over all new models: the run's epoch rows are numbered 1..K·E
     seconds: float = 0.0
 
@@ -312,7 +310,7 @@ def _train_new_model(ctx: _Context, frozen: list[nn.Module], index: int, positio
 
     for epoch in range(1, cfg.epochs + 1):
         stats = grow_epoch(new, frozen, opt, sched, ctx.train_set, cfg, epoch, seed, ctx.sample, device, on_batch,
-                           ctx.pair_scale, ctx.teacher, ctx.cache)
+                           ctx.pair_scale, ctx.teacher)
         t0 = time.perf_counter()
         acc = clean_accuracy([new], ctx.test_set, device, ctx.eval_bs)[0]
         val = growth_validation_loss(new, val_frozen, ctx.val_set, cfg, device, ctx.eval_bs, ctx.pair_scale)
