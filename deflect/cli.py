@@ -238,7 +238,7 @@ def train(
     """Train a set of n models; prints the run id.
 
     Example: deflect train --n 6 ; deflect train --n 3 --dataset fashion-mnist ;
-    torchrun --nproc-per-node 2 -m deflect train --n 3 (each process a shard of every batch)
+    torchrun --nproc-per-node 2 -m deflect train -n 3 (each process a shard of every batch)
     """
     from deflect.config import TermWindow, make_config
     from deflect.console import err_console, format_epoch, training_progress

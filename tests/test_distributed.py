@@ -154,3 +154,11 @@ def test_shard_split_covers_the_batch() -> None:
     parts = [Shard(r, 3).split(x) for r in range(3)]
     assert torch.equal(torch.cat(parts), x) and [len(p) for p in parts] == [3, 2, 2]
     assert sys.version_info >= (3, 10)
+
+
+def test_train_help_gives_torchrun_an_unambiguous_n() -> None:
+    """torchrun takes `--n` for a prefix of its own options and refuses it; the help's example must say `-n`."""
+    from deflect.cli import train
+
+    example = next(line for line in (train.__doc__ or "").splitlines() if "torchrun" in line)
+    assert " -m deflect train -n " in example and " --n " not in example
