@@ -36,7 +36,7 @@ from deflect.attacks.registry import CIFAR10_LINF_EPS
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset, load_dataset
 from deflect.errors import DeflectError
-from deflect.evaluate import craft_and_score, select_subset
+from deflect.evaluate import craft_and_score, select_subset, success_percent
 from deflect.inference import inference_copy
 from deflect.runtime import fast_cpu_math
 from deflect.sets import load_set
@@ -240,7 +240,7 @@ def _score(source: Sequence[nn.Module], models: Sequence[nn.Module], data: Image
     source = [inference_copy(m, dev) for m in source]  # no-op for the run's own (already copied) models
     adv, flipped, clean, count = craft_and_score([list(source)], models, data, attack, settings.batch_size,
                                                  settings.seed, dev, progress)
-    return ((100.0 * adv[0] / count).tolist(), (100.0 * flipped[0] / np.maximum(clean, 1)).tolist(),
+    return ((100.0 * adv[0] / count).tolist(), success_percent(flipped[0], clean),
             (100.0 * clean / count).tolist(), count)
 
 
@@ -371,7 +371,7 @@ class _Runner:
         return AdaptiveRow(
             attack="square", family="query", source=f"queries to the client holding m{self.target}", eps=attack.eps,
             owned=[], accuracy=(100.0 * adv_ok / count).tolist(),
-            success=(100.0 * flipped / np.maximum(clean_ok, 1)).tolist(), clean=(100.0 * clean_ok / count).tolist(),
+            success=success_percent(flipped, clean_ok), clean=(100.0 * clean_ok / count).tolist(),
             n_examples=count, cost=cost, seconds=seconds, params=attack.params(), target=self.target)
 
 

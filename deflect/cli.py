@@ -521,6 +521,7 @@ def _evaluate_adaptive(store: Any, run: str, settings: Any, device: str, as_json
 @app.command()
 @handle_errors
 def evaluate(
+    ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="Run id, unique prefix, or 'latest'.")] = "latest",
     attack: Annotated[str | None, typer.Option(help=ATTACK_HELP)] = None,
     all_attacks: Annotated[bool, typer.Option("--all", help="All eleven attacks of the paper's Table 1.")] = False,
@@ -535,11 +536,9 @@ def evaluate(
                                           "at most n-1).")] = None,
     attackers: Annotated[str | None, typer.Option(help="--adaptive: comma list of transfer, surrogate, "
                                                   "method-aware, query (default all).")] = None,
-    queries: Annotated[int | None, typer.Option(help="--adaptive: the surrogate's label-query budget "
-                                                "(default 1000).")] = None,
-    max_queries: Annotated[int | None, typer.Option(help="--adaptive: Square's queries per image at most "
-                                                    "(default 5000).")] = None,
-    square_limit: Annotated[int | None, typer.Option(help="--adaptive: images Square attacks (default 100).")] = None,
+    queries: Annotated[int, typer.Option(help="--adaptive: the surrogate's label-query budget.")] = 1000,
+    max_queries: Annotated[int, typer.Option(help="--adaptive: Square's queries per image at most.")] = 5000,
+    square_limit: Annotated[int, typer.Option(help="--adaptive: images Square attacks.")] = 100,
     restarts: Annotated[int | None, typer.Option(help="--adaptive: DI-TI-MI-FGSM restarts (default 3).")] = None,
     aware_epochs: Annotated[int | None, typer.Option(help="--adaptive: epochs of the method-aware attacker's "
                                                      "own set (default: the run's).")] = None,
@@ -583,10 +582,9 @@ def evaluate(
         fail(f"--steps must be at least 1, got {steps}")
     if batch_size is not None and batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
-    adaptive_only = {"--k": k, "--attackers": attackers, "--queries": queries, "--max-queries": max_queries,
-                     "--square-limit": square_limit, "--restarts": restarts, "--aware-epochs": aware_epochs}
-    if not adaptive and (given := [name for name, value in adaptive_only.items() if value is not None]):
-        fail(f"{', '.join(given)} only apply with --adaptive")
+    adaptive_only = ("k", "attackers", "queries", "max_queries", "square_limit", "restarts", "aware_epochs")
+    if not adaptive and (given := [name for name in typed_options(ctx) if name in adaptive_only]):
+        fail(f"{as_flags(given)} only apply with --adaptive")
     if all_attacks and attack is not None:
         fail("--all runs every attack of Table 1; drop --attack, or --all")
     if max_subsets is not None and ensemble is None:
@@ -599,11 +597,8 @@ def evaluate(
         from deflect.adaptive import FAMILIES, AdaptiveSettings
 
         families = tuple(split_names(",".join(FAMILIES) if attackers is None else attackers, "--attackers"))
-        settings = AdaptiveSettings(k=k, limit=limit, eps=eps, steps=steps, restarts=restarts,
-                                    queries=1000 if queries is None else queries,
-                                    max_queries=5000 if max_queries is None else max_queries,
-                                    square_limit=100 if square_limit is None else square_limit,
-                                    aware_epochs=aware_epochs,
+        settings = AdaptiveSettings(k=k, limit=limit, eps=eps, steps=steps, restarts=restarts, queries=queries,
+                                    max_queries=max_queries, square_limit=square_limit, aware_epochs=aware_epochs,
                                     families=families, seed=seed, batch_size=batch_size or 256, split=split)
         settings.check()  # before the run is opened
         _evaluate_adaptive(open_store(db), run, settings, device, as_json)

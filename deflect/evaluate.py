@@ -33,7 +33,7 @@ from deflect.runtime import fast_cpu_math
 
 __all__ = ["PAPER_SWEEP_EPS", "EnsembleResult", "TransferResult", "ensemble_matrix", "eps_sweep",
            "gradient_signs", "gradient_tsne", "model_subsets", "neighbour_agreement", "select_subset",
-           "sweep_eps_values", "task_seed", "transfer_matrix"]
+           "success_percent", "sweep_eps_values", "task_seed", "transfer_matrix"]
 
 Progress = Callable[[int, int], None]  # (done, total) units of work
 PAPER_SWEEP_EPS = (0.0196, 0.031, 0.047, 0.062, 0.078, 0.094, 0.117, 0.156)  # Figure 5
@@ -197,6 +197,12 @@ def _batches(data: ImageTensorDataset | Dataset | Iterable, batch_size: int) -> 
                                "(image tensor, label) items or a loader of (image batch, labels) batches")
         out.append((item[0], torch.as_tensor(item[1]).long().reshape(-1)))
     return out
+
+
+def success_percent(flipped: np.ndarray, clean: np.ndarray) -> list:
+    """Attack success (%) per target: of the images a target classifies correctly (`clean` counts,
+    per target), the share the attack flipped (`flipped`, per target or per source × target)."""
+    return (100.0 * flipped / np.maximum(clean, 1)).tolist()
 
 
 def _prepare(models: Sequence[nn.Module], device: torch.device | str | None) -> tuple[list[nn.Module], torch.device]:
@@ -371,7 +377,7 @@ def transfer_matrix(
         attack=attack.name,
         params=with_precision(attack.params(), bf16),
         matrix=(100.0 * adv / count).tolist(),
-        success=(100.0 * flipped / np.maximum(clean, 1)[None, :]).tolist(),
+        success=success_percent(flipped, clean),
         clean=(100.0 * clean / count).tolist(),
         n_examples=count,
         seconds=time.perf_counter() - start,
@@ -429,7 +435,7 @@ def ensemble_matrix(
         m=m, attack=attack.name, params=with_precision(attack.params(), bf16), subsets=subsets,
         matrix=(100.0 * adv / count).tolist(), clean=(100.0 * clean / count).tolist(),
         n_examples=count, seconds=time.perf_counter() - start,
-        success=(100.0 * flipped / np.maximum(clean, 1)[None, :]).tolist(),
+        success=success_percent(flipped, clean),
     )
 
 

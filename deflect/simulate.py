@@ -39,7 +39,7 @@ from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset, load_dataset
 from deflect.deploy import Deployment, Rotation, client_ids, default_key_path, load_or_create_key
 from deflect.errors import DeflectError
-from deflect.evaluate import craft_and_score, select_subset, transfer_matrix
+from deflect.evaluate import craft_and_score, select_subset, success_percent, transfer_matrix
 from deflect.helper_runs import helper_run
 from deflect.inference import inference_copy
 from deflect.pipeline import store_transfer
@@ -281,7 +281,7 @@ def _source_success(
     start = time.perf_counter()
     adv, flipped, clean, count, passes = _craft_passes(sources, models, pool, attack, batch_size, device, progress)
     matrix = (100.0 * adv / count).tolist()
-    success = (100.0 * flipped / np.maximum(clean, 1)[None, :]).tolist()
+    success = success_percent(flipped, clean)
     clean_pct = (100.0 * clean / count).tolist()
     owned_set = set(owned)
     unowned = [v for j, v in enumerate(matrix[0]) if j not in owned_set]
