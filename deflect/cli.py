@@ -124,9 +124,14 @@ def as_flags(names: Sequence[str]) -> str:
     return ", ".join("--" + name.replace("_", "-") for name in names)
 
 
+def only_apply(names: Sequence[str], where: str) -> str:
+    """`--k only applies with --adaptive`; `--queries, --restarts only apply with --adaptive`."""
+    return f"{as_flags(names)} only {'applies' if len(names) == 1 else 'apply'} {where}"
+
+
 def warn_unfinished(run: Any) -> None:
     """One line on stderr when a command works on a set that never finished training."""
-    if run.status != "finished":
+    if run.status != "finished" and run.epochs_done:  # none saved: the command refuses the run instead
         from deflect.console import err_console
 
         err_console.print(f"deflect: warning: run {run.id} is {run.status} after {run.epochs_done} of "
@@ -251,7 +256,7 @@ def train(
     if resume is not None and given:  # the run's stored settings decide; a setting given beside it would be ignored
         fail(f"--resume continues a run with its stored settings; drop {as_flags(given)}")
     if method != "disjoint" and (pair_options := [name for name in DISJOINT_ONLY if name in typed]):
-        fail(f"{as_flags(pair_options)} only apply to --method disjoint (its pair terms), not {method}")
+        fail(only_apply(pair_options, f"to --method disjoint (its pair terms), not {method}"))
     if at_eps is not None and method != "fast-at":
         fail(f"--at-eps only applies to --method fast-at, not {method}")
     if data_dir is not None and not download and not data_dir.is_dir():  # else a built-in copy would stand in
@@ -385,7 +390,15 @@ def grow(
                                                             ("distill-temperature", distill_temperature))
                   if value is not None]
         args = [str(a) for pair in passed for a in pair] + ["--device", device]
-        job = spawn_refill(store, base, refill, args)
+        from deflect.train.grow_run import check_grow
+
+        def check(need: int) -> None:  # the background grow's own checks, made here where they can fail loudly
+            check_grow(store, base.id, need, pool=True, sample=sample, epochs=epochs, device=device,
+                       transfer_batch=transfer_batch, transfer_steps=transfer_steps, transfer_refine=transfer_refine,
+                       pair_scale=pair_scale, teacher=teacher, distill_alpha=distill,
+                       distill_temperature=distill_temperature)
+
+        job = spawn_refill(store, base, refill, args, check)
         if as_json:
             typer.echo(json.dumps({**asdict(job), "log": str(job.log) if job.log else None}))
         elif job.add == 0:
@@ -584,7 +597,7 @@ def evaluate(
         fail(f"--batch-size must be at least 1, got {batch_size}")
     adaptive_only = ("k", "attackers", "queries", "max_queries", "square_limit", "restarts", "aware_epochs")
     if not adaptive and (given := [name for name in typed_options(ctx) if name in adaptive_only]):
-        fail(f"{as_flags(given)} only apply with --adaptive")
+        fail(only_apply(given, "with --adaptive"))
     if all_attacks and attack is not None:
         fail("--all runs every attack of Table 1; drop --attack, or --all")
     if max_subsets is not None and ensemble is None:
@@ -1107,7 +1120,7 @@ def bench(
     ttq_only = [name for name in ("dataset", "epochs", "fast_epochs", "limit", "clean_bar", "blackbox_bar", "data_dir")
                 if name in typed]
     if ttq_only and not time_to_quality:
-        fail(f"{as_flags(ttq_only)} only apply with --time-to-quality")
+        fail(only_apply(ttq_only, "with --time-to-quality"))
     if time_to_quality:
         from deflect.bench import TTQ_WIDTH, QualityBar
         from deflect.bench import time_to_quality as ttq

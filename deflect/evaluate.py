@@ -362,7 +362,7 @@ def transfer_matrix(
 
     `workers`: crafting threads on CPU (default: one per torch thread, see :func:`crafting_workers`);
     the matrix does not depend on it. `bf16`: craft under bf16 autocast, recorded in the params as
-    ``precision: bf16`` (float32 results carry no such key).
+    ``precision: bf16`` (float32 results carry no such key), as is a `seed` other than 0.
     """
     models, dev = _prepare(models, device)
     attack = _resolve(attack, dataset, data)
@@ -375,7 +375,7 @@ def transfer_matrix(
         raise DeflectError("no examples to evaluate")
     return TransferResult(
         attack=attack.name,
-        params=with_precision(attack.params(), bf16),
+        params=with_setting(attack.params(), bf16, seed),
         matrix=(100.0 * adv / count).tolist(),
         success=success_percent(flipped, clean),
         clean=(100.0 * clean / count).tolist(),
@@ -385,9 +385,11 @@ def transfer_matrix(
     )
 
 
-def with_precision(params: dict[str, Any], bf16: bool) -> dict[str, Any]:
-    """Attack params plus the crafting precision when it is not the float32 default."""
-    return {**params, "precision": "bf16"} if bf16 else params
+def with_setting(params: dict[str, Any], bf16: bool, seed: int = 0) -> dict[str, Any]:
+    """Attack params plus what else decides the figures when it is not the default: the crafting
+    precision, and the seed that draws the image subset and the attack's randomness. A stored
+    evaluation is reused (simulate's expected figure, reproduce's steps) only where these match."""
+    return {**params, **({"precision": "bf16"} if bf16 else {}), **({"seed": seed} if seed != 0 else {})}
 
 
 def model_subsets(n: int, m: int, max_subsets: int | None = None, seed: int = 0) -> list[tuple[int, ...]]:
@@ -432,7 +434,7 @@ def ensemble_matrix(
     if count == 0:
         raise DeflectError("no examples to evaluate")
     return EnsembleResult(
-        m=m, attack=attack.name, params=with_precision(attack.params(), bf16), subsets=subsets,
+        m=m, attack=attack.name, params=with_setting(attack.params(), bf16, seed), subsets=subsets,
         matrix=(100.0 * adv / count).tolist(), clean=(100.0 * clean / count).tolist(),
         n_examples=count, seconds=time.perf_counter() - start,
         success=success_percent(flipped, clean),

@@ -276,7 +276,7 @@ def as_crafted(transfer: Sequence[Evaluation], ensemble: Sequence[Evaluation], d
     game crafts it: no ε or step override, no bf16) on the test split, where its images come from;
     of the transfer evaluations, each attack's largest (the newest of equals)."""
     def default(ev: Evaluation) -> bool:
-        params = {k: v for k, v in (ev.params or {}).items() if k not in ("split", "m")}
+        params = {k: v for k, v in (ev.params or {}).items() if k not in ("split", "m", "seed")}  # any images
         try:
             wanted = make_attack(ev.attack, dataset).params()
         except DeflectError:  # an attack this deflect no longer knows

@@ -24,7 +24,7 @@ from deflect.evaluate import (
     gradient_tsne,
     neighbour_agreement,
     transfer_matrix,
-    with_precision,
+    with_setting,
 )
 from deflect.inference import require_bf16
 from deflect.report import curves_png, heatmap_png, tsne_png
@@ -155,7 +155,8 @@ class RunEvaluator:
         ev = self.store.add_evaluation(
             Evaluation(
                 run_id=self.run.id, kind="eps-sweep", attack="pgd-sweep",
-                params=with_precision({"steps": steps, "eps": eps, "split": self.split}, self.kw["bf16"]),
+                params=with_setting({"steps": steps, "eps": eps, "split": self.split}, self.kw["bf16"],
+                                    int(self.kw["seed"])),
                 matrix=[[e, b, w] for e, b, w in zip(eps, bb, whole, strict=True)],
                 n_examples=results[0].n_examples if results else 0,
                 seconds=sum(r.seconds for r in results),

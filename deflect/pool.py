@@ -6,7 +6,9 @@ holds RUN's n models followed by the K pool models, with `config["pool_of"] = RU
 pool again grows that pool run, so the newest finished pool run of RUN always holds the whole
 pool, every file sha-checked and loadable by `load_set`. Pool models are the indices n, n+1, ...
 of that run; a staged-release simulation of RUN deploys them, in that order, once RUN's own
-unreleased models are used up.
+unreleased models are used up. Pool models draw their seeds from a stream of their own
+(`POOL_SEED_STREAM`): a plain `deflect grow RUN` with the same seed would otherwise train the very
+models the pool holds, and a replacement that was already released would not be a fresh one.
 
 deflect keeps no record of real releases, so "keeping the pool at N" means topping it up:
 `deflect grow RUN --refill N` grows the missing N − size models in a detached background process
@@ -23,7 +25,7 @@ import fcntl
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -34,10 +36,20 @@ from deflect.store import HELPER_ROLE_KEY, Run, Store
 POOL_ROLE = "pool"
 POOL_OF = "pool_of"
 LOCK_FD_ENV = "DEFLECT_POOL_LOCK_FD"  # a refill's child: the descriptor of the pool lock it inherited
+# added to a pool model's seed, so that no plain grow's model is a pool model; 2^31, because torch's CPU
+# generator keeps only a seed's low 32 bits, and plain seeds (seed·1000 + index) stay below it
+POOL_SEED_STREAM = 1 << 31
 
 
 def is_pool(run: Run) -> bool:
     return bool((run.config or {}).get(POOL_OF))
+
+
+def refuse_pool(run: Run, instead: str) -> None:
+    """A pool run's models past its set's own are unreleased: refused wherever a set is used as released."""
+    if is_pool(run):
+        raise DeflectError(f"run {run.id} is the pool of run {run.config[POOL_OF]}: its models past the set's own "
+                           f"are unreleased; {instead}")
 
 
 def pool_base(store: Store, run: Run) -> Run:
@@ -111,14 +123,20 @@ class Refill:
     log: Path | None = None
 
 
-def spawn_refill(store: Store, base: Run, target: int, extra_args: list[str] | None = None) -> Refill:
-    """Grow the pool of `base` to `target` models in a detached `deflect grow --pool` process."""
+def spawn_refill(store: Store, base: Run, target: int, extra_args: list[str] | None = None,
+                 check: Callable[[int], None] | None = None) -> Refill:
+    """Grow the pool of `base` to `target` models in a detached `deflect grow --pool` process.
+
+    `check(add)` runs first with the number of models to add and raises for a grow that would fail
+    (`deflect.train.grow_run.check_grow`): the background process could only log the error."""
     if target < 1:
         raise DeflectError(f"--refill must be at least 1, got {target}")
     size = pool_size(store, base)
     need = target - size
     if need <= 0:
         return Refill(base.id, size, target, 0)
+    if check is not None:
+        check(need)
     log = store.runs_root / f"{base.id}.refill.log"
     cmd = [sys.executable, "-m", "deflect", "grow", base.id, "--pool", "--add", str(need),
            "--db", str(store.path.resolve()), *(extra_args or [])]

@@ -242,8 +242,8 @@ def _grow_set(store: Store, spec: SetSpec, tag: str, parent: Run, device: str, u
 
 
 def _of_record(ev: Evaluation) -> bool:
-    """An evaluation the report may use: on the test split and crafted in float32, as the plan crafts."""
-    return ev.params.get("split", "test") == "test" and "precision" not in ev.params
+    """An evaluation the report may use: on the test split, crafted in float32 with seed 0, as the plan crafts."""
+    return ev.params.get("split", "test") == "test" and "precision" not in ev.params and "seed" not in ev.params
 
 
 def _has(store: Store, run: Run, kind: str, attack: str, n_examples: int, m: int | None = None) -> Evaluation | None:

@@ -54,7 +54,7 @@ def test_output_folders_are_checked_before_any_work(tmp_path: Path, store: Store
 
 @pytest.mark.parametrize(("args", "needles"), [
     (["--all", "--attack", "pgd1"], ["--all runs every attack", "drop --attack"]),
-    (["--attack", "pgd1", "--k", "2"], ["--k only apply with --adaptive"]),
+    (["--attack", "pgd1", "--k", "2"], ["--k only applies with --adaptive"]),
     (["--attack", "pgd1", "--queries", "5", "--restarts", "2"], ["--queries, --restarts only apply with --adaptive"]),
     (["--attack", "pgd1", "--max-subsets", "3"], ["--max-subsets only applies with --ensemble"]),
     (["--eps-sweep", "--ensemble", "2"], ["--ensemble crafts the attacks of --attack/--all"]),
@@ -77,7 +77,7 @@ def test_an_l2_budget_may_exceed_one(store: Store, finished: str) -> None:
 
 
 @pytest.mark.parametrize(("args", "needles"), [
-    (["--method", "independent", "--w-angle", "3"], ["--w-angle only apply to --method disjoint", "independent"]),
+    (["--method", "independent", "--w-angle", "3"], ["--w-angle only applies to --method disjoint", "independent"]),
     (["--method", "adp", "--transfer-steps", "5", "--sample", "2"], ["--sample, --transfer-steps", "not adp"]),
     (["--at-eps", "0.1"], ["--at-eps only applies to --method fast-at"]),
     (["--sample", "5"], ["--sample 5 is more than the set's 2 models"]),

@@ -136,6 +136,16 @@ def test_cli_grow_bad_input(store: Store, small_parent: str) -> None:
     _one_line_error(["grow", small_parent, "--pair-scale", "-1", *db], "--pair-scale must be")
     _one_line_error(["grow", small_parent, "--pair-scale", "nan", *db], "--pair-scale must be")
     _one_line_error(["grow", small_parent, "--refill", "2", "--add", "1", *db], "drop --add")
+    # --refill's options are checked here, before the background process: it could only log the error
+    for bad, needle in ((["--epochs", "0"], "--epochs must be at least 1"), (["--sample", "0"], "--sample must be"),
+                        (["--device", "tpu"], "unknown device 'tpu'"), (["--teacher", "no-such-set"], "no-such-set"),
+                        (["--transfer-batch", "0"], "--transfer-batch must be at least 2")):
+        _one_line_error(["grow", small_parent, "--refill", "2", *bad, *db], needle)
+    assert not list(store.runs_root.glob("*.refill.log")) and current_pool(store, small_parent) is None
+    independent = train(tiny_config(n=2, epochs=1, method="independent"), store)
+    _one_line_error(["grow", independent, "--epochs", "1", *db],
+                    f"run {independent} was trained with --method independent")
+    _one_line_error(["grow", independent, "--refill", "1", *db], "deflect grow adds disjoint models")
     file = model_file(Path(store.get_run(small_parent).run_dir), 1)
     good, before = file.read_bytes(), [r.id for r in store.list_runs()]
     file.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
@@ -251,6 +261,13 @@ def test_pool_feeds_the_staged_release(store: Store, small_parent: str, tmp_path
     assert first["retired"] in (0, 1) and first["released"] == 2 and len(res.rotations) == 1
     assert all(2 in r.released for r in res.rounds[first["round"]:])
     assert store.simulations(pool_id)[-1].params["pool_of"] == small_parent
+    with pytest.raises(DeflectError, match=f"is the pool of run {small_parent}.*simulate run {small_parent}"):
+        simulate(store, with_overrides(scenario, run=pool_id), key_path=key, save=False)  # it would release the pool
+    # pool models take seeds of their own: a plain grow of the set never trains (and so releases) a pool model
+    plain_id = grow(store, small_parent, 1, epochs=1)
+    assert pool_run.config["grow"]["seed_stream"] > 0 == store.get_run(plain_id).config["grow"]["seed_stream"]
+    pooled, released = (deflect.load_set(r, store)[2].state_dict() for r in (pool_id, plain_id))
+    assert not all(torch.equal(pooled[k], released[k]) for k in pooled if pooled[k].is_floating_point())
     no_pool = Scenario(release=ReleasePolicy(threshold=1, pool=False))
     plain = simulate(store, with_overrides(no_pool, adversary="skilled", run=small_parent, rounds=2, per_round=40,
                                            limit=100, attack="pgd1"), key_path=key, save=False)
@@ -291,7 +308,7 @@ def test_cli_refill_passes_the_recipe_to_the_background_grow(store: Store, small
 
     calls: list[list[str]] = []
 
-    def spawn(store: Store, base: object, target: int, args: list[str]) -> deflect.pool.Refill:
+    def spawn(store: Store, base: object, target: int, args: list[str], check: object = None) -> deflect.pool.Refill:
         calls.append(args)
         return deflect.pool.Refill(small_parent, 0, target, 0)
 

@@ -228,3 +228,41 @@ def test_static_adversary_trains_like_the_first_set_and_never_distils(tmp_path: 
     stored = {**json.loads(cfg.to_json()), "device": "cuda", "role": "static-adversary"}
     assert same_recipe(stored, cfg) and same_recipe({k: v for k, v in stored.items() if k != "momentum"}, cfg)
     assert not same_recipe(stored, dataclasses.replace(cfg, teacher="digits-independent-n3-cccccc"))
+
+
+def test_expected_figure_reuses_only_an_evaluation_of_the_same_images(tmp_path: Path, key_file: Path) -> None:
+    """An evaluation with another --seed drew other images (and attack noise): it is not the simulation's s_v."""
+    from deflect.pipeline import RunEvaluator
+    from deflect.train import train
+    from tests.conftest import tiny_config
+
+    store = Store(tmp_path / "deflect.db")
+    run = train(tiny_config(n=2, epochs=1), store)
+    _, seeded = RunEvaluator(store, run, limit=100, seed=7).transfer("pgd1")
+    assert seeded.params["seed"] == 7
+    scenario = with_overrides(Scenario(), adversary="skilled", run=run, rounds=1, per_round=20, limit=100,
+                              attack="pgd1")
+    first = simulate(store, scenario, key_path=key_file, save=False)
+    assert first.expected_source.endswith("(computed now)") and str(seeded.id) not in first.expected_source
+    stored = store.evaluations(run, "transfer")[-1]
+    assert "seed" not in stored.params  # seed 0, the simulation's images: the key is left out, as float32 is
+    again = simulate(store, scenario, key_path=key_file, save=False)
+    assert again.expected_source == f"transfer evaluation {stored.id}"
+
+
+def test_cli_simulate_on_a_run_with_no_saved_epoch_is_one_error(tmp_path: Path) -> None:
+    from deflect.train import Callbacks, train
+    from tests.conftest import tiny_config
+
+    store = Store(tmp_path / "deflect.db")
+
+    def stop(event: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(n=2, epochs=1), store, Callbacks(on_batch=stop))
+    run = store.list_runs()[-1]
+    assert run.epochs_done == 0
+    result = runner.invoke(app, ["simulate", "--adversary", "oracle", "--run", run.id, "--db", str(store.path)])
+    assert result.exit_code == 2 and result.stderr.splitlines() == [
+        f"deflect: error: run {run.id} has no saved epoch yet (interrupted)"], result.stderr

@@ -43,7 +43,16 @@ from deflect.data import ImageTensorDataset, dataset_info
 from deflect.errors import DeflectError
 from deflect.inference import bf16_supported, inference_copy
 from deflect.models import build_model
-from deflect.pool import current_pool, is_pool, pool_base, pool_config, pool_lock
+from deflect.pool import (
+    POOL_OF,
+    POOL_SEED_STREAM,
+    current_pool,
+    is_pool,
+    pool_base,
+    pool_config,
+    pool_lock,
+    refuse_pool,
+)
 from deflect.runtime import fast_cpu_math, training_layout
 from deflect.sets import mismatch_error
 from deflect.store import HELPER_ROLE_KEY, EpochMetric, Run, Store, is_helper_run
@@ -133,6 +142,73 @@ def _commit_files(store: Store, run_id: str, epoch: int, run_dir: Path, blobs: d
     update_manifest(run_dir, digests)
 
 
+def _check_options(add: int, sample: int | None, epochs: int | None, pair_scale: float | None, teacher: str | None,
+                   distill_alpha: float | None, distill_temperature: float | None) -> None:
+    if add < 1:
+        raise DeflectError(f"--add must be at least 1, got {add}")
+    if sample is not None and sample < 1:
+        raise DeflectError(f"--sample must be at least 1, got {sample}")
+    if epochs is not None and epochs < 1:
+        raise DeflectError(f"--epochs must be at least 1, got {epochs}")
+    if pair_scale is not None and not (math.isfinite(pair_scale) and pair_scale >= 0):
+        raise DeflectError(f"--pair-scale must be a finite number >= 0, got {pair_scale}")
+    require_teacher(teacher, distill_alpha, distill_temperature)
+
+
+def _growable(store: Store, parent_ref: str, add: int, pool: bool) -> Run:
+    """The run `parent_ref` names, refused unless it is a set of the user's that `add` disjoint models can join."""
+    parent = store.get_run(parent_ref)
+    if is_helper_run(parent) and not is_pool(parent):  # a grown child of it would be a set nobody trained
+        raise DeflectError(f"run {parent.id} is deflect's own helper run ({parent.config[HELPER_ROLE_KEY]}), "
+                           "not a set of yours; grow one of your sets")
+    if parent.method != "disjoint":  # without pair terms a new model would be an independent one, silently
+        raise DeflectError(f"run {parent.id} was trained with --method {parent.method}; deflect grow adds disjoint "
+                           "models (pair terms against the frozen ones), so grow a disjoint set")
+    if parent.n + add > MAX_N:
+        raise DeflectError(f"--add {add} would make a set of {parent.n + add} models; a set holds at most {MAX_N}")
+    if not pool and is_pool(parent):  # its models past the set's own are unreleased: never a plain set's
+        refuse_pool(parent, "grow that set, or add to its pool with --pool")
+    return parent
+
+
+def _recipe(transfer_batch: int | None, transfer_steps: int | None, transfer_refine: float | None,
+            teacher: str | None, distill_alpha: float | None, distill_temperature: float | None) -> dict[str, Any]:
+    """The config fields the new models take from the caller; the rest are the parent's."""
+    given = {"transfer_batch": transfer_batch, "transfer_steps": transfer_steps, "transfer_refine": transfer_refine}
+    recipe = {name: value for name, value in given.items() if value is not None}
+    unset = TrainConfig()  # distillation is the grow's own choice, never the parent's
+    recipe.update(teacher=teacher, distill_alpha=unset.distill_alpha if distill_alpha is None else distill_alpha,
+                  distill_temperature=unset.distill_temperature if distill_temperature is None else distill_temperature)
+    return recipe
+
+
+def _grown_config(parent: Run, add: int, epochs: int | None, device: str, recipe: dict[str, Any]) -> TrainConfig:
+    if parent.status != "finished":
+        raise DeflectError(f"run {parent.id} is {parent.status}; only a finished set can be grown")
+    base_cfg = TrainConfig.from_dict(parent.config)
+    cfg = dataclasses.replace(base_cfg, n=parent.n + add, epochs=epochs or base_cfg.epochs, device=device, **recipe)
+    cfg.validate()
+    return cfg
+
+
+def check_grow(
+    store: Store, parent_ref: str, add: int, *, pool: bool = False, sample: int | None = None,
+    epochs: int | None = None, device: str = "auto", transfer_batch: int | None = None,
+    transfer_steps: int | None = None, transfer_refine: float | None = None, pair_scale: float | None = None,
+    teacher: str | None = None, distill_alpha: float | None = None, distill_temperature: float | None = None,
+) -> None:
+    """Every check `grow` makes before it trains, without training: `deflect grow --refill` runs them
+    before it starts its background process, so a bad option is an error there, not a line in a log."""
+    _check_options(add, sample, epochs, pair_scale, teacher, distill_alpha, distill_temperature)
+    parent = _growable(store, parent_ref, add, pool)
+    if pool:
+        parent = current_pool(store, pool_base(store, parent).id) or pool_base(store, parent)
+    recipe = _recipe(transfer_batch, transfer_steps, transfer_refine, teacher, distill_alpha, distill_temperature)
+    cfg = _grown_config(parent, add, epochs, device, recipe)
+    resolve_device(device)
+    Teacher.for_config(store, cfg, torch.device("cpu"))
+
+
 def grow(
     store: Store,
     parent_ref: str,
@@ -166,24 +242,8 @@ def grow(
     With `pool`, the new models become the pool of the set (see `deflect.pool`): the run grown is
     the set's newest pool run (or the set itself), and the new run is marked as its pool.
     """
-    if add < 1:
-        raise DeflectError(f"--add must be at least 1, got {add}")
-    if sample is not None and sample < 1:
-        raise DeflectError(f"--sample must be at least 1, got {sample}")
-    if epochs is not None and epochs < 1:
-        raise DeflectError(f"--epochs must be at least 1, got {epochs}")
-    if pair_scale is not None and not (math.isfinite(pair_scale) and pair_scale >= 0):
-        raise DeflectError(f"--pair-scale must be a finite number >= 0, got {pair_scale}")
-    require_teacher(teacher, distill_alpha, distill_temperature)
-    parent = store.get_run(parent_ref)
-    if is_helper_run(parent) and not is_pool(parent):  # a grown child of it would be a set nobody trained
-        raise DeflectError(f"run {parent.id} is deflect's own helper run ({parent.config[HELPER_ROLE_KEY]}), "
-                           "not a set of yours; grow one of your sets")
-    if parent.n + add > MAX_N:
-        raise DeflectError(f"--add {add} would make a set of {parent.n + add} models; a set holds at most {MAX_N}")
-    if not pool and is_pool(parent):  # its models past the set's own are unreleased: never a plain set's
-        raise DeflectError(f"run {parent.id} is the pool of run {parent.config['pool_of']}; grow that set, "
-                           "or add to its pool with --pool")
+    _check_options(add, sample, epochs, pair_scale, teacher, distill_alpha, distill_temperature)
+    parent = _growable(store, parent_ref, add, pool)
     lock: contextlib.AbstractContextManager = contextlib.nullcontext()
     extra: dict[str, Any] = {}
     if pool:
@@ -192,12 +252,7 @@ def grow(
     with lock:
         if pool:
             parent = current_pool(store, base.id) or base
-        given = {"transfer_batch": transfer_batch, "transfer_steps": transfer_steps, "transfer_refine": transfer_refine}
-        recipe = {name: value for name, value in given.items() if value is not None}  # the rest: the parent's
-        unset = TrainConfig()  # distillation is the grow's own choice, never the parent's
-        recipe.update(teacher=teacher, distill_alpha=unset.distill_alpha if distill_alpha is None else distill_alpha,
-                      distill_temperature=unset.distill_temperature if distill_temperature is None
-                      else distill_temperature)
+        recipe = _recipe(transfer_batch, transfer_steps, transfer_refine, teacher, distill_alpha, distill_temperature)
         return _grow(store, parent, add, sample, epochs, seed, device, extra, callbacks or GrowCallbacks(),
                      recipe, 1.0 if pair_scale is None else pair_scale)
 
@@ -207,13 +262,9 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
           device_name: str, extra: dict[str, Any], cb: GrowCallbacks, recipe: dict[str, Any],
           pair_scale: float = 1.0) -> str:
     """`recipe`: the config fields the new models take from the caller instead of the parent."""
-    if parent.status != "finished":
-        raise DeflectError(f"run {parent.id} is {parent.status}; only a finished set can be grown")
-    base_cfg = TrainConfig.from_dict(parent.config)
+    cfg = _grown_config(parent, add, epochs, device_name, recipe)
     n = parent.n
-    cfg = dataclasses.replace(base_cfg, n=n + add, epochs=epochs or base_cfg.epochs, device=device_name, **recipe)
-    cfg.validate()
-    seed = base_cfg.seed if seed is None else seed
+    seed = cfg.seed if seed is None else seed
     sample = DEFAULT_SAMPLE if sample is None else sample
     device = resolve_device(device_name)
     if cfg.bf16 and not bf16_supported(device):  # a set trained with --bf16 on a GPU, grown on a plain CPU:
@@ -224,7 +275,9 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
 
     run_id = new_run_id(cfg)
     run_dir = store.runs_root / run_id
+    stream = POOL_SEED_STREAM if extra.get(POOL_OF) else 0  # a pool's models are never a plain grow's
     grow_info: dict[str, Any] = {"parent_n": n, "sample": sample, "epochs": cfg.epochs, "seed": seed,
+                                 "seed_stream": stream,
                                  "transfer_batch": cfg.transfer_batch, "transfer_steps": cfg.transfer_steps,
                                  "transfer_refine": cfg.transfer_refine,
                                  "pair_scale": pair_scale, "seconds": []}
@@ -245,7 +298,7 @@ def _grow(store: Store, parent: Run, add: int, sample: int | None, epochs: int |
         if len(clean) != n:
             clean = clean_accuracy(frozen, test_set, device, ctx.eval_bs)
         for k in range(add):
-            done = _train_new_model(ctx, frozen, n + k, k + 1, seed * 1000 + n + k)
+            done = _train_new_model(ctx, frozen, n + k, k + 1, stream + seed * 1000 + n + k)
             clean.append(done.clean_acc)
             grow_info["seconds"].append(done.seconds)
             config = {**config, "grow": grow_info}
