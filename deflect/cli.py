@@ -752,7 +752,7 @@ def export(
 
     atomic_write(out / f"{record.id}.{fmt}", text.encode())  # a full disk leaves no half-written export
     for ev in evals:
-        if ev.kind in ("transfer", "ensemble") and ev.matrix:
+        if ev.kind in ("transfer", "ensemble", "outside") and ev.matrix:  # attack matrices (a sweep's is a table)
             heatmap_png(ev.matrix, out / f"{record.id}-{ev.kind}-{ev.attack}-{ev.id}.png",
                         f"{record.id}: {ev.attack}", row_labels=ev.extra.get("row_labels"))
     typer.echo(str(out / f"{record.id}.{fmt}"))
@@ -814,9 +814,17 @@ class _SimDisplay:
         self.live.update(self.task, advance=1, epoch=f"static model {event.epoch}/{event.epochs}",
                          losses=f"L {event.losses['total']:.3f}", rate=f"{event.images_per_s:.0f} img/s")
 
-    def round(self, _round: Any, result: Any) -> None:
+    def round(self, played: Any, result: Any) -> None:
         from rich.live import Live
 
+        if not self.console.is_terminal:  # no live table off a terminal (2> log): a line per round, as train's epochs
+            rounds = (result.scenario or {}).get("rounds")
+            rotated = "; ".join(f"m{e['retired']}→m{e['released']}" for e in played.rotations)
+            self.console.print(f"round {played.round}{f'/{rounds}' if rounds else ''}: sent {played.sent}, "
+                               f"void {played.void}, hit {played.succeeded}, deflected {played.deflected} "
+                               f"({_pct(played.rate)}%); total {_rate_ci(result)}"
+                               f"{f'; rotated {rotated}' if rotated else ''}", highlight=False)
+            return
         table = _rounds_table(result)
         self._switch("rounds", lambda: Live(table, console=self.console, transient=True, auto_refresh=False))
         self.live.update(table, refresh=True)

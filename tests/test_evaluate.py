@@ -23,7 +23,7 @@ from deflect.evaluate import (
     select_subset,
     transfer_matrix,
 )
-from deflect.store import Store
+from deflect.store import Evaluation, Store
 from deflect.train import train
 from tests.conftest import tiny_config
 
@@ -169,11 +169,17 @@ def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
     assert [v["attack"] for v in numbers] == ["fgsm", "pgd1"] and json.loads(cmp.stdout)["runs"] == [run_id]
     stored = {e.attack: e for e in Store(tmp_path / "deflect.db").evaluations(run_id)}
     assert numbers[1]["cells"][0] == {"mean": stored["pgd1"].blackbox_mean, "std": stored["pgd1"].blackbox_std}
+    outside = Store(tmp_path / "deflect.db").add_evaluation(Evaluation(  # a static adversary's row, as simulate stores
+        run_id=run_id, kind="outside", attack="fgsm", params={"eps": 0.15}, matrix=[[40.0, 60.0]], n_examples=50,
+        extra={"row_labels": ["static:r"]}))
     out = runner.invoke(app, ["export", run_id, "--format", "csv", "--out", str(tmp_path / "exp")])
     assert out.exit_code == 0, out.output
     lines = (tmp_path / "exp" / f"{run_id}.csv").read_text().strip().splitlines()
-    assert len(lines) == 1 + 4 + 4 + 2  # header, two 2x2 matrices, one 1x2 ensemble row set
-    assert list((tmp_path / "exp").glob("*.png"))
+    assert len(lines) == 1 + 4 + 4 + 2 + 2  # header, two 2x2 matrices, one 1x2 ensemble row set, the outside row
+    matrices = [(e.kind, e.attack, e.id) for e in Store(tmp_path / "deflect.db").evaluations(run_id)]
+    assert sorted(p.name for p in (tmp_path / "exp").glob("*.png")) == sorted(
+        f"{run_id}-{kind}-{attack}-{eid}.png" for kind, attack, eid in matrices)  # a heatmap of every matrix
+    assert ("outside", "fgsm", outside.id) in matrices
 
     shown = runner.invoke(app, ["evaluate", run_id, "--attack", "fgsm", "--limit", "50"])  # results on stdout
     assert shown.exit_code == 0, shown.output
@@ -222,7 +228,7 @@ def test_export_lays_out_an_eps_sweep_by_eps() -> None:
     import io
 
     from deflect.report import export_run
-    from deflect.store import Evaluation, Run
+    from deflect.store import Run
 
     run = Run(id="r", method="disjoint", dataset="digits", arch="cnn", n=2, clean_acc=[90.0, 91.0])
     sweep = Evaluation(id=1, run_id="r", kind="eps-sweep", attack="pgd-sweep", params={"eps": [0.0948, 0.15]},

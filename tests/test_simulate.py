@@ -124,6 +124,12 @@ def test_cli_simulate_with_no_other_flag(digits_runs: tuple[Store, dict[str, str
     data = json.loads(out.stdout)
     assert data["adversary"] == "skilled" and data["sent"] == 200 and len(data["rounds"]) == 2
     assert data["ci_low"] <= data["deflection_rate"] <= data["ci_high"] and data["expected_rate"] is not None
+    # off a terminal (CliRunner's stderr, `2> log`) each round is a line as it ends, not a live table
+    logged = [ln for ln in out.stderr.splitlines() if ln.startswith("round ")]
+    assert [ln.split(":")[0] for ln in logged] == ["round 1/2", "round 2/2"], out.stderr
+    first = data["rounds"][0]
+    assert f"sent {first['sent']}, void {first['void']}, hit {first['succeeded']}, deflected {first['deflected']}" \
+        in logged[0]
 
 
 def _one_line_error(args: list[str], *needles: str) -> None:
