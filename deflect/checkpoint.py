@@ -115,6 +115,9 @@ def load_tensors_meta(path: Path, sha256: str | Collection[str] | None = None) -
         raise DeflectError(f"checkpoint {path} is not a valid safetensors file: {exc}") from exc
     if not isinstance(meta, dict):
         raise DeflectError(f"checkpoint {path} has malformed deflect metadata")
+    for name, tensor in tensors.items():  # NaN weights give meaningless accuracies, not an error, further on
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DeflectError(f"checkpoint {path} holds non-finite values (NaN or inf) in {name!r}")
     return tensors, meta
 
 

@@ -95,7 +95,8 @@ def handle_errors(fn: F) -> F:
             if not isinstance(exc, SQLAlchemyError):
                 raise
             orig = getattr(exc, "orig", None) or exc
-            fail(f"database error: {str(orig).splitlines()[0]}")
+            where = f" in {_OPENED[-1]}" if _OPENED else ""  # the file, not only SQLite's words for its state
+            fail(f"database error{where}: {str(orig).splitlines()[0]}")
 
     return wrapper  # type: ignore[return-value]
 
@@ -105,7 +106,12 @@ def open_store(db: Path | None, create: bool = False) -> Any:
     waits for a first run, create it: elsewhere a mistyped --db is an error, not a new empty file."""
     from deflect.store import Store
 
-    return Store(db, create=create)
+    store = Store(db, create=create)
+    _OPENED.append(store.path)
+    return store
+
+
+_OPENED: list[Path] = []  # the database this command opened, named by a database error's line
 
 
 #: `deflect train` options that set the disjoint objective's pair terms: refused for the other methods
@@ -259,6 +265,9 @@ def train(
         fail(only_apply(pair_options, f"to --method disjoint (its pair terms), not {method}"))
     if at_eps is not None and method != "fast-at":
         fail(f"--at-eps only applies to --method fast-at, not {method}")
+    for ablation, weights in (("no_angle", ("w_angle",)), ("no_transfer", ("w_transfer1", "w_transfer2"))):
+        if ablation in typed and (set_too := [name for name in weights if name in typed]):  # which one was meant?
+            fail(f"{as_flags([ablation])} sets {as_flags(set_too)} to 0; drop one of them")
     if data_dir is not None and not download and not data_dir.is_dir():  # else a built-in copy would stand in
         fail(f"--data-dir {data_dir} is not a folder (add --download to fetch the dataset into it)")
     store = open_store(db, create=True)
@@ -355,7 +364,7 @@ def grow(
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Add K models to a finished set without retraining it; prints the new run id.
+    """Add K models to a finished disjoint set without retraining it; prints the new run id.
 
     Each new model trains against the frozen models before it (transfer terms both ways and the
     angular term, with the parent's weights and schedule). The grown set is a new run that records
@@ -769,6 +778,7 @@ def dashboard(db: DbOption = None) -> None:
     from deflect.tui.app import DeflectApp
 
     store = open_store(db, create=True)
+    store.runs_readonly(), store.worst_blackbox()  # what its first screen reads: a damaged file fails here, in one line
     DeflectApp(store).run()
 
 
@@ -1062,9 +1072,16 @@ def reproduce(
     Example: deflect reproduce --preset fashion-mnist --quick
     """
     from deflect.console import err_console, training_progress
+    from deflect.reproduce import make_plan
     from deflect.reproduce import reproduce as run_reproduction
-    from deflect.train import Callbacks
+    from deflect.train import Callbacks, resolve_device
 
+    make_plan(preset, quick, width)  # an unknown preset or width, device or data folder: refused before
+    resolve_device(device)  # a folder, a database or a line of work exists
+    if data_dir is not None and not data_dir.is_dir():
+        fail(f"--data-dir {data_dir} is not a folder")
+    if jobs < 1:
+        fail(f"--jobs must be at least 1, got {jobs}")
     output_folder(out)
     store = open_store(db, create=True)
     progress = training_progress(err_console)

@@ -64,8 +64,9 @@ def parse_attacks(spec: str | None, use_all: bool) -> list[str]:
     return chosen
 
 
-def figures_dir(run: Run) -> Path:
-    return Path(run.run_dir) / "figures"
+def figures_dir(store: Store, run: Run) -> Path:
+    """The run's figures/ folder, refused up front when the folder is another database's."""
+    return store.writable_run_dir(run) / "figures"
 
 
 def store_transfer(store: Store, run: Run, res: TransferResult, kind: str = "transfer",
@@ -96,6 +97,7 @@ class RunEvaluator:
             require_bf16(self.device)
         if not self.run.epochs_done:
             raise DeflectError(f"run {self.run.id} has no saved epoch yet ({self.run.status})")
+        self.figures = figures_dir(store, self.run)  # before any work: the figures of its evaluations go there
         self.models = [m.to(self.device) for m in load_set(self.run.id, store)]
         cfg = self.run.config
         self.dataset = self.run.dataset
@@ -123,7 +125,7 @@ class RunEvaluator:
                               progress=progress, **self.kw)
         ev = store_transfer(self.store, self.run, res, split=self.split)
         # named by evaluation too: the same attack at another ε or on another split keeps its own figure
-        heatmap_png(res.matrix, figures_dir(self.run) / f"transfer-{name}-{ev.id}.png",
+        heatmap_png(res.matrix, self.figures / f"transfer-{name}-{ev.id}.png",
                     f"{self.run.id}: {name} (accuracy %)")
         return res, ev
 
@@ -142,7 +144,7 @@ class RunEvaluator:
                        "mean_owned": s["mean_owned"]},
             )
         )
-        heatmap_png(res.matrix, figures_dir(self.run) / f"ensemble-{name}-m{m}-{ev.id}.png",
+        heatmap_png(res.matrix, self.figures / f"ensemble-{name}-m{m}-{ev.id}.png",
                     f"{self.run.id}: {name} on {m}-model ensembles", row_labels=labels)
         return res, ev
 
@@ -164,7 +166,7 @@ class RunEvaluator:
                        "matrices": [r.matrix for r in results]},
             )
         )
-        curves_png(eps, {"black-box": bb, "whole set": whole}, figures_dir(self.run) / "eps-sweep.png",
+        curves_png(eps, {"black-box": bb, "whole set": whole}, self.figures / "eps-sweep.png",
                    f"{self.run.id}: PGD-{steps} ε sweep", "ε (L∞)")
         return results, ev
 
@@ -174,7 +176,7 @@ class RunEvaluator:
         # named by its settings: the evaluation stores this path, and a t-SNE of another split, size or
         # seed must not overwrite the figure an earlier evaluation points to
         name = f"gradient-tsne-{self.split}-n{n_images}-seed{int(self.kw['seed'])}.png"
-        path = tsne_png(points, owners, figures_dir(self.run) / name,
+        path = tsne_png(points, owners, self.figures / name,
                         f"{self.run.id}: t-SNE of input-gradient signs ({self.split}, {n_images} images)")
         agreement, chance = neighbour_agreement(points, owners)
         centroids = np.stack([points[owners == k].mean(0) for k in np.unique(owners)])

@@ -262,13 +262,18 @@ class Store:
             raise DeflectError(f"cannot write to database {self.path}: {exc.orig}") from exc
 
     def check_writable(self) -> None:
-        """Fail now, not after the work whose results would be stored: a read-only database, or a
-        write lock held past the busy timeout, refuses an empty write transaction too."""
+        """Fail now, not after the work whose results would be stored: a write lock held past the busy
+        timeout refuses a write transaction, and a file SQLite could open only read-only (an immutable
+        or read-only file) refuses a write in it, here one that stores what is there and is rolled back."""
         raw = self.engine.raw_connection()
         try:
             cursor = raw.cursor()
             cursor.execute("BEGIN IMMEDIATE")
-            cursor.execute("ROLLBACK")
+            version = cursor.execute("PRAGMA user_version").fetchone()[0]
+            try:
+                cursor.execute(f"PRAGMA user_version = {int(version)}")
+            finally:
+                cursor.execute("ROLLBACK")
         except sqlite3.OperationalError as exc:
             raise DeflectError(f"cannot write to database {self.path}: {exc}") from exc
         finally:
@@ -307,6 +312,19 @@ class Store:
         if run.run_dir and beside.is_dir() and Path(run.run_dir).resolve() != beside.resolve():
             run.run_dir = str(beside.resolve())
         return run
+
+    def writable_run_dir(self, run: Run) -> Path:
+        """`run`'s folder, to write into (a resumed epoch, a figure): only one in this database's runs folder.
+
+        A database copied without a run's folder finds the original's folder by its recorded path
+        (`_located`); reading it is harmless, but writing would change files another database's
+        digests vouch for, and that run would then fail its checks there."""
+        folder, root = Path(run.run_dir).resolve(), self.runs_root.resolve()
+        if not folder.is_relative_to(root):
+            raise DeflectError(f"run {run.id}'s folder {folder} is outside this database's runs folder {root}, and "
+                               f"deflect writes only there; if the folder is this database's, set "
+                               f"DEFLECT_RUNS={folder.parent}")
+        return folder
 
     def get_run(self, ref: str) -> Run:
         """A run by id, unique id prefix, or 'latest' (the newest finished one, helper runs left out)."""

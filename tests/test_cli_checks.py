@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,8 @@ def test_an_l2_budget_may_exceed_one(store: Store, finished: str) -> None:
     (["--method", "independent", "--w-angle", "3"], ["--w-angle only applies to --method disjoint", "independent"]),
     (["--method", "adp", "--transfer-steps", "5", "--sample", "2"], ["--sample, --transfer-steps", "not adp"]),
     (["--at-eps", "0.1"], ["--at-eps only applies to --method fast-at"]),
+    (["--no-angle", "--w-angle", "2"], ["--no-angle sets --w-angle to 0; drop one of them"]),
+    (["--no-transfer", "--w-transfer2", "1"], ["--no-transfer sets --w-transfer2 to 0; drop one of them"]),
     (["--sample", "5"], ["--sample 5 is more than the set's 2 models"]),
     (["--transfer-batch", "1000", "--batch-size", "64"], ["--transfer-batch 1000 is more than the batch size 64"]),
     (["--data-dir", "/nonexistent/fm"], ["--data-dir /nonexistent/fm is not a folder"]),
@@ -143,6 +146,46 @@ def test_a_copied_database_works_on_its_own_copy_of_the_runs(tmp_path: Path, sto
     assert Path(store.get_run(finished).run_dir) == (store.path.parent / "runs" / finished).resolve()
 
 
+def test_a_copy_without_its_run_folder_never_writes_to_the_original(tmp_path: Path, store: Store,
+                                                                     finished: str) -> None:
+    """The copy reads the original's folder by its recorded path; a resumed epoch or a figure written
+    there would change files the original database's digests vouch for."""
+    store.update_run(finished, status="interrupted", epochs_done=1)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for part in store.path.parent.glob("deflect.db*"):
+        shutil.copy(part, copy / part.name)
+    original = Path(store.get_run(finished).run_dir)
+    before = {p.name: p.read_bytes() for p in original.iterdir() if p.is_file()}
+    db = ["--db", str(copy / "deflect.db")]
+    for args in (["train", "--resume", finished], ["evaluate", finished, "--attack", "fgsm", "--limit", "10"]):
+        _one_line_error([*args, *db], f"{original} is outside this database's runs folder", "DEFLECT_RUNS=",
+                        strict=True)
+    assert {p.name: p.read_bytes() for p in original.iterdir() if p.is_file()} == before
+    assert not (original / "figures").exists() and Store(copy / "deflect.db").evaluations() == []
+    assert store.get_run(finished).epochs_done == 1  # the original resumes as before
+
+
+def test_an_immutable_database_is_refused_before_any_crafting(store: Store, finished: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite opens a file it cannot write read-only and still grants an empty write transaction; the
+    up-front check writes (and rolls back) so that hours of crafting are not lost at the final store."""
+    import subprocess
+
+    with sqlite3.connect(store.path) as conn:  # everything in the file itself, as a copied database would be
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    if subprocess.run(["chattr", "+i", str(store.path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root and a file system that supports it")
+    crafted: list[int] = []
+    monkeypatch.setattr("deflect.pipeline.transfer_matrix", lambda *a, **k: crafted.append(1))
+    try:
+        _one_line_error(["evaluate", finished, "--attack", "fgsm", "--limit", "10"], "cannot write to database",
+                        "readonly", strict=True)
+    finally:
+        subprocess.run(["chattr", "-i", str(store.path)], check=True)
+    assert crafted == [] and store.evaluations() == []
+
+
 def test_a_locked_database_is_refused_before_any_crafting(store: Store, finished: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import sqlite3
@@ -163,3 +206,11 @@ def test_a_locked_database_is_refused_before_any_crafting(store: Store, finished
         locker.rollback()
         locker.close()
     assert crafted == [] and store.evaluations() == []
+
+
+def test_reproduce_refuses_bad_options_before_creating_anything(tmp_path: Path) -> None:
+    for args, needle in ((["--device", "tpu"], "unknown device 'tpu'"), (["--preset", "nope"], "unknown preset"),
+                         (["--data-dir", "/etc/passwd"], "--data-dir /etc/passwd is not a folder"),
+                         (["--jobs", "0"], "--jobs must be at least 1")):
+        _one_line_error(["reproduce", "--preset", "digits", *args], needle, strict=True)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "deflect.db").exists()

@@ -135,6 +135,15 @@ def test_unreadable_databases_give_one_line(tmp_path: Path) -> None:
     for args in (["runs"], ["train", *TINY], ["dashboard"]):
         _one_line_error([*args, "--db", str(foreign)], "another application's database (tables: foo)", strict=True)
     assert foreign.read_bytes() == before and not Path(f"{foreign}-wal").exists()  # not even switched to WAL
+    damaged = tmp_path / "damaged.db"  # a deflect database whose header is intact and whose pages are not
+    Store(damaged)
+    with sqlite3.connect(damaged) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(damaged.read_bytes())
+    data[4096:] = bytes(range(256)) * ((len(data) - 4096) // 256) + bytes((len(data) - 4096) % 256)
+    damaged.write_bytes(bytes(data))
+    for args in (["runs"], ["dashboard"]):  # the dashboard fails before it draws, not in its header
+        _one_line_error([*args, "--db", str(damaged)], f"database error in {damaged}", "malformed", strict=True)
     _one_line_error(["evaluate", "latest", "--eps", "nan"], "--eps", "finite non-negative")
     _one_line_error(["train", "--lr", "inf"], "lr_max", "finite non-negative")
     _one_line_error(["train", "--w-smooth", "-0.5"], "w_smooth", "finite non-negative")
@@ -329,6 +338,45 @@ def test_tampered_resume_state_and_model_are_refused_by_the_cli(tmp_path: Path, 
     model.write_bytes(bytes(data))
     _one_line_error(["evaluate", run_id, "--attack", "fgsm", "--limit", "10"], "sha256", str(model))
     assert store.evaluations(run_id) == []
+
+
+def test_nan_weights_with_matching_digests_are_refused_naming_the_tensor(store: Store) -> None:
+    """A checkpoint whose digests vouch for NaN weights (deflect's own file from a diverged run, or a
+    hand-made one): refused on load, not turned into meaningless accuracies or a database error."""
+    from deflect.checkpoint import encode_tensors, load_tensors_meta, sha256_bytes, update_manifest
+
+    run_id = _train_tiny()
+    run = store.get_run(run_id)
+    file = model_file(Path(run.run_dir), 1)
+    tensors, meta = load_tensors_meta(file)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    blob = encode_tensors(tensors, meta)
+    file.write_bytes(blob)
+    store.add_checkpoints(run_id, run.epochs_done, {file.name: sha256_bytes(blob)}, Path(run.run_dir))
+    update_manifest(Path(run.run_dir), {file.name: sha256_bytes(blob)})
+    for args in (["evaluate", run_id, "--attack", "fgsm", "--limit", "10"], ["grow", run_id, "--epochs", "1"],
+                 ["simulate", "--adversary", "oracle", "--run", run_id]):
+        _one_line_error(args, str(file), "non-finite", repr(name))
+    assert store.evaluations(run_id) == [] and [r.id for r in store.list_runs()] == [run_id]
+
+
+def test_a_diverging_loss_fails_the_run_with_one_line_not_a_database_error(store: Store,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import deflect.train.disjoint as disjoint
+
+    real = disjoint.method_loss
+
+    def nan_loss(*args: Any, **kwargs: Any) -> Any:
+        total, values = real(*args, **kwargs)
+        return total * float("nan"), {**values, "total": float("nan")}
+
+    monkeypatch.setattr(disjoint, "method_loss", nan_loss)
+    error = _one_line_error(["train", *TINY], "training diverged: the mean loss of epoch 1 is nan")
+    assert "database" not in error
+    (run,) = store.list_runs()
+    assert run.status == "failed" and run.epochs_done == 0 and "diverged" in (run.message or "")
 
 
 def test_killed_train_keeps_a_verified_checkpoint_and_loses_at_most_one_epoch(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ epoch e replays epoch e+1 exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from torch import nn
 
 from deflect.config import TrainConfig
 from deflect.data import ImageTensorDataset
+from deflect.errors import DeflectError
 from deflect.runtime import changes_layout
 from deflect.train.distill import Teacher, distilled
 from deflect.train.distributed import Shard, all_reduce_grads, sharded
@@ -155,6 +157,9 @@ def run_epoch(
                 BatchEvent(epoch, cfg.epochs, b + 1, batches, (b + 1) * len(idx) / max(elapsed, 1e-9), values)
             )
     stats.seconds = time.perf_counter() - start
+    if not math.isfinite(stats.losses.get("total", 0.0)):  # SQLite would store NaN as NULL: say what happened
+        raise DeflectError(f"training diverged: the mean loss of epoch {epoch} is {stats.losses['total']}; "
+                           "the epoch is not saved (a lower --lr may help)")
     return stats
 
 

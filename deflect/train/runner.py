@@ -237,7 +237,7 @@ def train(
             raise DeflectError(f"run {run.id} was grown from {run.config['parent']} by 'deflect grow' and cannot be "
                                f"resumed; grow the parent again")
         cfg = TrainConfig.from_dict(run.config)
-        run_dir = Path(run.run_dir)
+        run_dir = store.writable_run_dir(run)
     elif cfg is None:
         raise DeflectError("train() needs a TrainConfig or a run to resume")
     cfg.validate()

@@ -13,16 +13,16 @@ from textual.message import Message
 from textual.widgets import Footer, Static
 from textual.worker import Worker, get_current_worker
 
-from deflect.store import Evaluation, Run
+from deflect.store import Evaluation, Run, Store
 from deflect.tui.data import MatrixData, load_matrix
 from deflect.tui.screens.polling import PollingScreen
 from deflect.tui.widgets.heatmap import Heatmap
 from deflect.tui.widgets.titlebar import TitleBar
 
 
-def figure_path(run: Run, ev: Evaluation) -> Path:
+def figure_path(store: Store, run: Run, ev: Evaluation) -> Path:
     """Where `e` writes the PNG: the run's figures/ folder, named as `deflect export` names it."""
-    return Path(run.run_dir) / "figures" / f"{run.id}-{ev.kind}-{ev.attack}-{ev.id}.png"
+    return store.writable_run_dir(run) / "figures" / f"{run.id}-{ev.kind}-{ev.attack}-{ev.id}.png"
 
 
 def summary_text(ev: Evaluation) -> str:
@@ -146,8 +146,8 @@ class MatrixScreen(PollingScreen):
     def export(self, run: Run, ev: Evaluation) -> None:
         from deflect.report import heatmap_png
 
-        path = figure_path(run, ev)
         try:
+            path = figure_path(self.app.store, run, ev)  # type: ignore[attr-defined]
             heatmap_png(ev.matrix or [], path, f"{run.id}: {ev.attack}", row_labels=(ev.extra or {}).get("row_labels"))
         except Exception as exc:  # a full disk or unwritable folder: tell the user, keep the dashboard
             self.app.call_from_thread(self.notify, f"export failed: {exc}", severity="error")
