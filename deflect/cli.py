@@ -75,6 +75,7 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _OPENED.clear()  # an earlier command's database (tests, a notebook) is not this one's
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
@@ -830,7 +831,7 @@ class _SimDisplay:
         if not self.console.is_terminal:  # no live table off a terminal (2> log): a line per round, as train's epochs
             rounds = (result.scenario or {}).get("rounds")
             rotated = "; ".join(f"m{e['retired']}→m{e['released']}" for e in played.rotations)
-            self.console.print(f"round {played.round}{f'/{rounds}' if rounds else ''}: sent {played.sent}, "
+            self.console.print(f"{self.title}round {played.round}{f'/{rounds}' if rounds else ''}: sent {played.sent}, "
                                f"void {played.void}, hit {played.succeeded}, deflected {played.deflected} "
                                f"({_pct(played.rate)}%); total {_rate_ci(result)}"
                                f"{f'; rotated {rotated}' if rotated else ''}", highlight=False)
@@ -1077,9 +1078,10 @@ def reproduce(
     from deflect.train import Callbacks, resolve_device
 
     make_plan(preset, quick, width)  # an unknown preset or width, device or data folder: refused before
-    resolve_device(device)  # a folder, a database or a line of work exists
-    if data_dir is not None and not data_dir.is_dir():
-        fail(f"--data-dir {data_dir} is not a folder")
+    if not report_only:  # a folder, a database or a line of work exists (a report alone uses neither)
+        resolve_device(device)
+        if data_dir is not None and not data_dir.is_dir():
+            fail(f"--data-dir {data_dir} is not a folder")
     if jobs < 1:
         fail(f"--jobs must be at least 1, got {jobs}")
     output_folder(out)

@@ -30,6 +30,7 @@ from deflect.data import ImageTensorDataset
 from deflect.errors import DeflectError
 from deflect.inference import bf16_crafting, eval_batch_size, inference_copy, whole_number
 from deflect.runtime import fast_cpu_math
+from deflect.store import EVAL_SEED
 
 __all__ = ["PAPER_SWEEP_EPS", "EnsembleResult", "TransferResult", "ensemble_matrix", "eps_sweep",
            "gradient_signs", "gradient_tsne", "model_subsets", "neighbour_agreement", "select_subset",
@@ -362,7 +363,7 @@ def transfer_matrix(
 
     `workers`: crafting threads on CPU (default: one per torch thread, see :func:`crafting_workers`);
     the matrix does not depend on it. `bf16`: craft under bf16 autocast, recorded in the params as
-    ``precision: bf16`` (float32 results carry no such key), as is a `seed` other than 0.
+    ``precision: bf16`` (float32 results carry no such key), as is a `seed` other than 0 (`EVAL_SEED`).
     """
     models, dev = _prepare(models, device)
     attack = _resolve(attack, dataset, data)
@@ -389,7 +390,7 @@ def with_setting(params: dict[str, Any], bf16: bool, seed: int = 0) -> dict[str,
     """Attack params plus what else decides the figures when it is not the default: the crafting
     precision, and the seed that draws the image subset and the attack's randomness. A stored
     evaluation is reused (simulate's expected figure, reproduce's steps) only where these match."""
-    return {**params, **({"precision": "bf16"} if bf16 else {}), **({"seed": seed} if seed != 0 else {})}
+    return {**params, **({"precision": "bf16"} if bf16 else {}), **({EVAL_SEED: seed} if seed != 0 else {})}
 
 
 def model_subsets(n: int, m: int, max_subsets: int | None = None, seed: int = 0) -> list[tuple[int, ...]]:

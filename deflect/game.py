@@ -26,7 +26,7 @@ from torch import nn
 
 from deflect.attacks import Attack, make_attack
 from deflect.errors import DeflectError
-from deflect.store import Evaluation, largest_by
+from deflect.store import EVAL_SEED, Evaluation, largest_by
 
 FOOLED, DEFLECTED, VOID = "fooled", "deflected", "void"
 MAX_SUBSETS = 5000  # exhaustive search of owned sets up to this many per k, greedy beyond
@@ -276,7 +276,7 @@ def as_crafted(transfer: Sequence[Evaluation], ensemble: Sequence[Evaluation], d
     game crafts it: no ε or step override, no bf16) on the test split, where its images come from;
     of the transfer evaluations, each attack's largest (the newest of equals)."""
     def default(ev: Evaluation) -> bool:
-        params = {k: v for k, v in (ev.params or {}).items() if k not in ("split", "m", "seed")}  # any images
+        params = {k: v for k, v in (ev.params or {}).items() if k not in ("split", "m", EVAL_SEED)}  # any images
         try:
             wanted = make_attack(ev.attack, dataset).params()
         except DeflectError:  # an attack this deflect no longer knows

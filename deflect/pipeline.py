@@ -183,7 +183,7 @@ class RunEvaluator:
         ev = self.store.add_evaluation(
             Evaluation(
                 run_id=self.run.id, kind="tsne", attack="gradient-sign",
-                params={"n_images": n_images, "split": self.split},
+                params=with_setting({"n_images": n_images, "split": self.split}, False, int(self.kw["seed"])),
                 n_examples=int(len(points) // max(len(centroids), 1)), seconds=time.perf_counter() - start,
                 extra={"png": str(path), "separation": _separation(points, owners),
                        "neighbour_agreement": agreement, "chance": chance,

@@ -36,8 +36,9 @@ from deflect.store import HELPER_ROLE_KEY, Run, Store
 POOL_ROLE = "pool"
 POOL_OF = "pool_of"
 LOCK_FD_ENV = "DEFLECT_POOL_LOCK_FD"  # a refill's child: the descriptor of the pool lock it inherited
-# added to a pool model's seed, so that no plain grow's model is a pool model; 2^31, because torch's CPU
-# generator keeps only a seed's low 32 bits, and plain seeds (seed·1000 + index) stay below it
+# added to a pool model's seed, so that no plain grow's model is a pool model: 2^31, because torch's CPU
+# generator keeps only a seed's low 32 bits, which still differ by 2^31 (as the epoch generators' seeds
+# do, 100003 being odd) for the same --seed
 POOL_SEED_STREAM = 1 << 31
 
 

@@ -30,7 +30,7 @@ from deflect.config import TrainConfig, make_config, preset_dataset, same_recipe
 from deflect.errors import DeflectError
 from deflect.pipeline import RunEvaluator
 from deflect.report import curves_png, markdown_table
-from deflect.store import Evaluation, Run, Store
+from deflect.store import EVAL_SEED, Evaluation, Run, Store
 from deflect.train import Callbacks, train
 from deflect.train.grow_run import GrowCallbacks, grow
 
@@ -243,7 +243,7 @@ def _grow_set(store: Store, spec: SetSpec, tag: str, parent: Run, device: str, u
 
 def _of_record(ev: Evaluation) -> bool:
     """An evaluation the report may use: on the test split, crafted in float32 with seed 0, as the plan crafts."""
-    return ev.params.get("split", "test") == "test" and "precision" not in ev.params and "seed" not in ev.params
+    return ev.params.get("split", "test") == "test" and "precision" not in ev.params and EVAL_SEED not in ev.params
 
 
 def _has(store: Store, run: Run, kind: str, attack: str, n_examples: int, m: int | None = None) -> Evaluation | None:

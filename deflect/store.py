@@ -273,7 +273,8 @@ class Store:
             try:
                 cursor.execute(f"PRAGMA user_version = {int(version)}")
             finally:
-                cursor.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.OperationalError):  # a failed write may have ended it already
+                    cursor.execute("ROLLBACK")
         except sqlite3.OperationalError as exc:
             raise DeflectError(f"cannot write to database {self.path}: {exc}") from exc
         finally:
@@ -320,7 +321,7 @@ class Store:
         (`_located`); reading it is harmless, but writing would change files another database's
         digests vouch for, and that run would then fail its checks there."""
         folder, root = Path(run.run_dir).resolve(), self.runs_root.resolve()
-        if not folder.is_relative_to(root):
+        if (self.runs_root / run.id).resolve() != folder and not folder.is_relative_to(root):  # a link is its own
             raise DeflectError(f"run {run.id}'s folder {folder} is outside this database's runs folder {root}, and "
                                f"deflect writes only there; if the folder is this database's, set "
                                f"DEFLECT_RUNS={folder.parent}")
@@ -531,10 +532,14 @@ def largest_by(evaluations: Iterable[Evaluation], key: Callable[[Evaluation], K]
     return chosen
 
 
+EVAL_SEED = "eval_seed"  # the params key of an evaluation's seed other than 0 (`seed` is an attack's own: Square's)
+
+
 def settings_key(ev: Evaluation) -> str:
-    """An evaluation's attack settings (ε, steps, precision, ...) as a comparable key; the split is
-    where it was measured, not what."""
-    return json.dumps({k: v for k, v in (ev.params or {}).items() if k != "split"}, sort_keys=True)
+    """An evaluation's attack settings (ε, steps, precision, ...) as a comparable key; the split and
+    the evaluation's seed say where it was measured (which images), not what."""
+    return json.dumps({k: v for k, v in (ev.params or {}).items() if k not in ("split", EVAL_SEED)},
+                      sort_keys=True)
 
 
 def is_helper_run(run: Run) -> bool:

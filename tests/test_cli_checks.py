@@ -186,6 +186,18 @@ def test_an_immutable_database_is_refused_before_any_crafting(store: Store, fini
     assert crafted == [] and store.evaluations() == []
 
 
+def test_a_run_folder_moved_away_and_linked_back_stays_writable(tmp_path: Path, store: Store, finished: str) -> None:
+    elsewhere = tmp_path / "other-disk"
+    elsewhere.mkdir()
+    beside = store.runs_root / finished
+    shutil.move(str(beside), elsewhere / finished)
+    beside.symlink_to(elsewhere / finished)
+    assert store.writable_run_dir(store.get_run(finished)) == (elsewhere / finished).resolve()
+    result = runner.invoke(app, ["evaluate", finished, "--attack", "fgsm", "--limit", "10"])
+    assert result.exit_code == 0, result.output
+    assert list((elsewhere / finished / "figures").glob("transfer-fgsm-*.png"))
+
+
 def test_a_locked_database_is_refused_before_any_crafting(store: Store, finished: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import sqlite3
@@ -214,3 +226,6 @@ def test_reproduce_refuses_bad_options_before_creating_anything(tmp_path: Path) 
                          (["--jobs", "0"], "--jobs must be at least 1")):
         _one_line_error(["reproduce", "--preset", "digits", *args], needle, strict=True)
     assert not (tmp_path / "results").exists() and not (tmp_path / "deflect.db").exists()
+    Store(tmp_path / "deflect.db")  # a report alone neither trains nor reads data: device and folder are not its
+    _one_line_error(["reproduce", "--preset", "digits", "--report-only", "--device", "cuda", "--data-dir", "/nowhere"],
+                    "no set of the digits reproduction is finished", strict=True)

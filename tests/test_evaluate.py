@@ -244,3 +244,12 @@ def test_export_lays_out_an_eps_sweep_by_eps() -> None:
     assert [r["eps"] for r in rows if r["kind"] == "outside"] == ["0.15", "0.15"]
     md = export_run(run, [sweep, outside], "md")
     assert "| 0.0948 | 80.0 | 85.0 |" in md and "| 0.15 | 60.0 | 70.0 |" in md and "\nm: 0\n" in md
+
+
+def test_an_evaluation_seed_is_its_own_key_beside_an_attacks_seed() -> None:
+    """Square has a `seed` of its own; the evaluation's seed (images and attack noise) never replaces it."""
+    from deflect.evaluate import with_setting
+
+    square = make_attack("square", "digits").params()
+    assert with_setting(square, False, 7) == {**square, "eval_seed": 7} and square["seed"] == 0
+    assert with_setting(square, True, 0) == {**square, "precision": "bf16"}  # defaults leave no key

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from deflect.cli import app
 from deflect.scenario import Scenario, load_scenario, with_overrides
 from deflect.simulate import SimulationResult, simulate, wilson_interval
-from deflect.store import Store
+from deflect.store import Store, settings_key
 
 runner = CliRunner()
 ADVERSARIES = ("static", "skilled", "oracle")
@@ -245,13 +245,15 @@ def test_expected_figure_reuses_only_an_evaluation_of_the_same_images(tmp_path: 
     store = Store(tmp_path / "deflect.db")
     run = train(tiny_config(n=2, epochs=1), store)
     _, seeded = RunEvaluator(store, run, limit=100, seed=7).transfer("pgd1")
-    assert seeded.params["seed"] == 7
+    assert seeded.params["eval_seed"] == 7
     scenario = with_overrides(Scenario(), adversary="skilled", run=run, rounds=1, per_round=20, limit=100,
                               attack="pgd1")
     first = simulate(store, scenario, key_path=key_file, save=False)
     assert first.expected_source.endswith("(computed now)") and str(seeded.id) not in first.expected_source
     stored = store.evaluations(run, "transfer")[-1]
-    assert "seed" not in stored.params  # seed 0, the simulation's images: the key is left out, as float32 is
+    assert "eval_seed" not in stored.params  # seed 0, the simulation's images: the key is left out, as float32 is
+    # the same attack settings measured on other images: one setting where the largest evaluation speaks for it
+    assert settings_key(seeded) == settings_key(stored) and store.worst_blackbox()[run].n_examples == 100
     again = simulate(store, scenario, key_path=key_file, save=False)
     assert again.expected_source == f"transfer evaluation {stored.id}"
 

@@ -183,6 +183,7 @@ def _recipe(transfer_batch: int | None, transfer_steps: int | None, transfer_ref
 
 
 def _grown_config(parent: Run, add: int, epochs: int | None, device: str, recipe: dict[str, Any]) -> TrainConfig:
+    """The grown set's config: the parent's recipe with `recipe`'s fields, checked."""
     if parent.status != "finished":
         raise DeflectError(f"run {parent.id} is {parent.status}; only a finished set can be grown")
     base_cfg = TrainConfig.from_dict(parent.config)
@@ -197,12 +198,14 @@ def check_grow(
     transfer_steps: int | None = None, transfer_refine: float | None = None, pair_scale: float | None = None,
     teacher: str | None = None, distill_alpha: float | None = None, distill_temperature: float | None = None,
 ) -> None:
-    """Every check `grow` makes before it trains, without training: `deflect grow --refill` runs them
-    before it starts its background process, so a bad option is an error there, not a line in a log."""
+    """`grow`'s checks of its options, the parent and the recipe, the device and the teacher, without
+    training: `deflect grow --refill` runs them before it starts its background process, so a bad
+    option is an error there, not a line in a log. (The parent's files are read, and checked, by the grow.)"""
     _check_options(add, sample, epochs, pair_scale, teacher, distill_alpha, distill_temperature)
     parent = _growable(store, parent_ref, add, pool)
     if pool:
-        parent = current_pool(store, pool_base(store, parent).id) or pool_base(store, parent)
+        base = pool_base(store, parent)
+        parent = current_pool(store, base.id) or base
     recipe = _recipe(transfer_batch, transfer_steps, transfer_refine, teacher, distill_alpha, distill_temperature)
     cfg = _grown_config(parent, add, epochs, device, recipe)
     resolve_device(device)

@@ -51,7 +51,7 @@ def load_setup(store: Any, run_id: str) -> GameSetup:
     run = store.run_readonly(run_id)
     if run is None:
         raise DeflectError(f"run {run_id} is no longer in the database")
-    refuse_pool(run, f"play against run {run.config.get(POOL_OF)}")
+    refuse_pool(run, f"play against run {(run.config or {}).get(POOL_OF)}")
     table = SuccessTable.from_evaluations(*as_crafted(store.evaluations(run_id, "transfer"),
                                                       store.evaluations(run_id, "ensemble"), run.dataset))
     if not table.attacks:
