@@ -1073,6 +1073,7 @@ def reproduce(
     Example: deflect reproduce --preset fashion-mnist --quick
     """
     from deflect.console import err_console, training_progress
+    from deflect.jobs import check_jobs
     from deflect.reproduce import make_plan
     from deflect.reproduce import reproduce as run_reproduction
     from deflect.train import Callbacks, resolve_device
@@ -1082,8 +1083,7 @@ def reproduce(
         resolve_device(device)
         if data_dir is not None and not data_dir.is_dir():
             fail(f"--data-dir {data_dir} is not a folder")
-    if jobs < 1:
-        fail(f"--jobs must be at least 1, got {jobs}")
+    check_jobs(jobs)
     output_folder(out)
     store = open_store(db, create=True)
     progress = training_progress(err_console)

@@ -104,11 +104,15 @@ def _interrupt(pool: ProcessPoolExecutor) -> None:
                 os.kill(process.pid, signal.SIGINT)
 
 
+def check_jobs(jobs: int) -> None:
+    if jobs < 1:
+        raise DeflectError(f"--jobs must be at least 1, got {jobs}")
+
+
 def run_sets(store: Store, plan: Plan, device: str, data_dir: str | None, jobs: int,
              callbacks_for: Callable[[str], Callbacks], say: Callable[[str], None] | None = None) -> dict[str, Run]:
     """Every set of `plan`, finished and evaluated, using `jobs` worker processes; keyed by label."""
-    if jobs < 1:
-        raise DeflectError(f"--jobs must be at least 1, got {jobs}")
+    check_jobs(jobs)
     ctx = mp.get_context("spawn")  # fork would copy the parent's torch threads and open database handles
     events = ctx.Queue()
     runs: dict[str, Run] = {}

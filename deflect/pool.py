@@ -47,10 +47,12 @@ def is_pool(run: Run) -> bool:
 
 
 def refuse_pool(run: Run, instead: str) -> None:
-    """A pool run's models past its set's own are unreleased: refused wherever a set is used as released."""
+    """A pool run's models past its set's own are unreleased: refused wherever a set is used as released.
+    `instead` says what to do, `{base}` standing for the set's id."""
     if is_pool(run):
-        raise DeflectError(f"run {run.id} is the pool of run {run.config[POOL_OF]}: its models past the set's own "
-                           f"are unreleased; {instead}")
+        base = run.config[POOL_OF]
+        raise DeflectError(f"run {run.id} is the pool of run {base}: its models past the set's own are unreleased; "
+                           f"{instead.format(base=base)}")
 
 
 def pool_base(store: Store, run: Run) -> Run:

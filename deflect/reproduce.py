@@ -28,6 +28,7 @@ import torch
 from deflect.attacks import CIFAR10_LINF_EPS, budget_for
 from deflect.config import TrainConfig, make_config, preset_dataset, same_recipe
 from deflect.errors import DeflectError
+from deflect.jobs import check_jobs
 from deflect.pipeline import RunEvaluator
 from deflect.report import curves_png, markdown_table
 from deflect.store import EVAL_SEED, Evaluation, Run, Store
@@ -295,8 +296,7 @@ def reproduce(store: Store, preset: str, *, quick: bool = False, out: Path = Pat
     `callbacks_for(label)` gives each set its own callbacks (a bar per set); else `callbacks` serve all.
     `report_only` trains and evaluates nothing: the report shows what is stored and lists the rest as pending.
     `width` trains the plan's small CNNs at that width (`make_plan`)."""
-    if jobs < 1:
-        raise DeflectError(f"--jobs must be at least 1, got {jobs}")
+    check_jobs(jobs)
     plan = plan or make_plan(preset, quick, width)
     per_set = callbacks_for or (lambda label: callbacks or Callbacks())
     start = time.perf_counter()

@@ -43,7 +43,7 @@ from deflect.evaluate import craft_and_score, select_subset, success_percent, tr
 from deflect.helper_runs import helper_run
 from deflect.inference import inference_copy
 from deflect.pipeline import store_transfer
-from deflect.pool import POOL_OF, current_pool, refuse_pool
+from deflect.pool import current_pool, refuse_pool
 from deflect.runtime import fast_cpu_math
 from deflect.scenario import Scenario
 from deflect.sets import load_set
@@ -336,7 +336,7 @@ def resolve_run(store: Store, ref: str | None) -> Run:
             raise DeflectError(f"no finished disjoint run in {store.path}; train one with 'deflect train' "
                                f"or pass --run")
         run = found
-    refuse_pool(run, f"simulate run {(run.config or {}).get(POOL_OF)} (a staged release draws on its pool)")
+    refuse_pool(run, "simulate run {base} (a staged release draws on its pool)")
     if not run.epochs_done:
         raise DeflectError(f"run {run.id} has no saved epoch yet ({run.status})")
     return run

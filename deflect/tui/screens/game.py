@@ -45,13 +45,13 @@ def load_setup(store: Any, run_id: str) -> GameSetup:
     from deflect.data import load_dataset
     from deflect.errors import DeflectError
     from deflect.evaluate import select_subset
-    from deflect.pool import POOL_OF, refuse_pool
+    from deflect.pool import refuse_pool
     from deflect.sets import load_set
 
     run = store.run_readonly(run_id)
     if run is None:
         raise DeflectError(f"run {run_id} is no longer in the database")
-    refuse_pool(run, f"play against run {(run.config or {}).get(POOL_OF)}")
+    refuse_pool(run, "play against run {base}")
     table = SuccessTable.from_evaluations(*as_crafted(store.evaluations(run_id, "transfer"),
                                                       store.evaluations(run_id, "ensemble"), run.dataset))
     if not table.attacks:

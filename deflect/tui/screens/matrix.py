@@ -22,7 +22,9 @@ from deflect.tui.widgets.titlebar import TitleBar
 
 def figure_path(store: Store, run: Run, ev: Evaluation) -> Path:
     """Where `e` writes the PNG: the run's figures/ folder, named as `deflect export` names it."""
-    return store.writable_run_dir(run) / "figures" / f"{run.id}-{ev.kind}-{ev.attack}-{ev.id}.png"
+    from deflect.pipeline import figures_dir  # torch and the attacks, only when a PNG is asked for
+
+    return figures_dir(store, run) / f"{run.id}-{ev.kind}-{ev.attack}-{ev.id}.png"
 
 
 def summary_text(ev: Evaluation) -> str:
