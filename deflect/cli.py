@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -369,7 +370,9 @@ def grow(
 
     Each new model trains against the frozen models before it (transfer terms both ways and the
     angular term, with the parent's weights and schedule). The grown set is a new run that records
-    its parent. Example: deflect grow latest --add 3 ; deflect grow RUN --refill 4
+    its parent.
+
+    Example: deflect grow latest --add 3 ; deflect grow RUN --refill 4
     """
     from deflect.console import err_console, format_epoch, format_losses, grow_progress
     from deflect.store import run_to_dict
@@ -1231,6 +1234,18 @@ def bench(
     console.print("transfer matrix (images/s): " + "  ".join(f"{k} {v:.1f}" for k, v in result.matrix.items()))
     console.print("ratios: " + "  ".join(f"{k} {v:.2f}" for k, v in result.ratios.items()))
     console.print(f"peak memory: {result.peak_memory_mb:.0f} MiB")
+
+
+def _reflow_help() -> None:
+    """Join each help paragraph's source lines: Typer's rich help keeps a docstring's line breaks,
+    so a long source line wrapped at the terminal's width left ragged lines under it."""
+    for info in app.registered_commands:
+        doc = inspect.getdoc(info.callback) if info.help is None and info.callback else None
+        if doc:
+            info.help = "\n\n".join(" ".join(p.split("\n")) for p in doc.split("\n\n"))
+
+
+_reflow_help()
 
 
 def main() -> None:

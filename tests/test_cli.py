@@ -228,3 +228,17 @@ else:
     assert done.returncode == 0, done.stderr
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "deflect"]
     assert script.value == "deflect.launch:main"  # the entry point that owns the Ctrl-C handler
+
+
+def test_command_help_paragraphs_flow_at_any_width() -> None:
+    """A docstring's source line breaks must not survive into the help: at 200 columns a paragraph
+    that spans several source lines is one line, at 80 it wraps without ragged short lines."""
+    from deflect.cli import app
+
+    wide = CliRunner().invoke(app, ["grow", "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert wide.exit_code == 0
+    assert any("The grown set is a new run that records its parent." in line for line in wide.output.splitlines())
+    narrow = CliRunner().invoke(app, ["evaluate", "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    lines = [line.strip() for line in narrow.output.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("Example:"))
+    assert len(lines[start]) > 60, lines[start: start + 3]  # filled to the width, not cut at a source break
