@@ -721,7 +721,7 @@ def compare(
         fail(f"unknown --metric {metric!r}; choose blackbox or whole-set")
     store = open_store(db)
     records = [store.get_run(r) for r in runs]
-    evals = {r.id: latest_per_attack(store.evaluations(r.id)) for r in records}
+    evals = {r.id: latest_per_attack(store.evaluations(r.id), r.config.get("dataset")) for r in records}
     header, rows = comparison_rows(records, evals, metric)
     if as_json:  # "rows" as printed, "values" as numbers for jq and notebooks
         typer.echo(json.dumps({"metric": metric, "header": header, "rows": rows, "runs": [r.id for r in records],

@@ -13,6 +13,7 @@ whole-set (Table 4) accuracy per attack, the m-of-n ensemble attack (Table 5), t
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import shutil
@@ -25,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from deflect.attacks import CIFAR10_LINF_EPS, budget_for
+from deflect.attacks import CIFAR10_LINF_EPS, budget_for, default_params
 from deflect.config import TrainConfig, make_config, preset_dataset, same_recipe
 from deflect.errors import DeflectError
 from deflect.jobs import check_jobs
 from deflect.pipeline import RunEvaluator
 from deflect.report import curves_png, markdown_table
-from deflect.store import EVAL_SEED, Evaluation, Run, Store
+from deflect.store import EVAL_SEED, Evaluation, Run, Store, settings_key
 from deflect.train import Callbacks, train
 from deflect.train.grow_run import GrowCallbacks, grow
 
@@ -242,14 +243,36 @@ def _grow_set(store: Store, spec: SetSpec, tag: str, parent: Run, device: str, u
     return store.get_run(run_id)
 
 
-def _of_record(ev: Evaluation) -> bool:
-    """An evaluation the report may use: on the test split, crafted in float32 with seed 0, as the plan crafts."""
-    return ev.params.get("split", "test") == "test" and "precision" not in ev.params and EVAL_SEED not in ev.params
+def sweep_eps(plan: Plan) -> list[float]:
+    """The ε values of the plan's sweep: a quarter of the preset's ε up to twice it."""
+    eps = CIFAR10_LINF_EPS * budget_for(plan.dataset).linf_scale
+    return [round(eps * f, 5) for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)]
 
 
-def _has(store: Store, run: Run, kind: str, attack: str, n_examples: int, m: int | None = None) -> Evaluation | None:
+def _plan_settings(plan: Plan, kind: str, attack: str, m: int | None) -> str:
+    """The settings key (`settings_key`) of the evaluation the plan itself would store."""
+    if kind == "eps-sweep":
+        params: dict[str, Any] = {"steps": plan.sweep_steps, "eps": sweep_eps(plan)}
+    elif kind == "tsne":
+        params = {"n_images": plan.tsne_images}
+    else:
+        params = {**default_params(attack, plan.dataset), **({"m": m} if kind == "ensemble" else {})}
+    return json.dumps(params, sort_keys=True)
+
+
+def _of_record(ev: Evaluation, plan: Plan) -> bool:
+    """An evaluation the report may use: the plan's own settings (a user's `--eps`/`--steps` override or an
+    earlier attack default is another measurement), on the test split, crafted in float32 with seed 0."""
+    if ev.params.get("split", "test") != "test" or "precision" in ev.params or EVAL_SEED in ev.params:
+        return False
+    m = (ev.extra or {}).get("m") if ev.kind == "ensemble" else None
+    return settings_key(ev) == _plan_settings(plan, ev.kind, ev.attack, m)
+
+
+def _has(store: Store, plan: Plan, run: Run, kind: str, attack: str, n_examples: int,
+         m: int | None = None) -> Evaluation | None:
     for ev in reversed(store.evaluations(run.id, kind)):
-        if ev.attack == attack and _of_record(ev) and (
+        if ev.attack == attack and _of_record(ev, plan) and (
                 m is None or (ev.extra or {}).get("m") == m) and (kind in ("eps-sweep", "tsne") or ev.n_examples
                                                                    == n_examples):
             return ev
@@ -262,23 +285,24 @@ def evaluate_set(store: Store, plan: Plan, spec: SetSpec, run: Run, device: str,
     count = min(plan.limit, len(ev.test))
     attacks = (plan.ablation_attack,) if spec.ablation else plan.attacks
     for attack in attacks:
-        if not _has(store, run, "transfer", attack, count):
+        if not _has(store, plan, run, "transfer", attack, count):
             if say:
                 say(f"{spec.label}: {attack} transfer matrix")
             ev.transfer(attack)
     if spec.ablation:
         return
     for m in range(2, run.n):
-        if not _has(store, run, "ensemble", ENSEMBLE_ATTACK, count, m):
+        if not _has(store, plan, run, "ensemble", ENSEMBLE_ATTACK, count, m):
             if say:
                 say(f"{spec.label}: pgd2 on every {m}-model ensemble")
             ev.ensemble(ENSEMBLE_ATTACK, m, max_subsets=None if run.n <= 5 else 8)
-    if not _has(store, run, "eps-sweep", "pgd-sweep", count):
-        eps = CIFAR10_LINF_EPS * budget_for(plan.dataset).linf_scale
+    if not _has(store, plan, run, "eps-sweep", "pgd-sweep", count):
+        eps = sweep_eps(plan)
         if say:
-            say(f"{spec.label}: ε sweep to {2 * eps:g}")
-        ev.sweep([round(eps * f, 5) for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)], plan.sweep_steps)
-    if spec.method in ("disjoint", "independent") and run.n == 3 and not _has(store, run, "tsne", "gradient-sign", 0):
+            say(f"{spec.label}: ε sweep to {eps[-1]:g}")
+        ev.sweep(eps, plan.sweep_steps)
+    if (spec.method in ("disjoint", "independent") and run.n == 3
+            and not _has(store, plan, run, "tsne", "gradient-sign", 0)):
         if say:
             say(f"{spec.label}: gradient t-SNE")
         ev.tsne(plan.tsne_images)
@@ -329,10 +353,11 @@ def _pct(v: float | None, std: float | None = None) -> str:
     return f"{v:.1f} ± {std:.1f}" if std is not None else f"{v:.1f}"
 
 
-def _newest(store: Store, run: Run, kind: str) -> dict[str, Evaluation]:
+def _newest(store: Store, plan: Plan, run: Run, kind: str) -> dict[str, Evaluation]:
+    """Per attack (per attack and m for ensembles), the newest evaluation at the plan's own settings."""
     out: dict[str, Evaluation] = {}
     for ev in store.evaluations(run.id, kind):
-        if _of_record(ev):
+        if _of_record(ev, plan):
             key = ev.attack if kind != "ensemble" else f"{ev.attack}/m{(ev.extra or {}).get('m')}"
             out[key] = ev
     return out
@@ -370,7 +395,7 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
     plan = dataclasses.replace(plan, sets=tuple(s for s in plan.sets if s.label in runs))
     main = [s for s in plan.sets if not s.ablation]
     ablations = [s for s in plan.sets if s.ablation]
-    transfer = {label: _newest(store, run, "transfer") for label, run in runs.items()}
+    transfer = {label: _newest(store, plan, run, "transfer") for label, run in runs.items()}
     train_min = sum(run.seconds for run in runs.values()) / 60
     evaluations = [ev for run in runs.values() for ev in store.evaluations(run.id)]
     eval_min = sum(ev.seconds for ev in evaluations) / 60
@@ -423,7 +448,7 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
     rows = []
     sizes = range(2, max((runs[s.label].n for s in main), default=2))
     for spec in main:
-        ens = _newest(store, runs[spec.label], "ensemble")
+        ens = _newest(store, plan, runs[spec.label], "ensemble")
         cells = [spec.label]
         for m in sizes:
             ev = ens.get(f"{ENSEMBLE_ATTACK}/m{m}")
@@ -454,7 +479,7 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
     eps_header: list[float] = []
     rows = []
     for spec in main:
-        sweep = _newest(store, runs[spec.label], "eps-sweep").get("pgd-sweep")
+        sweep = _newest(store, plan, runs[spec.label], "eps-sweep").get("pgd-sweep")
         if sweep and sweep.matrix:
             eps = [r[0] for r in sweep.matrix]
             bb = [r[1] for r in sweep.matrix]
@@ -467,7 +492,7 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
     lines += _beyond_budget(plan, runs, sweeps, transfer)
     tsne = []
     for spec in main:
-        ev = _newest(store, runs[spec.label], "tsne").get("gradient-sign")
+        ev = _newest(store, plan, runs[spec.label], "tsne").get("gradient-sign")
         if ev:
             png = Path((ev.extra or {}).get("png", ""))
             name = f"{plan.name}-tsne-{spec.method}-n{spec.n}.png"
@@ -521,7 +546,7 @@ def _figure6(store: Store, plan: Plan, runs: dict[str, Run],
         single = transfer[spec.label].get(ENSEMBLE_ATTACK)
         if single is not None and single.whole_set_mean is not None:
             points[1] = single.whole_set_mean
-        ens = _newest(store, runs[spec.label], "ensemble")
+        ens = _newest(store, plan, runs[spec.label], "ensemble")
         for m in range(2, runs[spec.label].n):
             ev = ens.get(f"{ENSEMBLE_ATTACK}/m{m}")
             if ev is not None and ev.whole_set_mean is not None:
@@ -692,7 +717,7 @@ def _targets(store: Store, plan: Plan, runs: dict[str, Run], transfer: dict[str,
         single = transfer[spec.label].get(ENSEMBLE_ATTACK)
         if single is not None and single.blackbox_mean is not None:
             unowned[1] = single.blackbox_mean
-        for key, ev in _newest(store, runs[spec.label], "ensemble").items():
+        for key, ev in _newest(store, plan, runs[spec.label], "ensemble").items():
             m, value = (ev.extra or {}).get("m"), (ev.extra or {}).get("mean_unowned")
             if key.startswith(f"{ENSEMBLE_ATTACK}/") and isinstance(m, int) and m < spec.n and value is not None:
                 unowned[m] = value

@@ -472,12 +472,14 @@ class Store:
         """Each run's headline black-box accuracy: the lowest over the attacks it was evaluated with.
 
         A defence is as strong as the strongest attack against it (RobustBench reports the minimum
-        over attacks too), so the highest figure would flatter a set. An attack is its name and
-        settings (ε, steps, ...; not the split), and counts at its largest stored evaluation, the
-        newest of equals: a 1-image check (`simulate --limit 1`) does not stand in for the same
+        over attacks too), so the highest figure would flatter a set. Only test-split evaluations
+        count: the validation split is where recipes are chosen, not where a set is reported. An
+        attack is its name and settings (ε, steps, ...), and counts at its largest stored evaluation,
+        the newest of equals: a 1-image check (`simulate --limit 1`) does not stand in for the same
         attack measured on 1000 images.
         """
-        chosen = largest_by((ev for ev in self.evaluations(kind="transfer") if ev.blackbox_mean is not None),
+        chosen = largest_by((ev for ev in self.evaluations(kind="transfer")
+                             if ev.blackbox_mean is not None and (ev.params or {}).get("split", "test") == "test"),
                             lambda ev: (ev.run_id, ev.attack, settings_key(ev)))
         worst: dict[str, BlackboxFigure] = {}
         for (run_id, attack, settings), ev in chosen.items():

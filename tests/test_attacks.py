@@ -7,6 +7,7 @@ rate and not be worse on distortion.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -238,7 +239,7 @@ def _success_and_dist(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor):
 def test_cw_agrees_with_torchattacks(model: nn.Module, batch) -> None:
     x, y = batch
     a, b = _both(
-        CW(c=1.0, kappa=0.0, steps=100),
+        CW(c=1.0, kappa=0.0, steps=100, unfooled="clean"),
         torchattacks.CW(model, c=1, kappa=0, steps=100),
         model,
         x,
@@ -266,7 +267,7 @@ def _eaden(model: nn.Module, c: float, steps: int):
 def test_ead_agrees_with_torchattacks(model: nn.Module, batch) -> None:
     x, y = batch
     a, b = _both(
-        EAD(c=20.0, kappa=0.0, beta=0.01, steps=100), _eaden(model, 20.0, 100), model, x, y
+        EAD(c=20.0, kappa=0.0, beta=0.01, steps=100, unfooled="clean"), _eaden(model, 20.0, 100), model, x, y
     )
     sa, _, l1a = _success_and_dist(model, x, a, y)
     sb, _, l1b = _success_and_dist(model, x, b, y)
@@ -292,13 +293,14 @@ def test_ead_equals_torchattacks_without_its_aliasing_bug(
     )
     monkeypatch.setattr(eaden, "nn", fixed_nn)
     x, y = batch
-    a, b = _both(EAD(c=c, kappa=0.0, beta=0.01, steps=50), _eaden(model, c, 50), model, x, y)
+    a, b = _both(EAD(c=c, kappa=0.0, beta=0.01, steps=50, unfooled="clean"), _eaden(model, c, 50), model, x, y)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert _accuracy(model, a, y) <= 0.1
 
 
 @pytest.mark.parametrize(
-    "atk", [CW(c=1.0, kappa=2.0, steps=100), EAD(c=10.0, kappa=2.0, steps=100)], ids=["cw", "ead"]
+    "atk", [CW(c=1.0, kappa=2.0, steps=100, unfooled="clean"), EAD(c=10.0, kappa=2.0, steps=100, unfooled="clean")],
+    ids=["cw", "ead"],
 )
 def test_cw_ead_keep_clean_failures_and_respect_margin(atk, model: nn.Module, batch) -> None:
     x, y = batch
@@ -311,6 +313,36 @@ def test_cw_ead_keep_clean_failures_and_respect_margin(atk, model: nn.Module, ba
     assert changed.float().mean() >= 0.5
     assert (other[changed] - true[changed] >= atk.kappa - 1e-4).all()
     assert torch.equal(x_adv[~changed], x[~changed])
+
+
+@pytest.mark.parametrize("cls", [CW, EAD], ids=["cw", "ead"])
+def test_cw_ead_return_the_last_iterate_of_samples_never_fooled(cls, model: nn.Module, batch) -> None:
+    """Table 1's high-κ settings rarely reach their margin with one constant c: as in the paper's
+    released code, such a sample comes back as the last iterate, which still moves the model;
+    samples fooled with the margin keep their best iterate either way."""
+    x, y = batch
+    atk = cls(c=1.0, kappa=40.0, steps=60, early_stop=False)
+    last = atk(model, x, y)
+    clean = dataclasses.replace(atk, unfooled="clean")(model, x, y)
+    with torch.no_grad():
+        z = model(clean)
+    true = z.gather(1, y[:, None]).squeeze(1)
+    other = z.masked_fill(F.one_hot(y, 10).bool(), -math.inf).amax(1)
+    reached = (clean != x).flatten(1).any(1)
+    assert (other[reached] - true[reached] >= 40.0 - 1e-4).all()
+    assert (~reached).float().mean() >= 0.5  # the margin is out of reach for most samples
+    assert torch.equal(last[reached], clean[reached])
+    assert (last[~reached] != x[~reached]).flatten(1).any(1).all()
+    assert float(last.min()) >= 0.0 and float(last.max()) <= 1.0
+    # the last iterates lower the model's margin on its true class: an attack, not the clean image
+    assert _accuracy(model, last, y) < _accuracy(model, clean, y) - 0.3
+
+
+def test_unfooled_is_checked() -> None:
+    with pytest.raises(DeflectError, match="unfooled must be one of last, clean, got 'best'"):
+        CW(unfooled="best")
+    assert make_attack("cw2").params()["unfooled"] == "last"
+    assert make_attack("ead2").params()["unfooled"] == "last"
 
 
 def test_cw_margin_makes_it_harder(model: nn.Module, batch) -> None:

@@ -84,6 +84,8 @@ def test_runs_shows_the_lowest_black_box_accuracy_over_attacks(tmp_path: Path) -
     transfer("digits-disjoint-n3-aaaaaa", "pgd1", 100.0, 1, split="val")  # the same attack on another split
     transfer("digits-disjoint-n3-aaaaaa", "cw2", 0.0, 1)
     transfer("digits-disjoint-n3-aaaaaa", "cw2", 79.25, 500)  # newer and larger: it replaces the 1-image row
+    transfer("digits-disjoint-n3-aaaaaa", "cw2", 95.0, 2000, split="val")  # larger, but not the test split
+    transfer("digits-disjoint-n3-aaaaaa", "mifgsm1", 60.0, 1000, split="val")  # measured on validation images only
     rows = {r["id"]: r for r in json.loads(runner.invoke(app, ["runs", "--json"]).stdout)}
     first, second = rows["digits-disjoint-n3-aaaaaa"], rows["digits-disjoint-n3-bbbbbb"]
     worst = (first["worst_blackbox"], first["worst_blackbox_attack"], first["worst_blackbox_images"])

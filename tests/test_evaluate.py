@@ -193,6 +193,12 @@ def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
     assert sorted(f.name for f in figures.glob("transfer-pgd1-*.png")) == sorted(
         f"transfer-pgd1-{r.id}.png" for r in Store(tmp_path / "deflect.db").evaluations(run_id) if r.attack == "pgd1")
     assert len(list(figures.glob("transfer-pgd1-*.png"))) == 2
+    small = runner.invoke(app, ["evaluate", run_id, "--attack", "pgd1", "--limit", "5"])
+    assert small.exit_code == 0, small.output
+    # compare keeps Table 1's pgd1 on 50 images: not the newer --eps 0.05 row, nor the 5-image check
+    paper = [r for r in Store(tmp_path / "deflect.db").evaluations(run_id) if r.attack == "pgd1"][0]
+    values = json.loads(runner.invoke(app, ["compare", run_id, "--json"]).stdout)["values"]
+    assert values[1]["attack"] == "pgd1" and values[1]["cells"][0]["mean"] == paper.blackbox_mean
 
 
 @pytest.mark.parametrize(

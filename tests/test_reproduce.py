@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from deflect.cli import app
 from deflect.errors import DeflectError
+from deflect.pipeline import RunEvaluator
 from deflect.reproduce import SetSpec, make_plan, reproduce
 from deflect.store import Store
 from deflect.train import Callbacks
@@ -95,6 +96,24 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
     before = len(store.evaluations())
     reproduce(store, "digits", out=tmp_path / "results", plan=plan, say=said.append)
     assert len(store.list_runs()) == 5 and len(store.evaluations()) == before  # nothing redone
+
+    # a user's own evaluations at other settings, newer than the plan's: the report keeps the plan's
+    # numbers and ε columns, and an override at the plan's size does not pass for the plan's evaluation
+    user = RunEvaluator(store, runs[1].id, limit=plan.limit)
+    user.transfer("fgsm", {"eps": 0.01})
+    user.transfer("fgm", {"eps": 0.05})
+    user.sweep([0.05, 0.1, 0.2], 2)
+    said.clear()
+    again = reproduce(store, "digits", out=tmp_path / "again", plan=dataclasses.replace(plan, attacks=("fgsm", "fgm")),
+                      say=said.append).read_text()
+    # fgm at the plan's ε on every set but the ablations (they take the plan's ablation attack only)
+    assert said == [f"{spec.label}: fgm transfer matrix" for spec in plan.sets if not spec.ablation]
+    sweep_rows = again.split("ε sweep (Figure 5)")[1].split("##")[0]
+    assert sweep_rows == text.split("ε sweep (Figure 5)")[1].split("##")[0]
+    fgsm_row = next(line for line in text.split("Black-box accuracy")[1].splitlines() if line.startswith("| fgsm"))
+    assert fgsm_row in again
+    plan_fgm = [e for e in store.evaluations(runs[1].id, "transfer") if e.attack == "fgm"][-1]
+    assert plan_fgm.params["eps"] != 0.05 and f"{plan_fgm.blackbox_mean:.1f} ± {plan_fgm.blackbox_std:.1f}" in again
 
     # a recipe changed since (a preset update, say): that set is trained again and the set grown
     # from it grown again; the others are reused

@@ -119,6 +119,15 @@ def fooled(logits: Tensor, y: Tensor, kappa: float) -> Tensor:
     return z.argmax(dim=1) != y
 
 
+#: What CW and EAD return for a sample they never fool with the κ margin.
+UNFOOLED = ("last", "clean")
+
+
+def check_unfooled(attack: str, value: str) -> None:
+    """``unfooled`` must name one of :data:`UNFOOLED`."""
+    check(value in UNFOOLED, f"{attack}: unfooled must be one of {', '.join(UNFOOLED)}, got {value!r}")
+
+
 def margin_loss(logits: Tensor, y: Tensor, kappa: float) -> Tensor:
     """Per-sample ``max(Z_y - max_{i≠y} Z_i, -kappa)``: CW's f6 / EAD's untargeted loss."""
     true_mask = F.one_hot(y, num_classes=logits.shape[1]).bool()

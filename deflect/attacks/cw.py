@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from deflect.attacks.base import Attack, check, fooled, margin_loss, per_sample
+from deflect.attacks.base import Attack, check, check_unfooled, fooled, margin_loss, per_sample
 
 #: Shrink factor before arctanh, from Carlini's reference code: keeps pixels at exactly 0 or 1
 #: at a finite tanh-space value so they can still move (torchattacks maps them to ±inf).
@@ -20,9 +20,13 @@ class CW(Attack):
     """CW-L2: minimise ``‖δ‖₂² + c·max(Z_y − max_{i≠y} Z_i, −κ)`` with Adam in tanh space.
 
     The tanh change of variables keeps every iterate inside [0, 1] without clipping. For each
-    sample the smallest-L2 iterate that is misclassified with logit margin ≥ κ is kept;
-    samples never fooled come back unchanged (torchattacks' convention), so success is
-    visible as ``model(x_adv).argmax(1) != y``.
+    sample the smallest-L2 iterate that is misclassified with logit margin ≥ κ is kept. A sample
+    never fooled with that margin comes back as the last iterate (``unfooled="last"``, as the
+    paper's released evaluation code returns it): with one constant c and a large κ the margin is
+    rarely reached, yet the last iterate is what a transfer attacker would send, so returning the
+    clean image would score such an attack as no attack at all. ``unfooled="clean"`` returns the
+    input instead (torchattacks' and Carlini's convention, where success is
+    ``model(x_adv).argmax(1) != y``).
 
     ``early_stop`` (default, torchattacks' rule) ends the run when the batch loss, checked
     every ``max(steps // 10, 1)`` iterations, has increased since the last check.
@@ -40,6 +44,7 @@ class CW(Attack):
     steps: int = 1000
     lr: float = 0.01
     early_stop: bool = True
+    unfooled: str = "last"
     name: str = field(default="cw", kw_only=True)
 
     def __post_init__(self) -> None:
@@ -50,6 +55,7 @@ class CW(Attack):
             int(self.steps) == self.steps and self.steps >= 1,
             f"cw: steps must be an integer >= 1, got {self.steps}",
         )
+        check_unfooled("cw", self.unfooled)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         w = torch.atanh((2 * x - 1) * _TANH_SHRINK).detach().requires_grad_(True)
@@ -58,6 +64,7 @@ class CW(Attack):
         best_l2 = torch.full((x.shape[0],), math.inf, device=x.device, dtype=x.dtype)
         prev_cost = math.inf
         check_every = max(int(self.steps) // 10, 1)
+        stopped = False
         for step in range(int(self.steps)):
             x_adv = 0.5 * (torch.tanh(w) + 1)
             l2 = (x_adv - x).pow(2).flatten(1).sum(dim=1)
@@ -74,6 +81,11 @@ class CW(Attack):
             if self.early_stop and step % check_every == 0:
                 cost_value = cost.item()
                 if cost_value > prev_cost:
+                    stopped = True
                     break
                 prev_cost = cost_value
-        return best
+        if self.unfooled == "clean":
+            return best
+        # the released code returns the iterate it stopped at, or the one after the last step
+        last = x_adv.detach() if stopped else 0.5 * (torch.tanh(w.detach()) + 1)
+        return torch.where(per_sample(torch.isfinite(best_l2), x), best, last)

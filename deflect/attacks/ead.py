@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from deflect.attacks.base import Attack, check, fooled, margin_loss, per_sample
+from deflect.attacks.base import Attack, check, check_unfooled, fooled, margin_loss, per_sample
 
 
 def shrink(z: Tensor, x: Tensor, beta: float) -> Tensor:
@@ -30,8 +30,9 @@ class EAD(Attack):
     Gradient steps on the smooth part use ``lr·(1 − k/steps)^0.5`` (the reference code's
     polynomial decay), followed by :func:`shrink`; ``fista=True`` adds the
     ``k/(k+3)`` momentum of the reference implementation. Among iterates misclassified with
-    margin ≥ κ, the one with the smallest ``β·L1 + L2²`` is kept ("EN" rule); samples never
-    fooled come back unchanged.
+    margin ≥ κ, the one with the smallest ``β·L1 + L2²`` is kept ("EN" rule); a sample never
+    fooled with that margin comes back as the last feasible iterate (``unfooled="last"``, as the
+    paper's released code does), or unchanged with ``unfooled="clean"`` (torchattacks).
 
     ``early_stop`` (default, as in the reference code and torchattacks) ends the run when
     the batch loss, checked every ``max(steps // 10, 1)`` iterations, is not below
@@ -49,6 +50,7 @@ class EAD(Attack):
     lr: float = 0.01
     fista: bool = True
     early_stop: bool = True
+    unfooled: str = "last"
     name: str = field(default="ead", kw_only=True)
 
     def __post_init__(self) -> None:
@@ -60,6 +62,7 @@ class EAD(Attack):
             int(self.steps) == self.steps and self.steps >= 1,
             f"ead: steps must be an integer >= 1, got {self.steps}",
         )
+        check_unfooled("ead", self.unfooled)
 
     def _loss(self, logits: Tensor, y: Tensor, l2: Tensor) -> Tensor:
         return (self.c * margin_loss(logits, y, self.kappa)).sum() + l2.sum()
@@ -99,4 +102,6 @@ class EAD(Attack):
                 improved = fooled(logits, y, self.kappa) & (en < best_en)
                 best_en = torch.where(improved, en, best_en)
                 best = torch.where(per_sample(improved, x), x_k, best)
-        return best
+        if self.unfooled == "clean":
+            return best
+        return torch.where(per_sample(torch.isfinite(best_en), x), best, x_k.detach())
