@@ -137,6 +137,21 @@ def only_apply(names: Sequence[str], where: str) -> str:
     return f"{as_flags(names)} only {'applies' if len(names) == 1 else 'apply'} {where}"
 
 
+def warn_idle_terms(cfg: Any) -> None:
+    """Say when a disjoint run is too short for its own schedule: it would pass for a disjoint set."""
+    from deflect.console import err_console
+    from deflect.train.losses import idle_terms
+
+    idle = idle_terms(cfg)
+    if idle:
+        terms = " and ".join(f"{label} (from epoch {first})" for label, first in idle)
+        verb = "switches" if len(idle) == 1 else "switch"
+        need = max(first for _, first in idle)
+        err_console.print(f"deflect: warning: {terms} never {verb} on in {cfg.epochs} epoch"
+                          f"{'s' if cfg.epochs != 1 else ''}; train with --epochs {need} or more for a disjoint set",
+                          highlight=False, markup=False)
+
+
 def warn_unfinished(run: Any) -> None:
     """One line on stderr when a command works on a set that never finished training."""
     if run.status != "finished" and run.epochs_done:  # none saved: the command refuses the run instead
@@ -297,6 +312,7 @@ def train(
         if no_transfer:
             overrides["w_transfer1"] = overrides["w_transfer2"] = 0.0
         cfg = make_config(n=n, dataset=dataset, preset=preset, **overrides)
+        warn_idle_terms(cfg)
 
     from deflect.train.distributed import from_env
     from deflect.train.runner import resolve_device

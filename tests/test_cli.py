@@ -244,3 +244,21 @@ def test_command_help_paragraphs_flow_at_any_width() -> None:
     lines = [line.strip() for line in narrow.output.splitlines()]
     start = next(i for i, line in enumerate(lines) if line.startswith("Example:"))
     assert len(lines[start]) > 60, lines[start: start + 3]  # filled to the width, not cut at a source break
+
+
+def test_train_warns_when_the_schedule_never_reaches_the_pair_terms(tmp_path: Path) -> None:
+    """The presets start the transfer terms at epoch 2: a 1-epoch disjoint run would pass for a disjoint set."""
+    from deflect.config import make_config
+    from deflect.train.losses import idle_terms
+
+    assert idle_terms(make_config(n=3, dataset="digits", epochs=1)) == [("transfer loss 1", 2), ("transfer loss 2", 2)]
+    assert idle_terms(make_config(n=3, dataset="digits", epochs=2)) == []
+    assert idle_terms(make_config(n=3, dataset="digits", epochs=1, method="independent")) == []
+    assert idle_terms(make_config(n=3, dataset="digits", epochs=1, w_transfer1=0.0, w_transfer2=0.0)) == []
+    db = str(tmp_path / "w.db")
+    short = runner.invoke(app, ["train", "--n", "2", "--epochs", "1", "--limit", "128", "--db", db])
+    assert short.exit_code == 0, short.output
+    assert ("deflect: warning: transfer loss 1 (from epoch 2) and transfer loss 2 (from epoch 2) never switch on "
+            "in 1 epoch; train with --epochs 2 or more for a disjoint set") in short.stderr
+    full = runner.invoke(app, ["train", "--n", "2", "--epochs", "2", "--limit", "128", "--db", db])
+    assert full.exit_code == 0 and "warning" not in full.stderr

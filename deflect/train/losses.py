@@ -101,6 +101,20 @@ class ActiveTerms:
                    smooth=cfg.w_smooth > 0)
 
 
+def idle_terms(cfg: TrainConfig) -> list[tuple[str, int]]:
+    """Pair terms the configuration weights but none of its epochs switches on, with the epoch each
+    window opens: a disjoint run shorter than its schedule trains as an independent set would."""
+    used = ActiveTerms.all_enabled(cfg)
+    epochs = [ActiveTerms.for_epoch(cfg, e) for e in range(1, cfg.epochs + 1)]
+    idle = []
+    for name, label, window in (("angle", "the angular term", cfg.angle_window),
+                                ("transfer1", "transfer loss 1", cfg.transfer1_window),
+                                ("transfer2", "transfer loss 2", cfg.transfer2_window)):
+        if getattr(used, name) and not any(getattr(active, name) for active in epochs):
+            idle.append((label, window.first))
+    return idle
+
+
 @dataclass
 class LossParts:
     total: torch.Tensor
