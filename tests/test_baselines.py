@@ -44,6 +44,59 @@ def test_fast_at_loss_skips_frozen_models() -> None:
     assert parts["adv"] == pytest.approx(total.item()) and math.isfinite(parts["total"])
 
 
+def test_fast_at_loss_is_ce_on_fgsm_rs_examples_from_the_epoch_generator() -> None:
+    """fast-AT's loss is Σ over the unfrozen models of CE on each model's own FGSM-RS examples (α = 1.25ε),
+    drawn in model order from the generator it is given; those examples cost more than the clean images."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(16, 3)) for _ in range(3)]
+    x, y = torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))
+    eps = 0.2
+    total, parts = fast_at_loss(models, x, y, eps, torch.Generator().manual_seed(5), frozen=[1])
+    gen = torch.Generator().manual_seed(5)
+    ce = nn.functional.cross_entropy
+    with torch.no_grad():
+        clean = sum(float(ce(models[i](x), y)) for i in (0, 2))
+    want = 0.0
+    for i in (0, 2):
+        adv = fgsm_rs(models[i], x, y, eps, 1.25 * eps, gen)
+        with torch.no_grad():
+            want += float(ce(models[i](adv), y))
+    assert float(total.detach()) == pytest.approx(want, rel=1e-6)
+    assert parts["adv"] == parts["class"] == parts["total"] == pytest.approx(want, rel=1e-6)
+    assert float(total.detach()) > clean + 0.05
+
+
+def test_robust_first_batch_is_pgd_accuracy_below_clean() -> None:
+    """The early-stop signal is each model's accuracy on PGD-5 (α = ε/4, random start from a generator
+    seeded with the run's seed) in eval mode, not its clean accuracy; train mode is restored after."""
+    from deflect.attacks import PGD
+    from deflect.train.baselines import robust_first_batch
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)) for _ in range(2)]
+    x = torch.rand(64, 1, 4, 4)
+    for m in models:  # one training-mode pass moves the running statistics: eval mode now differs from train mode
+        with torch.no_grad():
+            m(x)
+    models[1].eval()
+    with torch.no_grad():
+        y = models[0].eval()(x).argmax(1)  # model 0 is right on every clean image
+    models[0].train()
+    eps, seed = 0.3, 3
+    accs = robust_first_batch(models, x, y, eps, seed)
+    assert models[0].training and not models[1].training
+    clean, want = [], []
+    for m in models:
+        m.eval()
+        attack = PGD(eps=eps, alpha=eps / 4, steps=5, generator=torch.Generator().manual_seed(seed))
+        adv = attack(m, x, y)
+        with torch.no_grad():
+            clean.append(float((m(x).argmax(1) == y).float().mean()))
+            want.append(float((m(adv).argmax(1) == y).float().mean()))
+    assert accs == pytest.approx(want, abs=1e-9)
+    assert clean[0] == 1.0 and all(a < c for a, c in zip(accs, clean, strict=True))
+
+
 def test_adp_terms_match_a_hand_computation() -> None:
     logits = [torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]]), torch.tensor([[0.0, 1.0, 2.0], [1.5, -0.5, 0.0]])]
     y = torch.tensor([0, 2])
@@ -66,25 +119,47 @@ def test_adp_terms_match_a_hand_computation() -> None:
     assert float(log_det) == pytest.approx(np.mean(dets), rel=1e-4)
 
 
-@pytest.mark.parametrize("method, terms", [
-    ("disjoint", ["class", "angle"]),
-    ("independent", ["class"]),
-    ("fast-at", ["adv", "robust_first_batch"]),
-    ("adp", ["class", "entropy", "log_det"]),
+@pytest.mark.parametrize("method, terms, zeros", [
+    ("disjoint", ["class", "angle", "transfer1", "transfer2"], []),
+    ("independent", ["class"], ["angle", "transfer1", "transfer2"]),
+    ("fast-at", ["adv", "robust_first_batch"], ["angle", "transfer1", "transfer2"]),
+    ("adp", ["class", "entropy", "log_det"], ["angle", "transfer1", "transfer2"]),
 ])
-def test_each_method_stores_its_loss_terms(method: str, terms: list[str], store) -> None:
+def test_each_method_stores_its_loss_terms(method: str, terms: list[str], zeros: list[str], store) -> None:
+    """One short epoch of each method on digits, every optional term switched on from epoch 1: the
+    method's own terms are in the epoch row, finite and non-zero (a term switched off reads exactly 0,
+    which "finite" alone would pass); the disjoint pair terms are 0 for every other method."""
+    from deflect.config import TermWindow
     from deflect.train import train
     from tests.conftest import tiny_config
 
-    run_id = train(tiny_config(method=method, epochs=1), store)
+    always = TermWindow(1, None)
+    cfg = tiny_config(n=3, method=method, epochs=1, transfer1_window=always, transfer2_window=always)
+    assert cfg.angle_window.active(1) and cfg.w_angle > 0 and cfg.w_transfer1 > 0 and cfg.w_transfer2 > 0
+    run_id = train(cfg, store)
     run = store.get_run(run_id)
     assert run.status == "finished" and run.method == method
     (row,) = store.epochs(run_id)
     assert row.terms is not None
     for name in terms:
         values = row.terms[name] if isinstance(row.terms[name], list) else [row.terms[name]]
-        assert values and all(math.isfinite(v) for v in values), (name, row.terms)
+        assert len(values) == (3 if name == "robust_first_batch" else 1), (name, row.terms)
+        assert all(math.isfinite(v) and v != 0 for v in values), (name, row.terms)
+    for name in zeros:
+        assert row.terms[name] == 0.0, (name, row.terms)
     assert row.terms["total"] == pytest.approx(row.loss_total)
+    if method == "disjoint":  # the pair terms are on and measured, and the columns carry them
+        assert row.loss_angle > 0 and row.loss_transfer1 > 0 and row.loss_transfer2 > 0
+        assert (row.loss_angle, row.loss_transfer1, row.loss_transfer2) == (
+            row.terms["angle"], row.terms["transfer1"], row.terms["transfer2"])
+        assert row.terms["total"] == pytest.approx(row.terms["class"] + cfg.w_angle * row.terms["angle"]
+                                                   + cfg.w_transfer1 * row.terms["transfer1"]
+                                                   + cfg.w_transfer2 * row.terms["transfer2"], rel=1e-4)
+    if method == "independent":
+        assert row.terms["total"] == pytest.approx(row.terms["class"])
+    if method == "fast-at":  # CE on adversarial examples is positive; PGD accuracy is a share of the batch
+        assert row.terms["adv"] > 0 and row.terms["total"] == pytest.approx(row.terms["adv"])
+        assert all(0 < a <= 1 for a in row.terms["robust_first_batch"])
     if method == "adp":  # the regularisers are live: entropy of 10 classes is positive, log det below 0
         assert 0 < row.terms["entropy"] <= math.log(10) + 1e-6 and row.terms["log_det"] < 0
         assert row.terms["total"] == pytest.approx(row.terms["class"] - 2 * row.terms["entropy"]

@@ -124,6 +124,39 @@ def test_transfer_terms_hand_values() -> None:
     assert t1 > 0 and t2 > 0  # the check exercises the unclamped branch
 
 
+@pytest.mark.parametrize("step", ["reference", "fast", "grow"])
+def test_eps1_per_sample_scales_the_step_by_the_batch_size(step: str) -> None:
+    """`eps1_per_sample`: transfer term 1 steps ε1·B·g_j (B the batch size) instead of ε1·g_j, by hand, in
+    the joint loss, its fast layout and a grown model's (model 0 new, model 1 frozen: the same two pairs)."""
+    from deflect.train.fast import fast_disjoint_loss
+
+    x, y, w, b, models = two_linear_models(1, 5)
+    active = ActiveTerms(False, True, False)
+
+    def term1(per_sample: bool) -> float:
+        cfg = make_config(n=2, eps1=1.5, w_angle=0.0, w_transfer2=0.0, eps1_per_sample=per_sample)
+        xt, yt = torch.tensor(x), torch.tensor(y)
+        if step == "grow":
+            parts = growth_loss(models[0], models[1:], xt, yt, cfg, active)
+        elif step == "fast":
+            parts = fast_disjoint_loss(models, xt, yt, cfg, active)
+        else:
+            parts = disjoint_loss(models, xt, yt, cfg, active)
+        return parts.transfer1.item()
+
+    xf, z, grads, _ = by_hand(x, y, w, b)
+    clean = [ce(zi, y) for zi in z]
+
+    def t1(step_size: float) -> float:
+        rises = [ce((xf + step_size * grads[1 - i]) @ w[i].T + b[i], y) - clean[i] for i in (0, 1)]
+        return float(np.mean(np.maximum(rises, 0.0)))
+
+    scaled, plain = t1(1.5 * 5), t1(1.5)
+    assert scaled > 0 and abs(scaled - plain) > 1e-3 * scaled  # the two settings are told apart
+    assert term1(True) == pytest.approx(scaled, rel=1e-8)
+    assert term1(False) == pytest.approx(plain, rel=1e-8)
+
+
 def test_per_image_clamp_hand_values() -> None:
     """transfer_clamp="image": the mean over images of each image's clamped increase, which keeps a
     gradient where the released clamp (after the batch mean) has none."""
@@ -277,6 +310,51 @@ def test_double_backprop_matches_finite_differences(sample: list[int] | None, w_
 
     inputs = tuple(p.requires_grad_(True) for p in flat)
     assert torch.autograd.gradcheck(total, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("w_smooth, pair_scale", [(0.0, 1.0), (0.7, 0.5)])
+def test_growth_loss_double_backprop_matches_finite_differences(w_smooth: float, pair_scale: float) -> None:
+    """∂(growth loss)/∂θ_new against central differences: the angular term, both transfer directions (the
+    new → frozen one through the new model's input gradient, second order) and, with it on, the
+    smoothness term; the frozen models are constants."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    frozen = [nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().requires_grad_(False)
+              for _ in range(2)]
+    names = list(dict(base.named_parameters()))
+    x = torch.rand(6, 1, 2, 2, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    # tanh_scale small so the soft sign is smooth at the finite-difference step.
+    cfg = make_config(n=3, eps1=20.0, eps2=0.3, tanh_scale=30.0, w_angle=0.5, w_smooth=w_smooth)
+    active = ActiveTerms(True, True, True, smooth=w_smooth > 0)
+
+    def total(*params: torch.Tensor) -> torch.Tensor:
+        new = Functional(base, dict(zip(names, params, strict=True)))
+        parts = growth_loss(new, frozen, x, y, cfg, active, pair_scale)
+        assert parts.angle.item() > 0 and parts.transfer1.item() > 0 and parts.transfer2.item() > 0
+        assert (parts.smooth is not None) == (w_smooth > 0)
+        return parts.total
+
+    inputs = tuple(p.detach().clone().requires_grad_(True) for p in base.parameters())
+    assert torch.autograd.gradcheck(total, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_adp_loss_gradient_matches_finite_differences() -> None:
+    """∂(ADP loss)/∂logits of every member (Σ CE − α·entropy − β·log det) against central differences."""
+    from deflect.train.baselines import adp_loss
+
+    torch.manual_seed(0)
+    logits = tuple(torch.randn(4, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    x = torch.zeros(4, 1)  # what each stand-in model ignores: it returns its member's logits
+    y = torch.tensor([0, 3, 1, 4])
+
+    def total(*z: torch.Tensor) -> torch.Tensor:
+        members = [lambda _x, zi=zi: zi for zi in z]
+        loss, parts = adp_loss(members, x, y, alpha=2.0, beta=0.5)
+        assert parts["entropy"] > 0 and parts["log_det"] != 0
+        return loss
+
+    assert torch.autograd.gradcheck(total, logits, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 def test_transfer_gradient_reaches_source_model() -> None:

@@ -87,6 +87,120 @@ def test_sampling_and_independent_method(store: Store) -> None:
     assert metric.loss_angle == metric.loss_transfer1 == metric.loss_transfer2 == 0.0
 
 
+def test_pair_sampling_draws_varying_seeded_subsets(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """n = 5 samples `pair_sample_size()` models per batch for the transfer terms: a sorted subset of
+    that size, drawn afresh each batch from the epoch's generator (so different batches get different
+    pairs and every model is drawn), and the same draws again under the same seed. (Epoch 1 of the
+    digits preset has no transfer term and the angular term is off here, so the steps are cheap.)"""
+    from deflect.train import disjoint, runner
+
+    real = disjoint.method_loss
+    drawn: list[tuple[int, ...]] = []
+
+    def spy(models, x, y, cfg, active, sample, *args, **kwargs):
+        drawn.append(tuple(sample))
+        return real(models, x, y, cfg, active, sample, *args, **kwargs)
+
+    monkeypatch.setattr(disjoint, "method_loss", spy)
+    monkeypatch.setattr(runner, "validation_loss", lambda *args: 1.0)  # every pair on the split: not needed here
+
+    def draws(**overrides: object) -> list[tuple[int, ...]]:
+        drawn.clear()
+        cfg = tiny_config(n=5, epochs=1, width=4, batch_size=32, train_limit=320, w_angle=0.0, **overrides)
+        train(cfg, store)
+        assert len(drawn) == 320 // 32
+        return list(drawn)
+
+    assert tiny_config(n=5).pair_sample_size() == 3
+    first = draws()
+    for sample in first:
+        assert len(sample) == 3 and list(sample) == sorted(set(sample)) and set(sample) <= set(range(5))
+    assert len(set(first)) > 1  # not one fixed subset
+    assert set().union(*first) == set(range(5))  # every model is drawn
+    assert draws() == first  # seeded
+    assert draws(seed=1) != first
+    assert all(len(s) == 4 for s in draws(sample_models=4))
+
+
+@pytest.mark.parametrize("select, best", [("val-loss", 2), ("last", 3)])
+def test_the_kept_checkpoint_is_the_lowest_validation_loss(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                                           select: str, best: int) -> None:
+    """`select="val-loss"` keeps the epoch of lowest validation loss (here the middle one), not the last:
+    the run's best epoch, the saved models' metadata and weights, and the run's clean accuracy are that
+    epoch's; `select="last"` keeps the last epoch whatever its validation loss."""
+    from pathlib import Path
+
+    from deflect.checkpoint import load_tensors_meta
+    from deflect.train import runner
+
+    losses = iter([1.0, 0.5, 0.9])
+    monkeypatch.setattr(runner, "validation_loss", lambda *args: next(losses))
+    weights: dict[int, list[dict[str, torch.Tensor]]] = {}
+
+    def keep(metric: object) -> None:  # each epoch's weights, from its resume state
+        tensors, _ = load_tensors_meta(Path(store.get_run(metric.run_id).run_dir) / runner.state_file(metric.epoch))
+        weights[metric.epoch] = [{k[len(f"model.{i}."):]: v for k, v in tensors.items()
+                                  if k.startswith(f"model.{i}.")} for i in range(2)]
+
+    run_id = train(tiny_config(epochs=3, width=4, train_limit=128, select=select), store, Callbacks(on_epoch=keep))
+    run = store.get_run(run_id)
+    rows = store.epochs(run_id)
+    assert [r.val_loss for r in rows] == [1.0, 0.5, 0.9]
+    assert run.best_epoch == best
+    assert run.clean_acc == rows[best - 1].clean_acc
+    assert all(any(not torch.equal(v, weights[e][0][k]) for k, v in weights[best][0].items())
+               for e in (1, 2, 3) if e != best)  # the epochs' weights tell them apart
+    digests = store.checkpoint_digests(run_id)
+    for i in range(2):
+        tensors, meta = load_tensors_meta(model_file(Path(run.run_dir), i), digests[f"model_{i}.safetensors"])
+        assert meta == {"run": run_id, "epoch": best, "index": i}
+        assert tensors.keys() == weights[best][i].keys()
+        assert all(torch.equal(v, weights[best][i][k]) for k, v in tensors.items())
+    loaded = deflect.load_set(run_id, store)
+    assert all(torch.equal(v, weights[best][0][k]) for k, v in loaded[0].state_dict().items())
+
+
+def test_cyclic_lr_rises_from_zero_to_the_peak_and_back() -> None:
+    """One SGD over every model's parameters, its per-batch LR a triangle 0 → lr_max (half way) → 0,
+    its momentum the mirror image (momentum → base_momentum → momentum)."""
+    from torch import nn
+
+    from deflect.train.runner import _optimizer
+
+    cfg = tiny_config(lr_max=0.08)
+    models = [nn.Linear(3, 2), nn.Linear(3, 2)]
+    steps = 10
+    opt, sched = _optimizer(models, cfg, steps)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for m in models for p in m.parameters()}
+    lrs, momenta = [], []
+    for _ in range(steps + 1):
+        lrs.append(opt.param_groups[0]["lr"])
+        momenta.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    want = [cfg.lr_max * (1 - abs(t - steps / 2) / (steps / 2)) for t in range(steps + 1)]
+    assert lrs == pytest.approx(want, abs=1e-12)
+    assert lrs[0] == pytest.approx(0.0, abs=1e-12) and max(lrs) == pytest.approx(cfg.lr_max)
+    assert lrs[steps // 2] == pytest.approx(cfg.lr_max) and lrs[steps] == pytest.approx(0.0, abs=1e-12)
+    assert momenta[0] == pytest.approx(cfg.momentum) and momenta[steps // 2] == pytest.approx(cfg.base_momentum)
+    assert opt.param_groups[0]["weight_decay"] == cfg.weight_decay
+
+
+def test_epoch_rows_store_the_last_batchs_learning_rate(store: Store) -> None:
+    """The `lr` column is the LR the epoch's last batch trained with, on the run's one triangle over
+    every batch of every epoch (5 batches an epoch here: up over epoch 1, down over epoch 2)."""
+    cfg = tiny_config(epochs=2, width=4, train_limit=320, batch_size=64, lr_max=0.08)
+    rows = store.epochs(train(cfg, store))
+    batches = 320 // 64
+    up = cfg.epochs * batches // 2
+
+    def lr(t: int) -> float:  # the LR of batch t (0-based, over the whole run)
+        return cfg.lr_max * (t / up if t <= up else 1 - (t - up) / (cfg.epochs * batches - up))
+
+    assert [r.lr for r in rows] == pytest.approx([lr(e * batches - 1) for e in (1, 2)], abs=1e-9)
+    assert rows[0].lr == pytest.approx(0.8 * cfg.lr_max) and rows[1].lr == pytest.approx(0.2 * cfg.lr_max)
+
+
 def test_digits_default_recipe_is_accurate(digits_runs: tuple[Store, dict[str, str]]) -> None:
     """`deflect train --n 3 --dataset digits` (default preset): every model ≥ 90% clean."""
     store, ids = digits_runs

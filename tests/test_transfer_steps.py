@@ -191,13 +191,16 @@ def test_cli_flag_is_stored_and_grown_with(store: Store, flag: str) -> None:
     released code's live clean loss and running statistics)."""
     key = flag[2:].replace("-", "_")
     db = ["--db", str(store.path)]
-    result = runner.invoke(app, ["train", "--n", "2", "--epochs", "2", "--limit", "320", "--width", "8",
+    # n = 3: a pair of models, pushed apart by the angular term in epoch 1, transfers nothing (both terms 0)
+    result = runner.invoke(app, ["train", "--n", "3", "--epochs", "2", "--limit", "320", "--width", "8",
                                  flag, *db, "--json"])
     assert result.exit_code == 0, result.output
     run = json.loads(result.stdout)
     assert run["config"][key] is True
     rows = store.epochs(run["id"])
-    assert math.isfinite(rows[1].loss_transfer1) and rows[1].loss_transfer1 >= 0
+    assert rows[0].loss_transfer1 == rows[0].loss_transfer2 == 0.0  # the digits preset: on from epoch 2
+    for term in (rows[1].loss_transfer1, rows[1].loss_transfer2):
+        assert math.isfinite(term) and term > 0
     grown = runner.invoke(app, ["grow", run["id"], "--epochs", "1", *db, "--json"])
     assert grown.exit_code == 0, grown.output
     assert json.loads(grown.stdout)["config"][key] is True
