@@ -148,18 +148,34 @@ def runs_table(runs: Sequence[Run], worst_blackbox: dict[str, float], width: int
             "worst BB %": f"{bb:.1f}" if bb is not None else "-", "created": run.created.strftime("%m-%d %H:%M"),
         })
     columns = list(RUNS_COLUMNS)
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
 
-    def needed() -> int:  # cell text, one space of padding each side, a rule between columns and at the ends
-        return sum(max(len(c), *(len(r[c]) for r in rows)) + 3 for c in columns) + 1
+    def needed(ruled: bool = True) -> int:  # cell text, a space of padding each side, and a rule
+        # between columns and at the ends (`ruled`), or no rules at all
+        return sum(widths[c] + (3 if ruled else 2) for c in columns) + (1 if ruled else -2)
 
     for col in RUNS_DROPPED_FIRST:
         if width is None or needed() <= width:
             break
         columns.remove(col)
-    table = Table(title="deflect runs", header_style="bold")
+    # ids are what users copy into every other command: when the rows still do not fit, the rules
+    # go, then the method (the longest free text, "independent (static-adversary)") is cut, then
+    # dropped with the clean accuracy and n; never the id, the status or the worst black-box figure
+    ruled = width is None or needed() <= width
+    table = Table(title="deflect runs", header_style="bold") if ruled else Table(
+        title="deflect runs", header_style="bold underline", box=None, pad_edge=False)
+    for col in ("method", "clean %", "n"):
+        over = needed(ruled) - width if width is not None else 0
+        if over <= 0:
+            break
+        if col == "method" and widths["method"] - over >= len("method"):
+            widths["method"] -= over
+        else:
+            columns.remove(col)
     for col in columns:
         table.add_column(col, justify="right" if col in _RIGHT else "left", no_wrap=True,
-                         overflow="fold" if col == "run" else "ellipsis")
+                         overflow="ellipsis", min_width=None if col == "method" else widths[col],
+                         max_width=widths[col] if col == "method" else None)
     for row in rows:
         status = row["status"]
         cells = {**row, "status": f"[{colours.get(status, 'white')}]{status}[/]"}

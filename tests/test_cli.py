@@ -262,3 +262,31 @@ def test_train_warns_when_the_schedule_never_reaches_the_pair_terms(tmp_path: Pa
             "in 1 epoch; train with --epochs 2 or more for a disjoint set") in short.stderr
     full = runner.invoke(app, ["train", "--n", "2", "--epochs", "2", "--limit", "128", "--db", db])
     assert full.exit_code == 0 and "warning" not in full.stderr
+
+
+@pytest.mark.parametrize("width", [70, 80, 100, 120])
+def test_runs_table_never_cuts_a_run_id(width: int) -> None:
+    """Long ids (fashion-mnist) beside long method labels (a helper run's role): when the rows do not
+    fit, the rules go and the method is cut or dropped, so every id stays whole on one line."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from deflect.console import runs_table
+
+    def run(run_id: str, method: str, role: str | None, status: str) -> SimpleNamespace:
+        return SimpleNamespace(id=run_id, method=method, config={"role": role} if role else {}, dataset="fashion-mnist",
+                               arch="cnn", n=3, status=status, epochs_done=8, epochs_total=8, clean_acc=[88.0, 89.0],
+                               created=__import__("datetime").datetime(2026, 12, 7, 22, 0))
+
+    runs = [run("fashion-mnist-disjoint-n3-d0d194", "disjoint", None, "interrupted"),
+            run("fashion-mnist-independent-n2-ced628", "independent", "static-adversary", "finished")]
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(runs_table(runs, {"fashion-mnist-disjoint-n3-d0d194": 81.25}, width=width))
+    text = console.export_text()
+    assert all(len(line) <= width for line in text.splitlines()), text
+    for r in runs:
+        line = next(line for line in text.splitlines() if r.id in line)  # whole, on one line
+        assert r.status in line and ("88.5" in line or width < 80), text
+    assert "81.2" in text and ("independent (static-adversary)" in text) == (width >= 120), text
+    assert ("method" in text) == (width >= 80), text  # the method goes first, cut before it is dropped
