@@ -22,6 +22,7 @@ from deflect.train import Callbacks, train
 from deflect.train.distill import Teacher, distilled, soft_loss
 from deflect.train.losses import ActiveTerms, disjoint_loss
 from tests.conftest import tiny_config
+from tests.test_reliability import _one_line_error
 
 
 def test_soft_loss_is_t2_times_kl_by_hand() -> None:
@@ -130,22 +131,19 @@ def test_cli_teacher_errors_leave_no_run(tmp_path) -> None:
         "--method adp --teacher x": "--teacher works with --method disjoint or independent",
     }
     for extra, message in cases.items():
-        result = runner.invoke(app, base + extra.split())
-        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+        _one_line_error(base + extra.split(), message, strict=True)
     first = json.loads(runner.invoke(app, [*base, "--json"]).output.strip().splitlines()[-1])["id"]
     for extra, message in {
         "--teacher latest --distill 0": "--distill must be in (0, 1]",
         "--teacher latest --distill-temperature -1": "--distill-temperature must be positive",
         "--teacher latest --dataset fashion-mnist": "trained on digits, not fashion-mnist",
     }.items():
-        result = runner.invoke(app, base + extra.split())
-        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+        _one_line_error(base + extra.split(), message, strict=True)
     grow_cases = {
         f"grow {first} --distill 0.3": "--distill and --distill-temperature need --teacher",
         f"grow {first} --teacher {first} --distill 2": "--distill must be in (0, 1]",
         f"grow {first} --teacher nosuch": "no run 'nosuch'",
     }
     for command, message in grow_cases.items():
-        result = runner.invoke(app, [*command.split(), "--db", db])
-        assert result.exit_code == 2 and message in result.output, (command, result.output)
+        _one_line_error([*command.split(), "--db", db], message, strict=True)
     assert [r.id for r in Store(db).list_runs()] == [first]

@@ -12,17 +12,23 @@ from typer.testing import CliRunner
 
 import deflect
 from deflect.attacks import make_attack
+from deflect.attacks.base import Ensemble
 from deflect.cli import app
 from deflect.data import ImageTensorDataset
 from deflect.evaluate import (
     ensemble_matrix,
     eps_sweep,
+    gradient_signs,
     gradient_tsne,
     model_subsets,
     neighbour_agreement,
     select_subset,
+    sweep_eps_values,
+    task_seed,
     transfer_matrix,
 )
+from deflect.inference import inference_copy
+from deflect.runtime import fast_cpu_math
 from deflect.store import Evaluation, Store
 from deflect.train import train
 from tests.conftest import tiny_config
@@ -31,11 +37,17 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def small_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[torch.nn.Module], ImageTensorDataset]:
-    store = Store(tmp_path_factory.mktemp("small") / "deflect.db")
-    run_id = train(tiny_config(n=3, epochs=3, train_limit=640), store)
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A tiny trained 3-model digits run: (database, run id)."""
+    db = tmp_path_factory.mktemp("small") / "deflect.db"
+    return db, train(tiny_config(n=3, epochs=3, train_limit=640), Store(db))
+
+
+@pytest.fixture(scope="module")
+def small_set(small_run: tuple[Path, str]) -> tuple[list[torch.nn.Module], ImageTensorDataset]:
+    db, run_id = small_run
     test = select_subset(deflect.load_dataset("digits", "test"), 96)
-    return deflect.load_set(run_id, store), test
+    return deflect.load_set(run_id, Store(db)), test
 
 
 def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -86,6 +98,39 @@ def test_ensemble_of_one_equals_single_model_attack(small_set) -> None:
     assert pairs.mean_owned < pairs.mean_unowned
     assert model_subsets(8, 4, max_subsets=5, seed=1) == model_subsets(8, 4, max_subsets=5, seed=1)
     assert len(model_subsets(8, 4, max_subsets=5)) == 5
+
+
+def test_ensemble_rows_are_attacks_on_the_averaged_logits_of_the_subset(small_set) -> None:
+    """Row (0,1) of the m=2 matrix: every model's accuracy on the attack crafted against the logit
+    average of models 0 and 1, with the task's own seed (batch 0, source row 0), not against model 0 alone."""
+    models, test = small_set
+    attack = make_attack("pgd1", "digits")
+    res = ensemble_matrix(models, test, attack, 2, batch_size=len(test), seed=0)
+    assert res.subsets == [(0, 1), (0, 2), (1, 2)] and res.n_examples == len(test)
+    x, y = test.batch(torch.arange(len(test)))
+    copies = [inference_copy(m, "cpu") for m in models]  # what the evaluation crafts on
+    with fast_cpu_math():
+        x_adv = attack.seeded(task_seed(0, 0, 0), "cpu")(Ensemble(copies[:2]), x, y)
+        alone = attack.seeded(task_seed(0, 0, 0), "cpu")(copies[0], x, y)
+    expected = [_accuracy(m, x_adv, y) for m in models]
+    assert res.matrix[0] == pytest.approx(expected, abs=1e-4)
+    # the pair's own member 1 falls far lower than when model 0 alone is attacked: the rows can tell
+    assert _accuracy(models[1], alone, y) - expected[1] >= 10.0, (expected, _accuracy(models[1], alone, y))
+
+
+def test_gradient_signs_are_each_models_own_cross_entropy_gradient(small_set) -> None:
+    """The t-SNE's input: per model, sign(∇x CE(model_i(x), y)) of the chosen images, in order."""
+    models, test = small_set
+    signs = gradient_signs(models, test, n_images=40, seed=0)
+    sub = select_subset(test, 40, 0)
+    x, y = sub.batch(torch.arange(len(sub)))
+    assert signs.shape == (3, 40, int(np.prod(x.shape[1:])))
+    for i, model in enumerate(models):
+        xv = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xv), y, reduction="sum"), xv)
+        expected = g.sign().flatten(1).numpy()
+        assert (signs[i] == expected).mean() >= 0.999, i  # float rounding may flip a near-zero gradient
+    assert (signs[0] != signs[1]).mean() > 0.1  # different models, different gradients
 
 
 def test_eps_sweep_and_tsne(small_set) -> None:
@@ -199,6 +244,97 @@ def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
     paper = [r for r in Store(tmp_path / "deflect.db").evaluations(run_id) if r.attack == "pgd1"][0]
     values = json.loads(runner.invoke(app, ["compare", run_id, "--json"]).stdout)["values"]
     assert values[1]["attack"] == "pgd1" and values[1]["cells"][0]["mean"] == paper.blackbox_mean
+
+
+def test_cli_evaluate_honours_split_and_seed_and_reports_the_sweep_and_tsne(small_run) -> None:
+    """--split val --seed 3: the val images, the seed in the params and in the figures; and the JSON of
+    --eps-sweep and --tsne, checked against the library calls and the stored rows."""
+    db, run_id = small_run
+    store = Store(db)
+    models = deflect.load_set(run_id, store)
+    val, test = deflect.load_dataset("digits", "val"), deflect.load_dataset("digits", "test")
+    result = runner.invoke(app, ["evaluate", run_id, "--attack", "pgd1", "--split", "val", "--seed", "3", "--json",
+                                 "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    (ev,) = out["evaluations"]
+    assert out["split"] == "val" and ev["n_examples"] == len(val) != len(test)
+    assert ev["params"]["eval_seed"] == 3
+    stored = {e.id: e for e in store.evaluations(run_id)}[ev["evaluation_id"]]
+    assert stored.params["split"] == "val" and stored.params["eval_seed"] == 3 and stored.n_examples == len(val)
+    x, y = val.batch(torch.arange(len(val)))
+    assert ev["clean"] == pytest.approx([_accuracy(m, x, y) for m in models], abs=1e-4)
+    expected = transfer_matrix(models, val, "pgd1", dataset="digits", seed=3)  # seed 3's random starts
+    np.testing.assert_allclose(ev["matrix"], expected.matrix, atol=1e-9)
+
+    both = runner.invoke(app, ["evaluate", run_id, "--eps-sweep", "--tsne", "--steps", "2", "--limit", "30", "--json",
+                               "--db", str(db)])
+    assert both.exit_code == 0, both.output
+    sweep, tsne = json.loads(both.stdout)["evaluations"]  # only these two: no attack was named
+    assert (sweep["kind"], tsne["kind"]) == ("eps-sweep", "tsne")
+    direct = eps_sweep(models, test, steps=2, dataset="digits", limit=30)
+    assert [p["eps"] for p in sweep["points"]] == pytest.approx(sweep_eps_values("digits")) and len(direct) == 8
+    for point, res in zip(sweep["points"], direct, strict=True):
+        assert point["blackbox_mean"] == pytest.approx(res.blackbox_mean)
+        assert point["whole_set_mean"] == pytest.approx(res.whole_set_mean)
+    assert sweep["points"][-1]["whole_set_mean"] < sweep["points"][0]["whole_set_mean"]
+    rows = {e.id: e for e in store.evaluations(run_id)}
+    swept = rows[sweep["evaluation_id"]]
+    assert swept.kind == "eps-sweep" and swept.n_examples == 30
+    assert swept.matrix == [[p["eps"], p["blackbox_mean"], p["whole_set_mean"]] for p in sweep["points"]]
+    assert [np.array(m).shape for m in swept.extra["matrices"]] == [(3, 3)] * 8
+    embedded = rows[tsne["evaluation_id"]]
+    assert embedded.kind == "tsne" and embedded.n_examples == 30 and embedded.params["n_images"] == 30
+    assert np.array(embedded.extra["centroids"]).shape == (3, 2)
+    assert Path(tsne["png"]).stat().st_size > 1000 and embedded.extra["png"] == tsne["png"]
+    assert tsne["chance"] == pytest.approx(1 / 3) and 0.0 <= tsne["neighbour_agreement"] <= 1.0
+    assert -1.0 <= tsne["separation"] <= 1.0
+
+
+def test_cli_compare_two_runs_by_whole_set_and_blackbox(tmp_path: Path) -> None:
+    """Two runs side by side: a cell per run, '-' where a run lacks the attack, and each metric's own numbers."""
+    store = Store(tmp_path / "deflect.db")
+    a = train(tiny_config(n=2, epochs=1, train_limit=128), store)
+    b = train(tiny_config(n=2, epochs=1, train_limit=128, method="independent"), store)
+    for run_id, attacks in ((a, "fgsm,pgd1"), (b, "fgsm")):
+        done = runner.invoke(app, ["evaluate", run_id, "--attack", attacks, "--limit", "30", "--json"])
+        assert done.exit_code == 0, done.output
+    stored = {(e.run_id, e.attack): e for e in store.evaluations()}
+    whole = runner.invoke(app, ["compare", a, b, "--metric", "whole-set", "--json"])
+    assert whole.exit_code == 0, whole.output
+    out = json.loads(whole.stdout)
+    assert out["runs"] == [a, b] and len(out["header"]) == 3 and out["metric"] == "whole-set"
+    values = {v["attack"]: v["cells"] for v in out["values"]}
+    assert list(values) == ["no attack", "fgsm", "pgd1"]
+    assert values["no attack"] == [{"mean": pytest.approx(np.mean(store.get_run(r).clean_acc))} for r in (a, b)]
+    assert values["fgsm"] == [{"mean": stored[(r, "fgsm")].whole_set_mean} for r in (a, b)]
+    assert values["pgd1"] == [{"mean": stored[(a, "pgd1")].whole_set_mean}, None]
+    rows = {row[0]: row[1:] for row in out["rows"]}
+    assert rows["pgd1"] == [f"{stored[(a, 'pgd1')].whole_set_mean:.1f}", "-"]
+    assert rows["fgsm"] == [f"{stored[(r, 'fgsm')].whole_set_mean:.1f}" for r in (a, b)]
+    # the two metrics differ on these runs, so a whole-set column showing black-box numbers would be seen
+    assert any(e.whole_set_mean != e.blackbox_mean for e in stored.values())
+    black = json.loads(runner.invoke(app, ["compare", a, b, "--json"]).stdout)
+    assert {v["attack"]: v["cells"] for v in black["values"]}["pgd1"] == [
+        {"mean": stored[(a, "pgd1")].blackbox_mean, "std": stored[(a, "pgd1")].blackbox_std}, None]
+    table = runner.invoke(app, ["compare", a, b, "--metric", "whole-set"])
+    assert table.exit_code == 0, table.output
+    pgd_line = next(line for line in table.stdout.splitlines() if "pgd1" in line)
+    assert [c.strip() for c in pgd_line.split("│")[1:4]] == ["pgd1", *rows["pgd1"]], table.stdout
+
+
+@pytest.mark.parametrize("args", [["compare", "digits-disjoint-n2-aaaaaa", "no-such-run"],
+                                  ["export", "no-such-run"],
+                                  ["simulate", "--adversary", "static", "--run", "no-such-run"],
+                                  ["evaluate", "no-such-run", "--tsne"]],
+                         ids=["compare", "export", "simulate", "evaluate-tsne"])
+def test_cli_commands_name_a_missing_run_in_one_line(store: Store, tmp_path: Path, args: list[str]) -> None:
+    from deflect.store import Run
+    from tests.test_reliability import _one_line_error
+
+    store.add_run(Run(id="digits-disjoint-n2-aaaaaa", method="disjoint", dataset="digits", arch="cnn", preset="digits",
+                      n=2, status="finished", run_dir=str(tmp_path / "runs" / "digits-disjoint-n2-aaaaaa")))
+    _one_line_error(args, "no run 'no-such-run'", strict=True)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from deflect.models import build_model
 from deflect.store import Store
 from deflect.train.fast import chunked_batchnorm, fast_disjoint_loss
 from deflect.train.losses import ActiveTerms, disjoint_loss
+from tests.test_reliability import _one_line_error
 
 
 def setup(n: int, width: int = 8, batch: int = 32):
@@ -191,8 +192,7 @@ def test_bench_quick_json_reports_rates_phases_and_ratios() -> None:
 
 
 def test_bench_rejects_bad_steps() -> None:
-    result = CliRunner().invoke(app, ["bench", "--quick", "--steps", "0"])
-    assert result.exit_code == 2 and "--steps must be at least 1" in result.output
+    _one_line_error(["bench", "--quick", "--steps", "0"], "--steps must be at least 1", strict=True)
 
 
 def test_bench_times_the_width_it_is_given() -> None:
@@ -242,9 +242,7 @@ def test_time_to_quality_reads_the_given_data_dir(tmp_path) -> None:
     root = tmp_path / "no-mnist-here"
     root.mkdir()
     args = ["bench", "--time-to-quality", "--dataset", "mnist", "--epochs", "1", "--data-dir", str(root)]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2
-    assert f"mnist not found under {root}" in result.output and "Traceback" not in result.output
+    _one_line_error(args, f"mnist not found under {root}", strict=True)
 
 
 def test_bench_preset_times_the_presets_model_and_sizes_an_epoch() -> None:

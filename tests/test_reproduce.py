@@ -19,6 +19,7 @@ from deflect.pipeline import RunEvaluator
 from deflect.reproduce import SetSpec, make_plan, reproduce
 from deflect.store import Store
 from deflect.train import Callbacks
+from tests.test_reliability import _one_line_error
 
 
 def tiny_plan():
@@ -129,8 +130,7 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
 
 
 def test_reproduce_cli_rejects_an_unknown_preset() -> None:
-    result = CliRunner().invoke(app, ["reproduce", "--preset", "imagenet"])
-    assert result.exit_code == 2 and "unknown preset 'imagenet'" in result.output
+    _one_line_error(["reproduce", "--preset", "imagenet"], "unknown preset 'imagenet'", strict=True)
 
 
 def test_full_fashion_mnist_plan_runs_its_ablations_at_the_quick_scale() -> None:
@@ -196,9 +196,8 @@ def test_reproduce_with_two_jobs_trains_sets_side_by_side(tmp_path: Path) -> Non
 
 
 def test_reproduce_rejects_zero_jobs(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["reproduce", "--preset", "digits", "--jobs", "0",
-                                      "--db", str(tmp_path / "d.db")])
-    assert result.exit_code == 2 and "--jobs must be at least 1" in result.output
+    _one_line_error(["reproduce", "--preset", "digits", "--jobs", "0", "--db", str(tmp_path / "d.db")],
+                    "--jobs must be at least 1", strict=True)
 
 
 def test_a_failing_set_stops_the_set_training_beside_it(tmp_path: Path) -> None:
