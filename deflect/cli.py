@@ -956,7 +956,8 @@ def simulate(
 ) -> None:
     """Attack a randomly deployed set as the paper's static, skilled or oracle adversary; count deflections.
 
-    Example: deflect simulate --adversary oracle --k 2 ; deflect simulate --scenario scenarios/zero-day.toml
+    Example: deflect simulate --adversary oracle --k 2 ; deflect simulate --scenario zero-day
+    (a shipped scenario by name, or the path of your own .toml)
     """
 
     from deflect.console import err_console, stdout_console
@@ -1062,8 +1063,8 @@ def demo(
     out.print(table)
     out.print(f"attacks: static {sims['disjoint']['static'].attack} on its own model, skilled "
               f"{sims['disjoint']['skilled'].attack} on one model of the set, oracle "
-              f"{sims['disjoint']['oracle'].attack} on 2 models' averaged logits; each sent to "
-              f"{rounds * 100} random clients of {clients}", highlight=False)
+              f"{sims['disjoint']['oracle'].attack} on 2 models' averaged logits; {rounds * 100} attacks per "
+              f"adversary, each sent to one random client of {clients}", highlight=False)
     out.print(f"runs: {ids['independent']} {ids['disjoint']} (see 'deflect runs', 'deflect compare', "
               f"'deflect simulate --run RUN --adversary ...')", highlight=False)
 

@@ -166,7 +166,7 @@ class RunEvaluator:
                        "matrices": [r.matrix for r in results]},
             )
         )
-        curves_png(eps, {"black-box": bb, "whole set": whole}, self.figures / "eps-sweep.png",
+        curves_png(eps, {"black-box": bb, "whole set": whole}, self.figures / f"eps-sweep-{ev.id}.png",
                    f"{self.run.id}: PGD-{steps} ε sweep", "ε (L∞)")
         return results, ev
 

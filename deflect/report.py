@@ -42,7 +42,8 @@ def heatmap_png(matrix: Sequence[Sequence[float]], path: Path, title: str,
     plt = _plt()
     data = np.asarray(matrix, dtype=float)
     rows, cols = data.shape
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * cols, 0.8 + 0.5 * rows))
+    longest = max((len(label) for label in row_labels or ()), default=2)  # "static:RUN" rows need room
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * cols + 0.07 * max(longest - 2, 0), 0.8 + 0.5 * rows))
     im = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=100)
     ax.set_xticks(range(cols), col_labels or [str(i) for i in range(cols)])
     ax.set_yticks(range(rows), row_labels or [str(i) for i in range(rows)])

@@ -423,7 +423,9 @@ def simulate(
         pool_of=base.id if run is not base else None, pool_models=list(range(base.n, n)),
     )
     if cb.on_phase:
-        cb.on_phase(f"{scenario.rounds} rounds of {scenario.per_round} attacks on {scenario.clients} clients")
+        counts = ((scenario.rounds, "round", " of"), (scenario.per_round, "attack", " on"),
+                  (scenario.clients, "client", ""))
+        cb.on_phase(" ".join(f"{count} {word}{'s' if count != 1 else ''}{tail}" for count, word, tail in counts))
     ids = client_ids(scenario.clients)
     result.client_slots = [deployment.slot(c) for c in ids[:GRID_CLIENTS]]
     for r in range(1, scenario.rounds + 1):

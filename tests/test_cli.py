@@ -290,3 +290,30 @@ def test_runs_table_never_cuts_a_run_id(width: int) -> None:
         assert r.status in line and ("88.5" in line or width < 80), text
     assert "81.2" in text and ("independent (static-adversary)" in text) == (width >= 120), text
     assert ("method" in text) == (width >= 80), text  # the method goes first, cut before it is dropped
+
+
+def test_heatmap_of_a_long_row_label_lays_out_without_warning(tmp_path: Path) -> None:
+    """A static adversary's row ('static:RUN') made matplotlib warn twice on `export`."""
+    import warnings
+
+    from deflect.report import heatmap_png
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        heatmap_png([[40.0, 60.0]], tmp_path / "h.png", "t", row_labels=["static:fashion-mnist-independent-n2-ced628"])
+    assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_each_sweep_keeps_its_own_figure(tmp_path: Path) -> None:
+    """A second ε sweep of a run wrote over the first one's PNG (other figures carry their evaluation's id)."""
+    from deflect.pipeline import RunEvaluator
+    from deflect.store import Store
+
+    db = str(tmp_path / "deflect.db")
+    run_id = runner.invoke(app, ["train", "--n", "2", "--epochs", "2", "--limit", "128", "--db", db]).stdout.strip()
+    ev = RunEvaluator(Store(tmp_path / "deflect.db"), run_id, limit=20)
+    first = ev.sweep([0.05, 0.1], 1)[1]
+    second = ev.sweep([0.1, 0.2], 1)[1]
+    figures = tmp_path / "runs" / run_id / "figures"
+    assert sorted(p.name for p in figures.glob("eps-sweep*.png")) == sorted(
+        f"eps-sweep-{e.id}.png" for e in (first, second))
