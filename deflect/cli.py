@@ -1133,7 +1133,9 @@ def reproduce(
 @handle_errors
 def bench(
     ctx: typer.Context,
-    quick: Annotated[bool, typer.Option("--quick", help="Small models and batches: a smoke check in seconds.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help=(
+        "Fewer figures, small models and batches: a smoke check in seconds (a --preset keeps its model; "
+        "on a CPU its batch drops to 16)."))] = False,
     steps: Annotated[int | None, typer.Option(
         help="Timed steps per figure after one warm-up (default: 3 on CPU, 10 on CUDA).")] = None,
     time_to_quality: Annotated[bool, typer.Option(
@@ -1160,6 +1162,7 @@ def bench(
     from rich.table import Table
 
     from deflect.bench import default_settings, run_bench
+    from deflect.config import make_config, preset_dataset
     from deflect.console import err_console, stdout_console, work_progress
     from deflect.train import resolve_device
 
@@ -1204,9 +1207,14 @@ def bench(
         typer.echo(f"time_to_quality_ratio: {ratio:.2f}" if ratio is not None else "time_to_quality_ratio: -")
         return
     settings = default_settings(str(resolve_device(device)), preset)
-    if quick:  # a preset keeps its own model and batch: quick only times fewer things
-        small = {} if preset is not None else {"width": 8, "batch_size": 64}
-        settings = dataclasses.replace(settings, ns=(3,), steps=1, matrix_images=128, matrix_repeats=1, **small)
+    arch = make_config(3, preset_dataset(preset), preset).arch if preset is not None else "cnn"
+    resnet_on_cpu = arch != "cnn" and str(resolve_device(device)) == "cpu"
+    if quick:  # a preset keeps its own model and image shape; a ResNet's batch on a CPU (a smoke check, not a
+        # figure) drops to 16: its step at batch 128 takes minutes there
+        small = ({"width": 8, "batch_size": 64} if preset is None
+                 else {"batch_size": min(settings.batch_size, 16)} if resnet_on_cpu else {})
+        settings = dataclasses.replace(settings, ns=(3,), steps=1, matrix_images=32 if resnet_on_cpu else 128,
+                                       matrix_repeats=1, **small)
     if width is not None:
         if preset is not None:
             fail("--width sets the small CNN's width; --preset times the preset's own model")
@@ -1217,6 +1225,10 @@ def bench(
         if steps < 1:
             fail(f"--steps must be at least 1, got {steps}")
         settings = dataclasses.replace(settings, steps=steps)
+    if resnet_on_cpu:
+        err_console.print(f"deflect: warning: --preset {preset} times a {arch} on the CPU: each of its "
+                          "figures takes minutes here (--quick too); the preset's figures are meant for a GPU",
+                          highlight=False, markup=False)
     phases = len(settings.ns) + 3
     progress = work_progress(err_console)
     with progress:
@@ -1225,6 +1237,8 @@ def bench(
         def on_phase(text: str) -> None:
             started = progress.tasks[0].description != "starting"
             progress.update(task, advance=1 if started else 0, description=text)
+            if not err_console.is_terminal:  # a log file sees each phase begin, not nothing until the end
+                err_console.print(f"bench: {text}", highlight=False, markup=False)
 
         result = run_bench(settings, on_phase)
         progress.update(task, completed=phases)

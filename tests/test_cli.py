@@ -317,3 +317,27 @@ def test_each_sweep_keeps_its_own_figure(tmp_path: Path) -> None:
     figures = tmp_path / "runs" / run_id / "figures"
     assert sorted(p.name for p in figures.glob("eps-sweep*.png")) == sorted(
         f"eps-sweep-{e.id}.png" for e in (first, second))
+
+
+def test_bench_says_what_it_times_on_a_cpu_and_logs_its_phases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench --preset paper-cifar10 --quick` on a CPU kept the batch of 128 and printed nothing to a log
+    for many minutes: its batch drops to 16 there, a warning says a ResNet takes minutes, and each
+    phase is a line when stderr is not a terminal."""
+    import deflect.bench as bench
+
+    seen: dict[str, object] = {}
+
+    def fake_run(settings, progress):  # the figures themselves are test_fast's
+        seen["settings"] = settings
+        for phase in ("training steps, n=3", "growing one model against frozen ones"):
+            progress(phase)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_bench", fake_run)
+    result = runner.invoke(app, ["bench", "--preset", "paper-cifar10", "--quick", "--device", "cpu"])
+    assert result.exit_code == 130
+    assert seen["settings"].batch_size == 16 and seen["settings"].matrix_images == 32
+    assert "deflect: warning: --preset paper-cifar10 times a preact-resnet18 on the CPU" in result.stderr
+    assert "bench: training steps, n=3\nbench: growing one model against frozen ones" in result.stderr
+    runner.invoke(app, ["bench", "--preset", "fashion-mnist", "--quick", "--device", "cpu"])
+    assert seen["settings"].batch_size == 128  # a small CNN's preset keeps its batch
