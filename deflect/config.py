@@ -173,7 +173,8 @@ class TrainConfig:
             if not isinstance(getattr(self, name), TermWindow):
                 raise DeflectError(f"{name} must be a TermWindow(first, last), got {getattr(self, name)!r}")
         if self.train_limit is not None and self.train_limit < self.batch_size:
-            raise DeflectError(f"--limit must be at least the batch size, got {self.train_limit}")
+            raise DeflectError(f"--limit must be at least the batch size ({self.batch_size}; --batch-size), "
+                               f"got {self.train_limit}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -341,3 +341,12 @@ def test_bench_says_what_it_times_on_a_cpu_and_logs_its_phases(monkeypatch: pyte
     assert "bench: training steps, n=3\nbench: growing one model against frozen ones" in result.stderr
     runner.invoke(app, ["bench", "--preset", "fashion-mnist", "--quick", "--device", "cpu"])
     assert seen["settings"].batch_size == 128  # a small CNN's preset keeps its batch
+
+
+def test_limit_below_the_batch_names_the_batch_size(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--limit", "10", "--db", str(tmp_path / "x.db")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "deflect: error: --limit must be at least the batch size (64; --batch-size), got 10"
+    from deflect.store import Store
+
+    assert not (tmp_path / "x.db").exists() or not Store(tmp_path / "x.db").list_runs()
