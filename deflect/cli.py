@@ -312,7 +312,6 @@ def train(
         if no_transfer:
             overrides["w_transfer1"] = overrides["w_transfer2"] = 0.0
         cfg = make_config(n=n, dataset=dataset, preset=preset, **overrides)
-        warn_idle_terms(cfg)
 
     from deflect.train.distributed import from_env
     from deflect.train.runner import resolve_device
@@ -328,6 +327,8 @@ def train(
     def on_start(run: Any, first_epoch: int) -> None:
         err_console.print(f"[bold]run[/] {run.id}  ({run.method}, {run.dataset}, {run.arch}, n={run.n}, {run.device})")
         task["run"] = run.id
+        if cfg is not None:  # a new run, past every check: not a warning before an error
+            warn_idle_terms(cfg)
 
     on_batch = _training_bar(progress, task)
 
