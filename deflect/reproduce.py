@@ -442,6 +442,10 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
                              else _pct(ev.whole_set_mean))
             rows.append(cells)
         lines += [_table(header, rows), ""]
+        if metric == "bb" and any(a.startswith(("cw", "ead")) for a in plan.attacks):
+            lines += ["Every attacked image counts, as in the paper's released code. CW and EAD are unbounded "
+                      "(L2 / elastic net): a sample they never fool with their κ margin is sent as their last "
+                      "iterate, as the released code sends it.", ""]
 
     lines += ["## Ensemble attack: PGD-20 on m of the n models (Table 5)", "",
               "Accuracy (%) of the models outside the attacker's ensemble, mean over the subsets evaluated.", ""]

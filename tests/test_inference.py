@@ -247,7 +247,7 @@ def test_bf16_is_refused_where_it_is_not_native(monkeypatch, digits_runs) -> Non
 
 @needs_bf16
 def test_cli_bf16_evaluation_is_recorded_and_not_reused_by_a_reproduction(digits_runs) -> None:
-    from deflect.reproduce import _has
+    from deflect.reproduce import _has, make_plan
 
     store, ids = digits_runs
     run = store.get_run(ids["disjoint"])
@@ -257,4 +257,5 @@ def test_cli_bf16_evaluation_is_recorded_and_not_reused_by_a_reproduction(digits
     (ev,) = json.loads(result.stdout.strip().splitlines()[-1])["evaluations"]
     assert ev["params"]["precision"] == "bf16"
     assert store.evaluations(run.id)[-1].params["precision"] == "bf16"
-    assert _has(store, run, "transfer", "pgd1", 48) is None  # a float32 plan crafts its own
+    plan = make_plan("digits", quick=True)
+    assert _has(store, plan, run, "transfer", "pgd1", 48) is None  # a float32 plan crafts its own

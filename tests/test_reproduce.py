@@ -113,6 +113,9 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
     assert sweep_rows == text.split("ε sweep (Figure 5)")[1].split("##")[0]
     fgsm_row = next(line for line in text.split("Black-box accuracy")[1].splitlines() if line.startswith("| fgsm"))
     assert fgsm_row in again
+    noted = reproduce(store, "digits", out=tmp_path / "noted", plan=dataclasses.replace(plan, attacks=("fgsm", "cw2")),
+                      report_only=True).read_text()  # the report says what an unbounded attack sends
+    assert "sent as their last iterate" in noted and "sent as their last iterate" not in again
     plan_fgm = [e for e in store.evaluations(runs[1].id, "transfer") if e.attack == "fgm"][-1]
     assert plan_fgm.params["eps"] != 0.05 and f"{plan_fgm.blackbox_mean:.1f} ± {plan_fgm.blackbox_std:.1f}" in again
 
