@@ -487,7 +487,8 @@ def grow(
 def runs(db: DbOption = None, as_json: JsonOption = False) -> None:
     """List the runs in the database.
 
-    worst BB %: the lowest black-box accuracy over the attacks (and settings) evaluated, each at its largest evaluation.
+    worst BB %: the lowest black-box accuracy over the attacks (and settings) evaluated on the test split, each at its
+    largest evaluation.
 
     Example: deflect runs --json
     """
@@ -738,7 +739,7 @@ def compare(
         fail(f"unknown --metric {metric!r}; choose blackbox or whole-set")
     store = open_store(db)
     records = [store.get_run(r) for r in runs]
-    evals = {r.id: latest_per_attack(store.evaluations(r.id), r.config.get("dataset")) for r in records}
+    evals = {r.id: latest_per_attack(store.evaluations(r.id), dataset=r.dataset) for r in records}
     header, rows = comparison_rows(records, evals, metric)
     if as_json:  # "rows" as printed, "values" as numbers for jq and notebooks
         typer.echo(json.dumps({"metric": metric, "header": header, "rows": rows, "runs": [r.id for r in records],

@@ -134,7 +134,9 @@ _RIGHT = ("n", "epoch", "clean %", "worst BB %")
 
 def runs_table(runs: Sequence[Run], worst_blackbox: dict[str, float], width: int | None = None) -> Table:
     """One line per run. When the rows do not fit in `width` columns, the least needed columns go
-    (`RUNS_DROPPED_FIRST`) rather than cells folding over several lines: a row stays grep-able."""
+    (`RUNS_DROPPED_FIRST`) rather than cells folding over several lines: a row stays grep-able; then
+    the rules, then the method label is cut or dropped, then clean accuracy and n (down to about 55
+    columns with the longest ids; below that the terminal cuts what is left)."""
     colours = {"finished": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}
     rows = []
     for run in runs:
@@ -148,7 +150,7 @@ def runs_table(runs: Sequence[Run], worst_blackbox: dict[str, float], width: int
             "worst BB %": f"{bb:.1f}" if bb is not None else "-", "created": run.created.strftime("%m-%d %H:%M"),
         })
     columns = list(RUNS_COLUMNS)
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in columns}
 
     def needed(ruled: bool = True) -> int:  # cell text, a space of padding each side, and a rule
         # between columns and at the ends (`ruled`), or no rules at all

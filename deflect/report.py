@@ -109,7 +109,7 @@ def _fmt(v: float | None, std: float | None = None) -> str:
 
 
 def latest_per_attack(
-    evals: Sequence[Evaluation], dataset: str | None = None, kind: str = "transfer", split: str = "test"
+    evals: Sequence[Evaluation], kind: str = "transfer", split: str = "test", *, dataset: str | None = None
 ) -> dict[str, Evaluation]:
     """Per attack, the evaluation on `split` (reported tables use the test split only) to put in a table:
     at the attack's own settings for `dataset` (Table 1's, as `make_attack` gives them) where one was

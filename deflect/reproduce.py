@@ -397,7 +397,8 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
     ablations = [s for s in plan.sets if s.ablation]
     transfer = {label: _newest(store, plan, run, "transfer") for label, run in runs.items()}
     train_min = sum(run.seconds for run in runs.values()) / 60
-    evaluations = [ev for run in runs.values() for ev in store.evaluations(run.id)]
+    # the plan's own evaluations: a user's checks at other settings are neither shown nor counted
+    evaluations = [ev for run in runs.values() for ev in store.evaluations(run.id) if _of_record(ev, plan)]
     eval_min = sum(ev.seconds for ev in evaluations) / 60
     invocation = ("this report: `--report-only`, from the stored sets" if jobs == 0
                   else f"this invocation: {seconds / 60:.1f} min")

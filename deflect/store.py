@@ -539,9 +539,13 @@ EVAL_SEED = "eval_seed"  # the params key of an evaluation's seed other than 0 (
 
 def settings_key(ev: Evaluation) -> str:
     """An evaluation's attack settings (ε, steps, precision, ...) as a comparable key; the split and
-    the evaluation's seed say where it was measured (which images), not what."""
-    return json.dumps({k: v for k, v in (ev.params or {}).items() if k not in ("split", EVAL_SEED)},
-                      sort_keys=True)
+    the evaluation's seed say where it was measured (which images), not what. A CW or EAD row stored
+    before their `unfooled` setting existed returned clean images for samples never fooled by κ:
+    it keys as `unfooled: "clean"`, never as today's default."""
+    params = {k: v for k, v in (ev.params or {}).items() if k not in ("split", EVAL_SEED)}
+    if ev.attack.startswith(("cw", "ead")) and "c" in params and "kappa" in params:
+        params.setdefault("unfooled", "clean")
+    return json.dumps(params, sort_keys=True)
 
 
 def is_helper_run(run: Run) -> bool:

@@ -338,6 +338,17 @@ def test_cw_ead_return_the_last_iterate_of_samples_never_fooled(cls, model: nn.M
     assert _accuracy(model, last, y) < _accuracy(model, clean, y) - 0.3
 
 
+def test_cw_early_stop_returns_the_iterate_it_stopped_at(model: nn.Module, batch) -> None:
+    """With c = 0 nothing is fooled and the cost (the distance alone) rises from the first step: the
+    check at step 5 stops, and the released code returns that step's iterate, the one five updates
+    make without stopping."""
+    x, y = batch
+    stopped = CW(c=0.0, lr=0.1, steps=50, early_stop=True)(model, x, y)
+    five = CW(c=0.0, lr=0.1, steps=5, early_stop=False)(model, x, y)
+    assert (stopped != x).flatten(1).any(1).all()
+    torch.testing.assert_close(stopped, five, atol=0, rtol=0)
+
+
 def test_unfooled_is_checked() -> None:
     with pytest.raises(DeflectError, match="unfooled must be one of last, clean, got 'best'"):
         CW(unfooled="best")

@@ -350,3 +350,21 @@ def test_limit_below_the_batch_names_the_batch_size(tmp_path: Path) -> None:
     from deflect.store import Store
 
     assert not (tmp_path / "x.db").exists() or not Store(tmp_path / "x.db").list_runs()
+
+
+def test_cw_rows_stored_before_unfooled_key_as_the_clean_convention() -> None:
+    """An old CW/EAD row returned clean images for samples never fooled by κ: it must not pass for
+    today's default (the last iterate) in settings, nor an attack without a κ be given one."""
+    from deflect.attacks import default_params
+    from deflect.console import runs_table
+    from deflect.store import Evaluation, settings_key
+
+    old = {k: v for k, v in default_params("cw2", "digits").items() if k != "unfooled"}
+    now = default_params("cw2", "digits")
+    stored = Evaluation(run_id="r", kind="transfer", attack="cw2", params={**old, "split": "val"})
+    assert json.loads(settings_key(stored)) == {**old, "unfooled": "clean"}
+    assert settings_key(Evaluation(run_id="r", kind="transfer", attack="cw2", params=now)) == json.dumps(
+        now, sort_keys=True)
+    pgd = default_params("pgd1", "digits")
+    assert json.loads(settings_key(Evaluation(run_id="r", kind="transfer", attack="pgd1", params=pgd))) == pgd
+    assert runs_table([], {}, width=80).row_count == 0  # no rows, no crash
