@@ -447,6 +447,14 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
             lines += ["Every attacked image counts, as in the paper's released code. CW and EAD are unbounded "
                       "(L2 / elastic net): a sample they never fool with their κ margin is sent as their last "
                       "iterate, as the released code sends it.", ""]
+        if metric == "bb":  # a '-' where the database holds the attack at other settings: say why
+            elsewhere = [f"{attack} ({spec.label})" for attack in plan.attacks for spec in main
+                         if attack not in transfer[spec.label] and any(
+                             ev.attack == attack for ev in store.evaluations(runs[spec.label].id, "transfer"))]
+            if elsewhere:
+                lines += [f"Stored only at other settings than the plan's (an ε or steps override, another split, "
+                          f"bf16, or CW/EAD from before they sent their last iterate), so shown as '-': "
+                          f"{', '.join(elsewhere)}. `{plan.command}` without --report-only evaluates them.", ""]
 
     lines += ["## Ensemble attack: PGD-20 on m of the n models (Table 5)", "",
               "Accuracy (%) of the models outside the attacker's ensemble, mean over the subsets evaluated.", ""]

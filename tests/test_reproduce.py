@@ -116,6 +116,11 @@ def test_reproduce_writes_the_report_and_resumes(tmp_path: Path) -> None:
     noted = reproduce(store, "digits", out=tmp_path / "noted", plan=dataclasses.replace(plan, attacks=("fgsm", "cw2")),
                       report_only=True).read_text()  # the report says what an unbounded attack sends
     assert "sent as their last iterate" in noted and "sent as their last iterate" not in again
+    user.transfer("cw2", {"steps": 2})  # cw2 at other settings only, on the disjoint set: a '-' that says why
+    noted = reproduce(store, "digits", out=tmp_path / "noted", plan=dataclasses.replace(plan, attacks=("fgsm", "cw2")),
+                      report_only=True).read_text()
+    assert "Stored only at other settings than the plan's" in noted and "cw2 (disjoint n=3)" in noted
+    assert "cw2 (independent n=2)" not in noted and "Stored only at other settings" not in again
     plan_fgm = [e for e in store.evaluations(runs[1].id, "transfer") if e.attack == "fgm"][-1]
     assert plan_fgm.params["eps"] != 0.05 and f"{plan_fgm.blackbox_mean:.1f} ± {plan_fgm.blackbox_std:.1f}" in again
 
