@@ -752,6 +752,9 @@ def compare(
     for row in rows:
         table.add_row(*row)
     stdout_console().print(table)
+    if any(cell.endswith("*") for row in rows for cell in row[1:]):
+        stdout_console().print("* measured only at other settings than the attack's own (an ε or steps override, "
+                               "or CW/EAD from before they sent their last iterate)", highlight=False)
 
 
 @app.command()

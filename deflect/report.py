@@ -115,25 +115,32 @@ def latest_per_attack(
     at the attack's own settings for `dataset` (Table 1's, as `make_attack` gives them) where one was
     stored, else at the settings it was measured with most recently; of those, the largest, the newest
     of equals. A 5-image check at another ε must not stand in for the paper's setting on 1000 images."""
-    from deflect.attacks import adaptive_attack_names, attack_names, default_params
-
     chosen = [ev for ev in evals if ev.kind == kind and ev.params.get("split", "test") == split]
     largest = largest_by(chosen, lambda ev: (ev.attack, settings_key(ev)))
     latest = {ev.attack: settings_key(ev) for ev in chosen}
-    known = {*attack_names(), *adaptive_attack_names()}
     for attack in latest:
-        if dataset is not None and attack in known:
-            own = json.dumps(default_params(attack, dataset), sort_keys=True)
-            if (attack, own) in largest:
-                latest[attack] = own
+        own = own_settings(attack, dataset)
+        if own is not None and (attack, own) in largest:
+            latest[attack] = own
     return {attack: largest[(attack, settings)] for attack, settings in latest.items()}
+
+
+def own_settings(attack: str, dataset: str | None) -> str | None:
+    """The settings key of `attack` exactly as `make_attack(attack, dataset)` builds it (Table 1's, scaled),
+    or None for an attack deflect does not know by that name or no dataset."""
+    from deflect.attacks import adaptive_attack_names, attack_names, default_params
+
+    if dataset is None or attack not in {*attack_names(), *adaptive_attack_names()}:
+        return None
+    return json.dumps(default_params(attack, dataset), sort_keys=True)
 
 
 def comparison_values(runs: Sequence[Run], evals: dict[str, dict[str, Evaluation]],
                       metric: str) -> list[dict[str, Any]]:
     """Attacks × runs as numbers, in the paper's attack order: per attack, a cell per run (in the
     order given) with its mean (and, for the black-box metric, the std over pairs), or None where
-    the run has no such evaluation."""
+    the run has no such evaluation. A cell measured at other settings than the attack's own (an ε
+    override, or CW/EAD from before they sent their last iterate) says so: `"own_settings": false`."""
     from deflect.attacks import attack_names
 
     order = {name: i for i, name in enumerate(attack_names())}
@@ -148,10 +155,11 @@ def comparison_values(runs: Sequence[Run], evals: dict[str, dict[str, Evaluation
             ev = evals.get(r.id, {}).get(attack)
             if ev is None:
                 cells.append(None)
-            elif metric == "whole-set":
-                cells.append({"mean": ev.whole_set_mean})
             else:
-                cells.append({"mean": ev.blackbox_mean, "std": ev.blackbox_std})
+                cell = ({"mean": ev.whole_set_mean} if metric == "whole-set"
+                        else {"mean": ev.blackbox_mean, "std": ev.blackbox_std})
+                own = own_settings(attack, r.dataset)
+                cells.append({**cell, **({"own_settings": False} if own and settings_key(ev) != own else {})})
         values.append({"attack": attack, "cells": cells})
     return values
 
@@ -160,7 +168,8 @@ def comparison_rows(runs: Sequence[Run], evals: dict[str, dict[str, Evaluation]]
                     metric: str) -> tuple[list[str], list[list[str]]]:
     """Rows of attacks × runs, laid out like the paper's Tables 2/3 (black-box) or 4 (whole set)."""
     header = ["attack", *[f"{r.method} n={r.n} ({r.id})" for r in runs]]
-    rows = [[v["attack"], *[_fmt(c["mean"], c.get("std")) if c else "-" for c in v["cells"]]]
+    rows = [[v["attack"], *[_fmt(c["mean"], c.get("std")) + ("*" if c.get("own_settings") is False else "")
+                            if c else "-" for c in v["cells"]]]
             for v in comparison_values(runs, evals, metric)]
     return header, rows
 

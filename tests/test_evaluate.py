@@ -244,6 +244,15 @@ def test_cli_evaluate_json_store_compare_export(tmp_path: Path) -> None:
     paper = [r for r in Store(tmp_path / "deflect.db").evaluations(run_id) if r.attack == "pgd1"][0]
     values = json.loads(runner.invoke(app, ["compare", run_id, "--json"]).stdout)["values"]
     assert values[1]["attack"] == "pgd1" and values[1]["cells"][0]["mean"] == paper.blackbox_mean
+    assert "own_settings" not in values[1]["cells"][0]
+    # an attack stored only at other settings is shown, marked as such
+    assert runner.invoke(app, ["evaluate", run_id, "--attack", "fgm", "--eps", "0.05", "--limit", "5"]).exit_code == 0
+    marked = json.loads(runner.invoke(app, ["compare", run_id, "--json"]).stdout)
+    fgm = next(v for v in marked["values"] if v["attack"] == "fgm")
+    assert fgm["cells"][0]["own_settings"] is False
+    assert next(r for r in marked["rows"] if r[0] == "fgm")[1].endswith("*")
+    printed = runner.invoke(app, ["compare", run_id]).stdout
+    assert "* measured only at other settings than the attack's own" in printed
 
 
 def test_cli_evaluate_honours_split_and_seed_and_reports_the_sweep_and_tsne(small_run) -> None:
