@@ -137,7 +137,7 @@ def only_apply(names: Sequence[str], where: str) -> str:
     return f"{as_flags(names)} only {'applies' if len(names) == 1 else 'apply'} {where}"
 
 
-def warn_idle_terms(cfg: Any) -> None:
+def warn_idle_terms(cfg: Any, flag: str = "--epochs", what: str = "a disjoint set") -> None:
     """Say when a disjoint run is too short for its own schedule: it would pass for a disjoint set."""
     from deflect.console import err_console
     from deflect.train.losses import idle_terms
@@ -148,7 +148,7 @@ def warn_idle_terms(cfg: Any) -> None:
         verb = "switches" if len(idle) == 1 else "switch"
         need = max(first for _, first in idle)
         err_console.print(f"deflect: warning: {terms} never {verb} on in {cfg.epochs} epoch"
-                          f"{'s' if cfg.epochs != 1 else ''}; train with --epochs {need} or more for a disjoint set",
+                          f"{'s' if cfg.epochs != 1 else ''}; use {flag} {need} or more for {what}",
                           highlight=False, markup=False)
 
 
@@ -541,8 +541,14 @@ def _progress_callback(progress: Any, description: str, unit: str) -> Callable[[
 
 def _evaluate_adaptive(store: Any, run: str, settings: Any, device: str, as_json: bool) -> None:
     """`evaluate --adaptive`: every adaptive attacker, one progress task per attack, then the table."""
-    warn_unfinished(store.get_run(run))
+    record = store.get_run(run)
+    warn_unfinished(record)
     store.check_writable()
+    if settings.aware_epochs is not None and record.method == "disjoint" and "method-aware" in settings.families:
+        from deflect.surrogate import aware_config
+
+        warn_idle_terms(aware_config(record, settings.aware_epochs, device), "--aware-epochs",
+                        "the method-aware attacker's set")
     from deflect.adaptive import evaluate_adaptive, rich_table
     from deflect.console import err_console, stdout_console, work_progress
 

@@ -246,7 +246,8 @@ def test_command_help_paragraphs_flow_at_any_width() -> None:
     assert len(lines[start]) > 60, lines[start: start + 3]  # filled to the width, not cut at a source break
 
 
-def test_train_warns_when_the_schedule_never_reaches_the_pair_terms(tmp_path: Path) -> None:
+def test_train_warns_when_the_schedule_never_reaches_the_pair_terms(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The presets start the transfer terms at epoch 2: a 1-epoch disjoint run would pass for a disjoint set."""
     from deflect.config import make_config
     from deflect.train.losses import idle_terms
@@ -259,9 +260,26 @@ def test_train_warns_when_the_schedule_never_reaches_the_pair_terms(tmp_path: Pa
     short = runner.invoke(app, ["train", "--n", "2", "--epochs", "1", "--limit", "128", "--db", db])
     assert short.exit_code == 0, short.output
     assert ("deflect: warning: transfer loss 1 (from epoch 2) and transfer loss 2 (from epoch 2) never switch on "
-            "in 1 epoch; train with --epochs 2 or more for a disjoint set") in short.stderr
+            "in 1 epoch; use --epochs 2 or more for a disjoint set") in short.stderr
     full = runner.invoke(app, ["train", "--n", "2", "--epochs", "2", "--limit", "128", "--db", db])
     assert full.exit_code == 0 and "warning" not in full.stderr
+
+    import deflect.adaptive
+
+    def stop(*args: object, **kwargs: object) -> None:  # the warning comes before any work
+        raise DeflectError("stopped here")
+
+    from deflect.errors import DeflectError
+
+    monkeypatch.setattr(deflect.adaptive, "evaluate_adaptive", stop)
+    aware = runner.invoke(app, ["evaluate", full.stdout.strip(), "--adaptive", "--attackers", "method-aware",
+                                "--aware-epochs", "1", "--db", db])
+    assert aware.exit_code == 2
+    assert ("deflect: warning: transfer loss 1 (from epoch 2) and transfer loss 2 (from epoch 2) never switch on in "
+            "1 epoch; use --aware-epochs 2 or more for the method-aware attacker's set") in aware.stderr
+    other = runner.invoke(app, ["evaluate", full.stdout.strip(), "--adaptive", "--attackers", "transfer",
+                                "--aware-epochs", "1", "--db", db])
+    assert other.exit_code == 2 and "warning" not in other.stderr  # no method-aware set is trained
 
 
 @pytest.mark.parametrize("width", [70, 80, 100, 120])
