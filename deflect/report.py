@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from deflect.store import Evaluation, Run, largest_by, settings_key
+from deflect.store import Evaluation, Run, per_attack, settings_key
 
 
 def _plt() -> Any:
@@ -116,13 +116,7 @@ def latest_per_attack(
     stored, else at the settings it was measured with most recently; of those, the largest, the newest
     of equals. A 5-image check at another ε must not stand in for the paper's setting on 1000 images."""
     chosen = [ev for ev in evals if ev.kind == kind and ev.params.get("split", "test") == split]
-    largest = largest_by(chosen, lambda ev: (ev.attack, settings_key(ev)))
-    latest = {ev.attack: settings_key(ev) for ev in chosen}
-    for attack in latest:
-        own = own_settings(attack, dataset)
-        if own is not None and (attack, own) in largest:
-            latest[attack] = own
-    return {attack: largest[(attack, settings)] for attack, settings in latest.items()}
+    return per_attack(chosen, lambda attack: own_settings(attack, dataset))
 
 
 def own_settings(attack: str, dataset: str | None) -> str | None:

@@ -448,9 +448,10 @@ def report_text(store: Store, plan: Plan, runs: dict[str, Run], seconds: float,
                       "(L2 / elastic net): a sample they never fool with their κ margin is sent as their last "
                       "iterate, as the released code sends it.", ""]
         if metric == "bb":  # a '-' where the database holds the attack at other settings: say why
+            stored = {spec.label: {ev.attack for ev in store.evaluations(runs[spec.label].id, "transfer")}
+                      for spec in main}  # one query per set
             elsewhere = [f"{attack} ({spec.label})" for attack in plan.attacks for spec in main
-                         if attack not in transfer[spec.label] and any(
-                             ev.attack == attack for ev in store.evaluations(runs[spec.label].id, "transfer"))]
+                         if attack not in transfer[spec.label] and attack in stored[spec.label]]
             if elsewhere:
                 lines += [f"Stored only at other settings than the plan's (an ε or steps override, another split, "
                           f"bf16, or CW/EAD from before they sent their last iterate), so shown as '-': "

@@ -13,7 +13,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -493,10 +493,7 @@ class Store:
         the split) it was measured with most recently, the largest evaluation, the newest of equals
         (as `worst_blackbox` counts), so a 1-image check never replaces a 1000-image matrix of the
         same attack. Attacks in the order first evaluated."""
-        evaluations = self.evaluations(run_id, kind="transfer")
-        largest = largest_by(evaluations, lambda ev: (ev.attack, settings_key(ev)))
-        latest = {ev.attack: settings_key(ev) for ev in evaluations}  # first-evaluated order, newest settings
-        return {attack: largest[(attack, settings)] for attack, settings in latest.items()}
+        return per_attack(self.evaluations(run_id, kind="transfer"))
 
 
     # simulations ------------------------------------------------------------------------------
@@ -520,6 +517,21 @@ def _migrate(conn: Any, version: int) -> None:
             conn.exec_driver_sql("ALTER TABLE epochmetric ADD COLUMN terms JSON")
     conn.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.commit()
+
+
+def per_attack(evaluations: Sequence[Evaluation],
+               prefer: Callable[[str], str | None] | None = None) -> dict[str, Evaluation]:
+    """Attack name -> one evaluation to show for it (`evaluations` oldest first): of the settings
+    `prefer(attack)` names where any was stored, else of those it was measured with most recently,
+    the largest evaluation, the newest of equals. Attacks in the order first evaluated."""
+    largest = largest_by(evaluations, lambda ev: (ev.attack, settings_key(ev)))
+    latest = {ev.attack: settings_key(ev) for ev in evaluations}  # first-evaluated order, newest settings
+    if prefer is not None:
+        for attack in latest:
+            wanted = prefer(attack)
+            if wanted is not None and (attack, wanted) in largest:
+                latest[attack] = wanted
+    return {attack: largest[(attack, settings)] for attack, settings in latest.items()}
 
 
 def largest_by(evaluations: Iterable[Evaluation], key: Callable[[Evaluation], K]) -> dict[K, Evaluation]:
