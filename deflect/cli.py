@@ -119,7 +119,7 @@ _OPENED: list[Path] = []  # the database this command opened, named by a databas
 #: `deflect train` options that set the disjoint objective's pair terms: refused for the other methods
 DISJOINT_ONLY = ("eps1", "eps2", "w_angle", "w_transfer1", "w_transfer2", "w_smooth", "angle_epochs", "transfer_until",
                  "sample", "no_angle", "no_transfer", "eps1_per_sample", "transfer_batch", "transfer_clamp",
-                 "detach_clean", "clean_bn_stats", "transfer_steps", "transfer_refine")
+                 "detach_clean", "clean_bn_stats", "transfer_steps", "transfer_refine", "transfer1_l2")
 
 
 def typed_options(ctx: typer.Context) -> list[str]:
@@ -242,10 +242,14 @@ def train(
         "leave them alone (the trained weights are the same; the released code lets every forward "
         "update them)."))] = False,
     transfer_steps: Annotated[int | None, typer.Option(
-        help="Sign steps of transfer loss 2's perturbation (changes the objective; default 1, Eq. 4).")] = None,
+        help="Sign steps of transfer loss 2's perturbation, and L2 steps of loss 1's under --transfer1-l2 "
+             "(changes the objective; default 1, Eq. 4).")] = None,
     transfer_refine: Annotated[float | None, typer.Option(
-        help="Share of each batch whose transfer-2 perturbation --transfer-steps refines (default 1; the "
-             "rest keeps Eq. 4's one step).")] = None,
+        help="Share of each batch whose perturbations --transfer-steps refines (default 1; the "
+             "rest keeps the one step).")] = None,
+    transfer1_l2: Annotated[float | None, typer.Option(
+        "--transfer1-l2", help="Transfer loss 1's perturbation as an L2 step of this length per image along "
+        "its gradient (against L2 attacks such as CW; changes the objective; default Eq. 3's ε1·∇).")] = None,
     teacher: Annotated[str | None, typer.Option(help=(
         "A finished set of the same dataset (run id, prefix or 'latest') whose averaged soft targets "
         "replace a share --distill of the classification target (changes the objective)."))] = None,
@@ -297,7 +301,7 @@ def train(
             bf16=bf16, data_dir=str(data_dir) if data_dir else None, download=download,
             eps1_per_sample=eps1_per_sample or None, step=step, transfer_batch=transfer_batch, at_eps=at_eps,
             transfer_clamp=transfer_clamp, transfer_steps=transfer_steps, transfer_refine=transfer_refine,
-            detach_clean=detach_clean or None, clean_bn_stats=clean_bn_stats or None,
+            transfer1_l2=transfer1_l2, detach_clean=detach_clean or None, clean_bn_stats=clean_bn_stats or None,
             teacher=teacher, distill_alpha=distill, distill_temperature=distill_temperature,
         )
         require_teacher(teacher, distill, distill_temperature)

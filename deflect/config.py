@@ -75,12 +75,16 @@ class TrainConfig:
     # Eq. 3: step eps1 * grad; the released code applies it to the raw batch-mean gradient.
     eps1: float = 6.0
     eps1_per_sample: bool = False  # True: eps1 * B * grad, i.e. independent of the batch size
+    # deflect's option: term 1's perturbation is an L2 step of this radius per image along its own gradient
+    # (FGM), refined like term 2 by `transfer_steps`; None: Eq. 3's eps1 * grad
+    transfer1_l2: float | None = None
     # Eq. 4: step eps2 * tanh(tanh_scale * grad); the released code uses tanh(2e4 * g).
     eps2: float = 0.031
     tanh_scale: float = 2e4
-    # deflect's option: transfer term 2's perturbation carried this many sign steps (1: Eq. 4's one step)
+    # deflect's option: transfer term 2's perturbation carried this many sign steps (1: Eq. 4's one step),
+    # and term 1's this many L2 steps when `transfer1_l2` is set
     transfer_steps: int = 1
-    transfer_refine: float = 1.0  # share of each batch whose term-2 perturbation those steps refine
+    transfer_refine: float = 1.0  # share of each batch whose refined perturbations those steps refine
     cosine: str = "channel"  # "channel": per (sample, channel) as in the code; "sample": Eq. 2
     # transfer terms: "batch" clamps the batch-mean increase (released code), "image" each image's
     transfer_clamp: str = "batch"
@@ -139,6 +143,8 @@ class TrainConfig:
             raise DeflectError(f"--transfer-batch must be at least 2, got {self.transfer_batch}")
         if self.transfer_steps < 1:
             raise DeflectError(f"--transfer-steps must be at least 1, got {self.transfer_steps}")
+        if self.transfer1_l2 is not None and not self.transfer1_l2 > 0:
+            raise DeflectError(f"--transfer1-l2 must be > 0, got {self.transfer1_l2}")
         if not 0 < self.transfer_refine <= 1:
             raise DeflectError(f"--transfer-refine must be in (0, 1], got {self.transfer_refine}")
         if self.width < 1:

@@ -652,7 +652,7 @@ def _beyond_budget(plan: Plan, runs: dict[str, Run], sweeps: Curves,
         lines.append(text)
     cfg = runs[disjoint[0]].config or {}
     lines += ["", "Why: the transfer terms train each model against the others' perturbations of two kinds, "
-              f"ε1·∇ (ε1 = {cfg.get('eps1', '?')}) and the L∞ step ε2·tanh(∇) (ε2 = {cfg.get('eps2', '?')}); "
+              f"{_term1_words(cfg)} and the L∞ step ε2·tanh(∇) (ε2 = {cfg.get('eps2', '?')}); "
               "nothing in the objective keeps the models' loss surfaces apart further out, so an attack with a "
               "larger budget reaches directions the models share, and transfers again.", ""]
     return lines
@@ -677,20 +677,31 @@ def _recipe(plan: Plan, runs: dict[str, Run]) -> list[str]:
         return f"epochs {w.get('first', 1)}-{w['last'] if w.get('last') else 'end'}"
 
     width = f", width {c['width']}{' (`--width`)' if plan.width else ''}" if c["arch"] == "cnn" else ""
+    term1 = f"ρ = {c['transfer1_l2']:g}" if c.get("transfer1_l2") else f"ε1 = {c['eps1']:g}"
     rows = [["architecture", f"{c['arch']}{width}"],
             ["schedule", f"{c['epochs']} epochs, batch {c['batch_size']}, one-cycle lr peak {c['lr_max']:g}"],
-            ["transfer loss 1 (ε1·∇)",
-             f"ε1 = {c['eps1']:g}, weight {c['w_transfer1']:g}, {window('transfer1_window')}"],
+            ["transfer loss 1 (ρ·∇/‖∇‖, `--transfer1-l2`)" if c.get("transfer1_l2") else "transfer loss 1 (ε1·∇)",
+             f"{term1}, weight {c['w_transfer1']:g}, {window('transfer1_window')}"],
             ["transfer loss 2 (ε2·tanh ∇)",
              f"ε2 = {c['eps2']:g}, weight {c['w_transfer2']:g}, {window('transfer2_window')}"],
             ["transfer clamp", CLAMP_WORDS.get(c.get("transfer_clamp", "batch"), CLAMP_WORDS["batch"])],
             ["angular loss", f"weight {c['w_angle']:g}, {window('angle_window')}"]]
+    if c.get("transfer_steps", 1) > 1:
+        rows.insert(5, ["perturbation steps", f"{c['transfer_steps']} (`--transfer-steps`), on "
+                        f"{c.get('transfer_refine', 1.0):g} of each batch"])
     record = TUNING_RECORD.get(plan.preset)
     why = (f"Each value that departs from the paper's was chosen on a validation split carved from the training "
            f"data, never on the test split; what each change did is in [{record}]({record})."
            if record else "The paper's released hyperparameters.")
     return ["## Recipe", "", f"The disjoint sets' `{plan.preset}` preset, as stored with "
             f"{run.id}. {why}", "", _table(["setting", "value"], rows), ""]
+
+
+def _term1_words(cfg: dict[str, Any]) -> str:
+    """Transfer term 1's perturbation as a stored config sets it: Eq. 3's, or the L2 step of `--transfer1-l2`."""
+    if cfg.get("transfer1_l2"):
+        return f"the L2 step ρ·∇/‖∇‖ (ρ = {cfg['transfer1_l2']:g}, `--transfer1-l2`)"
+    return f"ε1·∇ (ε1 = {cfg.get('eps1', '?')})"
 
 
 def _verdict(ok: bool | None) -> str:

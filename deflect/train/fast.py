@@ -41,6 +41,7 @@ from deflect.train.losses import (
     pair_rows,
     plain_loss,
     running_stats_kept,
+    transfer1_delta,
     transfer2_delta,
     with_smoothness,
 )
@@ -142,6 +143,8 @@ def fast_disjoint_loss(
     scale = x.shape[0] if cfg.eps1_per_sample else 1.0
     t1: dict[tuple[int, int], torch.Tensor] = {}
     t2: dict[tuple[int, int], torch.Tensor] = {}
+    deltas1 = {j: transfer1_delta(models[j], xt, yt, grads[j], cfg, scale)  # type: ignore[arg-type]
+               for j in (sample if active.transfer1 else [])}
     deltas2 = {j: transfer2_delta(models[j], xt, yt, grads[j], cfg)  # type: ignore[arg-type]
                for j in (sample if active.transfer2 else [])}
     for i in (sample if transfer else []):
@@ -150,10 +153,8 @@ def fast_disjoint_loss(
         for j in sample:
             if j == i:
                 continue
-            g_j = grads[j]
-            assert g_j is not None
             if active.transfer1:
-                deltas.append(cfg.eps1 * scale * g_j)
+                deltas.append(deltas1[j])
                 keys.append(("t1", j))
             if active.transfer2:
                 deltas.append(deltas2[j])

@@ -36,6 +36,7 @@ from deflect.train.losses import (
     mean_loss,
     pair_rows,
     plain_loss,
+    transfer1_delta,
     transfer2_delta,
     transfer_baseline,
     with_smoothness,
@@ -118,7 +119,7 @@ def growth_loss(
         scale = x.shape[0] if cfg.eps1_per_sample else 1.0
 
         def deltas(source: nn.Module, g: torch.Tensor) -> list[torch.Tensor]:
-            out = [cfg.eps1 * scale * g] if active.transfer1 else []
+            out = [transfer1_delta(source, xt, yt, g, cfg, scale)] if active.transfer1 else []
             return out + ([transfer2_delta(source, xt, yt, g, cfg)] if active.transfer2 else [])
 
         mine = deltas(new, g_new)

@@ -246,9 +246,11 @@ def running_stats_kept(model: nn.Module, keep: bool = True) -> Iterator[None]:
 
 def refined_delta(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, eps: float, steps: int,
-    share: float = 1.0,
+    share: float = 1.0, norm: str = "linf",
 ) -> torch.Tensor:
-    """`delta` carried `steps` − 1 sign-gradient steps of 2.5·ε/steps up `model`'s loss, within |δ| ≤ ε.
+    """`delta` carried `steps` − 1 steps of 2.5·ε/steps up `model`'s loss, within the ε-ball of `norm`:
+    sign-gradient steps within |δ| ≤ ε ("linf"), or per-image normalised gradient steps within
+    ‖δ‖₂ ≤ ε ("l2", PGD-L2's step).
 
     `share` < 1 refines only the first ⌈share·B⌉ images and leaves the rest at the one-step δ, so a
     batch trains against both kinds of perturbation (one-step attacks such as FGSM find the one-step
@@ -267,10 +269,37 @@ def refined_delta(
     d = delta[:m].detach()
     with torch.enable_grad(), running_stats_kept(model):
         for _ in range(steps - 1):  # the attacks' PGD step, without their [0, 1] clip (Eqs. 3/4 have none)
-            d = (d + alpha * ce_grad(model, x + d, y).sign()).clamp(-eps, eps)
+            g = ce_grad(model, x + d, y)
+            if norm == "l2":
+                d = l2_ball(d + alpha * g / image_norms(g), eps)
+            else:
+                d = (d + alpha * g.sign()).clamp(-eps, eps)
     if m < delta.shape[0]:
         d = torch.cat([d, delta[m:].detach()])
     return delta + (d - delta).detach()
+
+
+def image_norms(v: torch.Tensor) -> torch.Tensor:
+    """Each image's L2 norm, shaped to broadcast over the image (never 0, so it can divide)."""
+    return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
+
+
+def l2_ball(d: torch.Tensor, radius: float) -> torch.Tensor:
+    """Each image's δ scaled back onto the L2 ball of `radius` when it lies outside."""
+    return d * (radius / image_norms(d)).clamp(max=1.0)
+
+
+def transfer1_delta(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, cfg: TrainConfig,
+                    scale: float = 1.0) -> torch.Tensor:
+    """Transfer term 1's perturbation crafted on `model` from its input gradient g: Eq. 3's ε1·g (times
+    `scale`, the batch size under `eps1_per_sample`), or, with `cfg.transfer1_l2 = ρ`, a step of L2
+    length ρ along each image's own gradient, refined like term 2's by `cfg.transfer_steps` − 1 PGD-L2
+    steps. Eq. 3's step is as long as the gradient, tiny on an image the source model is sure of,
+    while L2 attacks (CW, PGD-L2) move every image by about the same distance."""
+    if cfg.transfer1_l2 is None:
+        return cfg.eps1 * scale * g
+    delta = cfg.transfer1_l2 * g / image_norms(g)
+    return refined_delta(model, x, y, delta, cfg.transfer1_l2, cfg.transfer_steps, cfg.transfer_refine, "l2")
 
 
 def transfer2_delta(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, cfg: TrainConfig
@@ -364,14 +393,14 @@ def disjoint_loss(
     t1_terms: list[torch.Tensor] = []
     t2_terms: list[torch.Tensor] = []
     scale = batch_size(x) if cfg.eps1_per_sample else 1.0
+    deltas1 = {j: transfer1_delta(models[j], x, y, grads[j], cfg, scale)  # type: ignore[arg-type]
+               for j in (sample if active.transfer1 else [])}
     deltas2 = {j: transfer2_delta(models[j], x, y, grads[j], cfg)  # type: ignore[arg-type]
                for j in (sample if active.transfer2 else [])}
     for i, j in itertools.permutations(sample if transfer else [], 2):
-        g_j = grads[j]
-        assert g_j is not None and losses[i] is not None
+        assert losses[i] is not None
         if active.transfer1:
-            t1_terms.append(loss_increase(models[i], x, y, losses[i], cfg.eps1 * scale * g_j, cfg.clean_bn_stats,
-                                           clamps(cfg)))
+            t1_terms.append(loss_increase(models[i], x, y, losses[i], deltas1[j], cfg.clean_bn_stats, clamps(cfg)))
         if active.transfer2:
             t2_terms.append(loss_increase(models[i], x, y, losses[i], deltas2[j], cfg.clean_bn_stats, clamps(cfg)))
     transfer1 = torch.stack(t1_terms).mean() if t1_terms else zero

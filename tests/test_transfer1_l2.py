@@ -1,0 +1,177 @@
+"""`--transfer1-l2 ρ`: transfer term 1's perturbation as an L2 step of length ρ per image along the
+source model's gradient, refined by `--transfer-steps` as PGD-L2 (deflect.train.losses)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import deflect
+from deflect.cli import app
+from deflect.config import make_config
+from deflect.data import dataset_info
+from deflect.inference import inference_copy
+from deflect.models import build_model
+from deflect.store import Store
+from deflect.train.fast import fast_disjoint_loss
+from deflect.train.grow import growth_loss
+from deflect.train.losses import ActiveTerms, disjoint_loss, refined_delta, transfer1_delta
+
+runner = CliRunner()
+
+
+def _digits_batch(count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    return deflect.load_dataset("digits", "test").batch(torch.arange(count))
+
+
+def _norms(d: torch.Tensor) -> torch.Tensor:
+    return d.detach().flatten(1).norm(dim=1)
+
+
+def test_without_the_option_term_1_is_eq_3() -> None:
+    model = build_model("cnn", dataset_info("digits"), width=8)
+    x, y = _digits_batch()
+    g = torch.randn_like(x)
+    cfg = make_config(3, "digits")
+    assert cfg.transfer1_l2 is None
+    assert torch.equal(transfer1_delta(model, x, y, g, cfg), cfg.eps1 * g)
+    assert torch.equal(transfer1_delta(model, x, y, g, cfg, 64.0), cfg.eps1 * 64.0 * g)
+
+
+def test_one_step_has_length_rho_along_each_images_gradient() -> None:
+    model = build_model("cnn", dataset_info("digits"), width=8)
+    x, y = _digits_batch()
+    g = torch.randn_like(x) * torch.logspace(-6, 1, 64).view(-1, 1, 1, 1)  # gradients of very different sizes
+    cfg = make_config(3, "digits", transfer1_l2=0.7)
+    delta = transfer1_delta(model, x, y, g, cfg, scale=64.0)  # the batch-size scale of Eq. 3 plays no part
+    assert torch.allclose(_norms(delta), torch.full((64,), 0.7), atol=1e-5)
+    assert torch.allclose(F.cosine_similarity(delta.flatten(1), g.flatten(1)), torch.ones(64), atol=1e-5)
+
+
+def test_refinement_from_zero_is_torchattacks_pgd_l2(digits_runs) -> None:
+    """From δ = 0, K L2 steps are PGD-L2 with K − 1 steps of 2.5ρ/K and no random start; images inside
+    [ρ, 1 − ρ] keep torchattacks' [0, 1] clip out of the comparison."""
+    torchattacks = pytest.importorskip("torchattacks")
+    store, ids = digits_runs
+    model = deflect.load_set(ids["independent"], store)[0].eval()
+    x, y = _digits_batch()
+    x = 0.2 + 0.6 * x
+    rho, steps = 0.15, 5
+    ours = refined_delta(model, x, y, torch.zeros_like(x), rho, steps, norm="l2")
+    attack = torchattacks.PGDL2(model, eps=rho, alpha=2.5 * rho / steps, steps=steps - 1, random_start=False)
+    theirs = attack(x, y) - x
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert float(_norms(ours).max()) == pytest.approx(rho, rel=1e-5)
+    assert float(ours.abs().max()) > 0.05  # an L2 step, not clipped to a small L∞ box
+
+
+def test_refinement_raises_the_source_loss_within_the_ball(digits_runs) -> None:
+    store, ids = digits_runs
+    model = deflect.load_set(ids["independent"], store)[0]
+    model.train()
+    x, y = _digits_batch()
+    xs = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xs), y), xs, create_graph=True)
+    one_cfg = make_config(3, "digits", transfer1_l2=0.5)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    one = transfer1_delta(model, x, y, g, one_cfg)
+    refined = transfer1_delta(model, x, y, g, dataclasses.replace(one_cfg, transfer_steps=5))
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())  # running statistics untouched
+    assert float(_norms(refined).max()) <= 0.5 + 1e-5
+    with torch.no_grad():
+        assert float(F.cross_entropy(model(x + refined), y)) > float(F.cross_entropy(model(x + one), y)) + 0.02
+    # the value is the refined one, the gradient to the weights the one-step path's (through ∇/‖∇‖)
+    weights = torch.randn_like(x)
+    params = list(model.parameters())
+    via_refined = torch.autograd.grad((weights * refined).sum(), params, retain_graph=True, allow_unused=True)
+    via_one = torch.autograd.grad((weights * one).sum(), params, allow_unused=True)
+    assert any(a is not None and float(a.abs().sum()) > 0 for a in via_one)
+    for a, b in zip(via_refined, via_one, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_term_1_of_the_reference_step_uses_the_l2_perturbation() -> None:
+    """Transfer term 1 of Eq. 5 is the mean over ordered pairs of model i's clamped loss rise at x + δ_j."""
+    torch.manual_seed(0)
+    models = [build_model("cnn", dataset_info("digits"), width=8).eval() for _ in range(3)]
+    x, y = _digits_batch(32)
+    cfg = make_config(3, "digits", transfer1_l2=1.0)
+    parts = disjoint_loss(models, x, y, cfg, ActiveTerms(transfer1=True))
+    rises = []
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                xs = x.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(F.cross_entropy(models[j](xs), y), xs)
+                with torch.no_grad():
+                    rise = F.cross_entropy(models[i](x + g / _norms(g).view(-1, 1, 1, 1)), y) \
+                        - F.cross_entropy(models[i](x), y)
+                rises.append(max(float(rise), 0.0))
+    term = float(parts.transfer1.detach())
+    assert term == pytest.approx(sum(rises) / 6, rel=1e-4, abs=1e-6) and term > 0
+    eq3 = disjoint_loss(models, x, y, make_config(3, "digits"), ActiveTerms(transfer1=True))
+    assert float(eq3.transfer1.detach()) != pytest.approx(term, rel=1e-3)
+
+
+def test_fast_step_equals_the_reference_with_l2_perturbations() -> None:
+    torch.manual_seed(0)
+    info = dataset_info("fashion-mnist")
+    models = [build_model("cnn", info, width=8) for _ in range(3)]
+    twins = copy.deepcopy(models)
+    x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    cfg = make_config(3, "fashion-mnist", width=8, transfer1_l2=1.5, transfer_steps=3)
+    active = ActiveTerms.all_enabled(cfg)
+    results = []
+    for fn, ms, kw in ((disjoint_loss, models, {}), (fast_disjoint_loss, twins, {"batched": True})):
+        for m in ms:
+            m.train()
+        parts = fn(ms, x, y, cfg, active, **kw)
+        parts.total.backward()
+        results.append((parts, [p.grad.clone() for m in ms for p in m.parameters()]))
+    (ref, ref_grads), (fast, fast_grads) = results
+    for name in ("total", "transfer1", "transfer2"):
+        assert float(getattr(fast, name).detach()) == pytest.approx(float(getattr(ref, name).detach()), abs=1e-5,
+                                                                    rel=1e-4)
+    for a, b in zip(ref_grads, fast_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert float(ref.transfer1.detach()) > 0
+
+
+def test_growth_loss_uses_the_l2_perturbation_both_ways(digits_runs) -> None:
+    store, ids = digits_runs
+    new, *frozen = deflect.load_set(ids["independent"], store)
+    new.eval()
+    frozen = [inference_copy(m, "cpu") for m in frozen]
+    x, y = _digits_batch(32)
+    active = ActiveTerms(transfer1=True)
+    small = growth_loss(new, frozen, x, y, make_config(3, "digits", transfer1_l2=0.3), active).as_floats()
+    large = growth_loss(new, frozen, x, y, make_config(3, "digits", transfer1_l2=3.0), active).as_floats()
+    assert large["transfer1"] > small["transfer1"] >= 0
+    assert large["class"] == small["class"]
+
+
+def test_cli_stores_the_option_grows_with_it_and_refuses_bad_values(store: Store) -> None:
+    db = ["--db", str(store.path)]
+    result = runner.invoke(app, ["train", "--n", "3", "--epochs", "2", "--limit", "320", "--width", "8",
+                                 "--transfer1-l2", "0.5", *db, "--json"])
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout)
+    assert run["config"]["transfer1_l2"] == 0.5
+    rows = store.epochs(run["id"])
+    assert rows[0].loss_transfer1 == 0 and rows[1].loss_transfer1 > 0  # the digits preset: on from epoch 2
+    grown = runner.invoke(app, ["grow", run["id"], "--epochs", "1", *db, "--json"])
+    assert grown.exit_code == 0, grown.output
+    assert json.loads(grown.stdout)["config"]["transfer1_l2"] == 0.5  # the parent's recipe
+    before = len(store.list_runs())
+    for args, message in ((["--transfer1-l2", "0"], "--transfer1-l2 must be > 0, got 0.0"),
+                          (["--transfer1-l2", "1", "--method", "independent"], "--transfer1-l2")):
+        bad = runner.invoke(app, ["train", *args, *db])
+        assert bad.exit_code == 2 and message in bad.stderr, bad.output
+        assert len(bad.stderr.strip().splitlines()) == 1
+    assert len(store.list_runs()) == before  # the refused runs stored nothing
