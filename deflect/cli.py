@@ -602,6 +602,9 @@ def evaluate(
     steps: Annotated[int | None, typer.Option(
         help="Override the number of steps/iterations; the step size stays the attack's (give --alpha "
              "too, e.g. 2.5·ε/steps, to keep the total movement).")] = None,
+    unfooled: Annotated[str | None, typer.Option(help=(
+        "CW/EAD: what a sample never fooled by the κ margin sends: last (its last iterate, as the paper's "
+        "released code; default) or clean (the clean image, as torchattacks)."))] = None,
     batch_size: Annotated[int | None, typer.Option(help="Evaluation batch size (default 128 on CPU, "
                                                    "256 on a GPU; --adaptive: 256).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the subset and the attacks' randomness.")] = 0,
@@ -646,8 +649,10 @@ def evaluate(
     if ensemble is not None and attack is None and not all_attacks and (eps_sweep or tsne):
         fail("--ensemble crafts the attacks of --attack/--all, not the ε sweep or the t-SNE; name the attacks")
     if adaptive:
-        if attack or all_attacks or ensemble is not None or eps_sweep or tsne or alpha is not None or bf16:
-            fail("--adaptive runs on its own: drop --attack/--all/--ensemble/--eps-sweep/--tsne/--alpha/--bf16")
+        if (attack or all_attacks or ensemble is not None or eps_sweep or tsne or alpha is not None or bf16
+                or unfooled is not None):
+            fail("--adaptive runs on its own: drop --attack/--all/--ensemble/--eps-sweep/--tsne/--alpha/--bf16/"
+                 "--unfooled")
         from deflect.adaptive import FAMILIES, AdaptiveSettings
 
         families = tuple(split_names(",".join(FAMILIES) if attackers is None else attackers, "--attackers"))
@@ -658,7 +663,9 @@ def evaluate(
         _evaluate_adaptive(open_store(db), run, settings, device, as_json)
         return
     names = parse_attacks(attack, all_attacks) if (attack or all_attacks or not (eps_sweep or tsne)) else []
-    overrides = {"eps": eps, "alpha": alpha, "steps": steps}
+    if unfooled is not None and not names:
+        fail("--unfooled applies to the CW and EAD attacks of --attack; name them")
+    overrides = {"eps": eps, "alpha": alpha, "steps": steps, "unfooled": unfooled}
     store = open_store(db)
     store.check_writable()  # before the matrices, not after: a locked database would lose them
     ev = RunEvaluator(store, run, limit=limit, batch_size=batch_size, seed=seed, device=device, split=split,

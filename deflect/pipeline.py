@@ -112,7 +112,7 @@ class RunEvaluator:
         given = {k: v for k, v in overrides.items() if v is not None}
         takes = make_attack(name, self.dataset).params()
         if unknown := [k for k in given if k not in takes]:  # named as the flags evaluate offers
-            offered = [f"--{k}" for k in ("eps", "alpha", "steps") if k in takes]
+            offered = [f"--{k}" for k in ("eps", "alpha", "steps", "unfooled") if k in takes]
             raise DeflectError(f"{', '.join('--' + k for k in unknown)} does not apply to attack {name} "
                                f"(it takes {', '.join(offered) or 'none of --eps, --alpha, --steps'})")
         if (eps := given.get("eps")) is not None and eps > 1 and "eps" in linf_params(name):

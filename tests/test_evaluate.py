@@ -404,3 +404,38 @@ def test_an_evaluation_seed_is_its_own_key_beside_an_attacks_seed() -> None:
     square = make_attack("square", "digits").params()
     assert with_setting(square, False, 7) == {**square, "eval_seed": 7} and square["seed"] == 0
     assert with_setting(square, True, 0) == {**square, "precision": "bf16"}  # defaults leave no key
+
+
+def test_cli_evaluate_unfooled_picks_what_cw_sends_for_unfooled_samples(small_run) -> None:
+    """--unfooled clean: CW κ = 40 sends the clean image for every image it never fooled by its margin
+    (torchattacks' convention); the default, the last iterate, lowers each model's white-box accuracy.
+    Both are stored under their own settings."""
+    db, run_id = small_run
+    store = Store(db)
+    models = deflect.load_set(run_id, store)
+    test = deflect.load_dataset("digits", "test")
+    common = ["--attack", "cw2", "--steps", "30", "--limit", "40", "--json", "--db", str(db)]
+    out = {}
+    for value in ("clean", None):
+        result = runner.invoke(app, ["evaluate", run_id, *common, *(["--unfooled", value] if value else [])])
+        assert result.exit_code == 0, result.output
+        (out[value],) = json.loads(result.stdout)["evaluations"]
+    clean, last = out["clean"], out[None]
+    assert clean["params"]["unfooled"] == "clean" and last["params"]["unfooled"] == "last"
+    expected = transfer_matrix(models, test, make_attack("cw2", "digits", steps=30, unfooled="clean"),
+                               dataset="digits", limit=40)
+    np.testing.assert_allclose(clean["matrix"], expected.matrix, atol=1e-9)
+    # 30 steps of lr 0.01 never reach a 40-logit margin: every image comes back clean under "clean"
+    assert np.diag(clean["matrix"]) == pytest.approx(clean["clean"])
+    assert all(a < b - 5 for a, b in zip(np.diag(last["matrix"]), np.diag(clean["matrix"]), strict=True))
+    rows = {e.id: e for e in store.evaluations(run_id)}
+    assert rows[clean["evaluation_id"]].params["unfooled"] == "clean"
+    for args, needle in ((["--attack", "pgd1", "--unfooled", "clean"], "--unfooled does not apply to attack pgd1"),
+                         (["--attack", "cw2", "--unfooled", "best"], "unfooled"),
+                         (["--eps-sweep", "--unfooled", "clean"], "--unfooled applies to the CW and EAD attacks"),
+                         (["--adaptive", "--unfooled", "clean"], "--adaptive runs on its own")):
+        before = len(store.evaluations(run_id))
+        bad = runner.invoke(app, ["evaluate", run_id, *args, "--limit", "10", "--db", str(db)])
+        assert bad.exit_code == 2 and needle in bad.stderr, bad.output
+        assert len(bad.stderr.strip().splitlines()) == 1
+        assert len(store.evaluations(run_id)) == before
