@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from deflect.attacks import Attack, make_attack
+from deflect.attacks import Attack
 from deflect.errors import DeflectError
-from deflect.store import EVAL_SEED, Evaluation, largest_by
+from deflect.report import own_settings
+from deflect.store import Evaluation, largest_by, settings_key
 
 FOOLED, DEFLECTED, VOID = "fooled", "deflected", "void"
 MAX_SUBSETS = 5000  # exhaustive search of owned sets up to this many per k, greedy beyond
@@ -276,12 +277,8 @@ def as_crafted(transfer: Sequence[Evaluation], ensemble: Sequence[Evaluation], d
     game crafts it: no ε or step override, no bf16) on the test split, where its images come from;
     of the transfer evaluations, each attack's largest (the newest of equals)."""
     def default(ev: Evaluation) -> bool:
-        params = {k: v for k, v in (ev.params or {}).items() if k not in ("split", "m", EVAL_SEED)}  # any images
-        try:
-            wanted = make_attack(ev.attack, dataset).params()
-        except DeflectError:  # an attack this deflect no longer knows
-            return False
-        return (ev.params or {}).get("split", "test") == "test" and params == wanted
+        own = own_settings(ev.attack, dataset, (ev.params or {}).get("m"))  # any images: the seed is not a setting
+        return own is not None and (ev.params or {}).get("split", "test") == "test" and settings_key(ev) == own
 
     largest = largest_by((ev for ev in transfer if default(ev)), lambda ev: ev.attack)
     return list(largest.values()), [ev for ev in ensemble if default(ev)]

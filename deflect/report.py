@@ -119,14 +119,16 @@ def latest_per_attack(
     return per_attack(chosen, lambda attack: own_settings(attack, dataset))
 
 
-def own_settings(attack: str, dataset: str | None) -> str | None:
-    """The settings key of `attack` exactly as `make_attack(attack, dataset)` builds it (Table 1's, scaled),
-    or None for an attack deflect does not know by that name or no dataset."""
+def own_settings(attack: str, dataset: str | None, m: int | None = None) -> str | None:
+    """The settings key (`settings_key`) of `attack` exactly as `make_attack(attack, dataset)` builds it
+    (Table 1's, scaled), with the ensemble size `m` of an ensemble evaluation; None for an attack deflect
+    does not know by that name or no dataset. Compare, the game and the reproduction all ask this one
+    question of a stored evaluation: was it measured at the attack's own settings?"""
     from deflect.attacks import adaptive_attack_names, attack_names, default_params
 
     if dataset is None or attack not in {*attack_names(), *adaptive_attack_names()}:
         return None
-    return json.dumps(default_params(attack, dataset), sort_keys=True)
+    return json.dumps({**default_params(attack, dataset), **({"m": m} if m is not None else {})}, sort_keys=True)
 
 
 def comparison_values(runs: Sequence[Run], evals: dict[str, dict[str, Evaluation]],

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from deflect.attacks import CIFAR10_LINF_EPS, budget_for, default_params
+from deflect.attacks import CIFAR10_LINF_EPS, budget_for
 from deflect.config import TrainConfig, make_config, preset_dataset, same_recipe
 from deflect.errors import DeflectError
 from deflect.jobs import check_jobs
 from deflect.pipeline import RunEvaluator
-from deflect.report import curves_png, markdown_table
+from deflect.report import curves_png, markdown_table, own_settings
 from deflect.store import EVAL_SEED, Evaluation, Run, Store, settings_key
 from deflect.train import Callbacks, train
 from deflect.train.grow_run import GrowCallbacks, grow
@@ -256,7 +256,7 @@ def _plan_settings(plan: Plan, kind: str, attack: str, m: int | None) -> str:
     elif kind == "tsne":
         params = {"n_images": plan.tsne_images}
     else:
-        params = {**default_params(attack, plan.dataset), **({"m": m} if kind == "ensemble" else {})}
+        return own_settings(attack, plan.dataset, m if kind == "ensemble" else None) or ""
     return json.dumps(params, sort_keys=True)
 
 
