@@ -249,7 +249,8 @@ def train(
              "rest keeps the one step).")] = None,
     transfer1_l2: Annotated[float | None, typer.Option(
         "--transfer1-l2", help="Transfer loss 1's perturbation as an L2 step of this length per image along "
-        "its gradient (against L2 attacks such as CW; changes the objective; default Eq. 3's ε1·∇).")] = None,
+        "its gradient, in place of Eq. 3's ε1·∇ (against L2 attacks such as CW; changes the objective); "
+        "--transfer-steps and --transfer-refine refine it as PGD-L2.")] = None,
     teacher: Annotated[str | None, typer.Option(help=(
         "A finished set of the same dataset (run id, prefix or 'latest') whose averaged soft targets "
         "replace a share --distill of the classification target (changes the objective)."))] = None,
@@ -289,6 +290,8 @@ def train(
     for ablation, weights in (("no_angle", ("w_angle",)), ("no_transfer", ("w_transfer1", "w_transfer2"))):
         if ablation in typed and (set_too := [name for name in weights if name in typed]):  # which one was meant?
             fail(f"{as_flags([ablation])} sets {as_flags(set_too)} to 0; drop one of them")
+    if "transfer1_l2" in typed and (unused := [name for name in ("eps1", "eps1_per_sample") if name in typed]):
+        fail(f"--transfer1-l2 replaces ε1's step of transfer loss 1; drop {as_flags(unused)}")
     if data_dir is not None and not download and not data_dir.is_dir():  # else a built-in copy would stand in
         fail(f"--data-dir {data_dir} is not a folder (add --download to fetch the dataset into it)")
     store = open_store(db, create=True)
@@ -369,7 +372,8 @@ def grow(
         help="Pair terms on the first B images of each batch (changes the objective; default: the parent's).")]
     = None,
     transfer_steps: Annotated[int | None, typer.Option(
-        help="Sign steps of transfer loss 2's perturbations (changes the objective; default: the parent's).")]
+        help="Sign steps of transfer loss 2's perturbations, and L2 steps of loss 1's for a set trained with "
+             "--transfer1-l2 (changes the objective; default: the parent's).")]
     = None,
     transfer_refine: Annotated[float | None, typer.Option(
         help="Share of each batch those steps refine (changes the objective; default: the parent's).")]
@@ -622,6 +626,8 @@ def evaluate(
     deflect evaluate RUN --adaptive --k 2
     """
 
+    from deflect.attacks import default_params
+    from deflect.attacks.base import UNFOOLED
     from deflect.console import (
         err_console,
         key_value_table,
@@ -662,10 +668,18 @@ def evaluate(
         settings.check()  # before the run is opened
         _evaluate_adaptive(open_store(db), run, settings, device, as_json)
         return
+    if unfooled is not None and unfooled not in UNFOOLED:
+        fail(f"--unfooled must be one of {', '.join(UNFOOLED)}, got {unfooled!r}")
     names = parse_attacks(attack, all_attacks) if (attack or all_attacks or not (eps_sweep or tsne)) else []
-    if unfooled is not None and not names:
-        fail("--unfooled applies to the CW and EAD attacks of --attack; name them")
-    overrides = {"eps": eps, "alpha": alpha, "steps": steps, "unfooled": unfooled}
+    with_unfooled = {name for name in names if "unfooled" in default_params(name)}  # CW and EAD
+    if unfooled is not None and not with_unfooled:
+        fail("--unfooled applies to the CW and EAD attacks (cw1, cw2, ead1, ead2); name one with --attack or --all")
+
+    def overrides_for(name: str) -> dict[str, Any]:
+        """The overrides given, --unfooled only for the attacks that take it (so --all --unfooled works)."""
+        given = {"eps": eps, "alpha": alpha, "steps": steps, "unfooled": unfooled if name in with_unfooled else None}
+        return {k: v for k, v in given.items() if v is not None}
+
     store = open_store(db)
     store.check_writable()  # before the matrices, not after: a locked database would lose them
     ev = RunEvaluator(store, run, limit=limit, batch_size=batch_size, seed=seed, device=device, split=split,
@@ -673,13 +687,15 @@ def evaluate(
     warn_unfinished(ev.run)
     if ensemble is not None and not 1 <= ensemble <= ev.run.n:
         fail(f"--ensemble must be between 1 and the set size {ev.run.n}, got {ensemble}")
+    for name in names:  # every attack built before the first matrix: a refused override wastes no work
+        ev.attack(name, **overrides_for(name))
     out = stdout_console()
     payload: list[dict[str, Any]] = []
     labels = [f"m{i}" for i in range(ev.run.n)]
     with work_progress(err_console) as progress:
         shown = result_console(progress.console)
         for name in names:
-            kw = {k: v for k, v in overrides.items() if v is not None}
+            kw = overrides_for(name)
             if ensemble is not None:
                 res, row = ev.ensemble(name, ensemble, max_subsets, kw,
                                        _progress_callback(progress, f"{name} m={ensemble}", "batches"))

@@ -84,7 +84,8 @@ class TrainConfig:
     # deflect's option: transfer term 2's perturbation carried this many sign steps (1: Eq. 4's one step),
     # and term 1's this many L2 steps when `transfer1_l2` is set
     transfer_steps: int = 1
-    transfer_refine: float = 1.0  # share of each batch whose refined perturbations those steps refine
+    # share of each batch whose perturbations (term 2's; term 1's under transfer1_l2) those steps refine
+    transfer_refine: float = 1.0
     cosine: str = "channel"  # "channel": per (sample, channel) as in the code; "sample": Eq. 2
     # transfer terms: "batch" clamps the batch-mean increase (released code), "image" each image's
     transfer_clamp: str = "batch"
@@ -143,8 +144,8 @@ class TrainConfig:
             raise DeflectError(f"--transfer-batch must be at least 2, got {self.transfer_batch}")
         if self.transfer_steps < 1:
             raise DeflectError(f"--transfer-steps must be at least 1, got {self.transfer_steps}")
-        if self.transfer1_l2 is not None and not self.transfer1_l2 > 0:
-            raise DeflectError(f"--transfer1-l2 must be > 0, got {self.transfer1_l2}")
+        if self.transfer1_l2 is not None and not (math.isfinite(self.transfer1_l2) and self.transfer1_l2 > 0):
+            raise DeflectError(f"--transfer1-l2 must be a finite number > 0, got {self.transfer1_l2}")
         if not 0 < self.transfer_refine <= 1:
             raise DeflectError(f"--transfer-refine must be in (0, 1], got {self.transfer_refine}")
         if self.width < 1:

@@ -114,7 +114,7 @@ class RunEvaluator:
         if unknown := [k for k in given if k not in takes]:  # named as the flags evaluate offers
             offered = [f"--{k}" for k in ("eps", "alpha", "steps", "unfooled") if k in takes]
             raise DeflectError(f"{', '.join('--' + k for k in unknown)} does not apply to attack {name} "
-                               f"(it takes {', '.join(offered) or 'none of --eps, --alpha, --steps'})")
+                               f"(it takes {', '.join(offered) or 'none of --eps, --alpha, --steps, --unfooled'})")
         if (eps := given.get("eps")) is not None and eps > 1 and "eps" in linf_params(name):
             raise DeflectError(f"--eps {eps} is more than 1: {name}'s ε is an L∞ budget on images in [0, 1]")
         return make_attack(name, self.dataset, **given)

@@ -430,10 +430,17 @@ def test_cli_evaluate_unfooled_picks_what_cw_sends_for_unfooled_samples(small_ru
     assert all(a < b - 5 for a, b in zip(np.diag(last["matrix"]), np.diag(clean["matrix"]), strict=True))
     rows = {e.id: e for e in store.evaluations(run_id)}
     assert rows[clean["evaluation_id"]].params["unfooled"] == "clean"
-    for args, needle in ((["--attack", "pgd1", "--unfooled", "clean"], "--unfooled does not apply to attack pgd1"),
-                         (["--attack", "cw2", "--unfooled", "best"], "unfooled"),
+    both = runner.invoke(app, ["evaluate", run_id, "--attack", "pgd1,cw2", "--unfooled", "clean", "--steps", "5",
+                               "--limit", "10", "--json", "--db", str(db)])
+    assert both.exit_code == 0, both.output  # --unfooled reaches the attacks that take it, and only those
+    pgd, cw = json.loads(both.stdout)["evaluations"]
+    assert "unfooled" not in pgd["params"] and cw["params"]["unfooled"] == "clean"
+    for args, needle in ((["--attack", "pgd1", "--unfooled", "clean"], "--unfooled applies to the CW and EAD attacks"),
+                         (["--attack", "cw2", "--unfooled", "best"], "--unfooled must be one of last, clean, got"),
                          (["--eps-sweep", "--unfooled", "clean"], "--unfooled applies to the CW and EAD attacks"),
-                         (["--adaptive", "--unfooled", "clean"], "--adaptive runs on its own")):
+                         (["--adaptive", "--unfooled", "clean"], "--adaptive runs on its own"),
+                         # every attack is built before the first matrix: pgd1's is not stored, then refused
+                         (["--attack", "pgd1,cw2", "--alpha", "0.01"], "--alpha does not apply to attack cw2")):
         before = len(store.evaluations(run_id))
         bad = runner.invoke(app, ["evaluate", run_id, *args, "--limit", "10", "--db", str(db)])
         assert bad.exit_code == 2 and needle in bad.stderr, bad.output

@@ -75,6 +75,7 @@ CASES: list[tuple[list[str], dict[str, Any]]] = [
     (["--clean-bn-stats"], dict(clean_bn_stats=True)),
     (["--transfer-steps", "3"], dict(transfer_steps=3)),
     (["--transfer-refine", "0.5"], dict(transfer_refine=0.5)),
+    (["--transfer1-l2", "0.75"], dict(transfer1_l2=0.75)),
     (["--teacher", "some-run"], dict(teacher="some-run")),
     (["--teacher", "some-run", "--distill", "0.25", "--distill-temperature", "2.5"],
      dict(teacher="some-run", distill_alpha=0.25, distill_temperature=2.5)),

@@ -144,16 +144,67 @@ def test_fast_step_equals_the_reference_with_l2_perturbations() -> None:
 
 
 def test_growth_loss_uses_the_l2_perturbation_both_ways(digits_runs) -> None:
+    """T1 of a growth step averages 2·S clamped rises: the new model at x + ρ·ĝ_f of each frozen model f,
+    and each frozen model at x + ρ·ĝ_new (batch clamp, the released one, to compute by hand)."""
     store, ids = digits_runs
     new, *frozen = deflect.load_set(ids["independent"], store)
     new.eval()
     frozen = [inference_copy(m, "cpu") for m in frozen]
     x, y = _digits_batch(32)
-    active = ActiveTerms(transfer1=True)
-    small = growth_loss(new, frozen, x, y, make_config(3, "digits", transfer1_l2=0.3), active).as_floats()
-    large = growth_loss(new, frozen, x, y, make_config(3, "digits", transfer1_l2=3.0), active).as_floats()
-    assert large["transfer1"] > small["transfer1"] >= 0
-    assert large["class"] == small["class"]
+    cfg = make_config(3, "digits", transfer1_l2=1.5, transfer_clamp="batch")
+    parts = growth_loss(new, frozen, x, y, cfg, ActiveTerms(transfer1=True))
+
+    def unit_step(model: torch.nn.Module) -> torch.Tensor:
+        xs = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xs), y), xs)
+        return 1.5 * F.normalize(g.flatten(1), dim=1).view_as(g)
+
+    def rise(model: torch.nn.Module, delta: torch.Tensor) -> float:
+        with torch.no_grad():
+            return max(float(F.cross_entropy(model(x + delta), y) - F.cross_entropy(model(x), y)), 0.0)
+
+    rises = [r for f in frozen for r in (rise(new, unit_step(f)), rise(f, unit_step(new)))]
+    assert float(parts.transfer1.detach()) == pytest.approx(sum(rises) / len(rises), rel=1e-4, abs=1e-6)
+    assert min(rises) > 0  # both directions carry weight in the check
+    # refined on the new model in training mode, as a grow step runs it
+    new.train()
+    one = growth_loss(new, frozen, x, y, cfg, ActiveTerms(transfer1=True)).as_floats()
+    five = growth_loss(new, frozen, x, y, dataclasses.replace(cfg, transfer_steps=5),
+                       ActiveTerms(transfer1=True)).as_floats()
+    assert five["transfer1"] > one["transfer1"] > 0
+
+
+def test_a_share_refines_the_leading_images_of_term_1() -> None:
+    torch.manual_seed(0)
+    model = build_model("cnn", dataset_info("digits"), width=8).eval()
+    x, y = _digits_batch(64)
+    xs = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xs), y), xs)
+    cfg = make_config(3, "digits", transfer1_l2=0.8, transfer_steps=4, transfer_refine=0.3)
+    part = transfer1_delta(model, x, y, g, cfg)
+    one = 0.8 * F.normalize(g.flatten(1), dim=1).view_as(g)
+    assert torch.allclose(part[20:], one[20:], atol=1e-6)  # ⌈0.3 · 64⌉ = 20 images refined, the rest one step
+    assert all(not torch.allclose(part[i], one[i], atol=1e-4) for i in range(20))
+
+
+def test_the_one_step_gradient_reaches_the_source_through_the_normalised_gradient() -> None:
+    """The weights' gradient through ρ·g/‖g‖ equals autograd's through an independent formula of it
+    (F.normalize), so the part of ∂(g/‖g‖)/∂g that removes g's own direction is kept."""
+    torch.manual_seed(0)
+    model = build_model("cnn", dataset_info("digits"), width=8).eval()
+    x, y = _digits_batch(16)
+    params = list(model.parameters())
+    weights = torch.randn_like(x)
+    cfg = make_config(3, "digits", transfer1_l2=0.6)
+    grads = []
+    for fn in (lambda g: transfer1_delta(model, x, y, g, cfg),
+               lambda g: 0.6 * F.normalize(g.flatten(1), dim=1).view_as(g)):
+        xs = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xs), y), xs, create_graph=True)
+        grads.append(torch.autograd.grad((weights * fn(g)).sum(), params, allow_unused=True))
+    for a, b in zip(*grads, strict=True):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert any(a is not None and float(a.abs().sum()) > 0 for a in grads[0])
 
 
 def test_cli_stores_the_option_grows_with_it_and_refuses_bad_values(store: Store) -> None:
@@ -169,7 +220,10 @@ def test_cli_stores_the_option_grows_with_it_and_refuses_bad_values(store: Store
     assert grown.exit_code == 0, grown.output
     assert json.loads(grown.stdout)["config"]["transfer1_l2"] == 0.5  # the parent's recipe
     before = len(store.list_runs())
-    for args, message in ((["--transfer1-l2", "0"], "--transfer1-l2 must be > 0, got 0.0"),
+    for args, message in ((["--transfer1-l2", "0"], "--transfer1-l2 must be a finite number > 0, got 0.0"),
+                          (["--transfer1-l2", "1e999"], "--transfer1-l2 must be a finite number > 0, got inf"),
+                          (["--transfer1-l2", "1", "--eps1", "3"], "--transfer1-l2 replaces ε1's step"),
+                          (["--transfer1-l2", "1", "--eps1-per-sample"], "drop --eps1-per-sample"),
                           (["--transfer1-l2", "1", "--method", "independent"], "--transfer1-l2")):
         bad = runner.invoke(app, ["train", *args, *db])
         assert bad.exit_code == 2 and message in bad.stderr, bad.output

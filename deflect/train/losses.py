@@ -46,6 +46,14 @@ share `transfer_refine` of each batch (1: all of it). Sets trained on the one-st
 deflect FGSM far better than PGD-20 (a set of 8 at w = 16: 85.9 % against 78.5 % black-box on
 Fashion-MNIST at ε = 0.1), so the one step is not where the shared directions are.
 
+`TrainConfig.transfer1_l2 = ρ` (deflect's option, unset in every preset) replaces transfer term 1's
+ε1·g by a step of L2 length ρ along each image's own gradient (`transfer1_delta`), refined by
+`transfer_steps` − 1 PGD-L2 steps on the `transfer_refine` share. Eq. 3's step is as long as the
+gradient, tiny on images the source is sure of; CW κ = 40's examples move every image about 2.8 in L2
+on Fashion-MNIST, and that distance, not the direction, is what transfers: PGD-L2 at the same radius
+transfers about as well as CW, one gradient step of that length no more than random noise
+(results/fashion-mnist-transfer1-l2.md).
+
 `TrainConfig.w_smooth` (deflect's option, 0 in every preset) adds TRS's smoothness term (`smoothness`)
 on the input gradients the step already takes. It shrinks them but lines them up across models, and
 black-box accuracy falls (results/fashion-mnist-smoothness.md); it is there for comparisons with TRS.
@@ -295,7 +303,9 @@ def transfer1_delta(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch
     `scale`, the batch size under `eps1_per_sample`), or, with `cfg.transfer1_l2 = ρ`, a step of L2
     length ρ along each image's own gradient, refined like term 2's by `cfg.transfer_steps` − 1 PGD-L2
     steps. Eq. 3's step is as long as the gradient, tiny on an image the source model is sure of,
-    while L2 attacks (CW, PGD-L2) move every image by about the same distance."""
+    while L2 attacks (CW, PGD-L2) move every image by about the same distance. The weights' gradient
+    through g/‖g‖ grows as 1/‖g‖: an image with a vanishing gradient (below `image_norms`' floor)
+    has δ = 0 and a very large derivative, which training on real images has not produced."""
     if cfg.transfer1_l2 is None:
         return cfg.eps1 * scale * g
     delta = cfg.transfer1_l2 * g / image_norms(g)
