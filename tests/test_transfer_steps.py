@@ -40,20 +40,25 @@ def test_one_step_is_the_papers_perturbation() -> None:
     assert torch.equal(transfer2_delta(model, x, y, g, cfg), cfg.eps2 * torch.tanh(cfg.tanh_scale * g))
 
 
-def test_refinement_from_zero_is_torchattacks_pgd(digits_runs) -> None:
-    """From δ = 0, K steps are PGD with K − 1 steps of 2.5ε/K and no random start; images inside
-    [ε, 1 − ε] keep torchattacks' [0, 1] clip out of the comparison."""
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_refinement_from_zero_is_torchattacks_pgd(digits_runs, norm: str) -> None:
+    """From δ = 0, K steps are PGD (L∞, term 2's; L2, term 1's under --transfer1-l2) with K − 1 steps of
+    2.5ε/K and no random start; images inside [ε, 1 − ε] keep torchattacks' [0, 1] clip out of the comparison."""
     torchattacks = pytest.importorskip("torchattacks")
     store, ids = digits_runs
     model = deflect.load_set(ids["independent"], store)[0].eval()
     x, y = _digits_batch()
     x = 0.2 + 0.6 * x
-    eps, steps = 0.1, 5
-    ours = refined_delta(model, x, y, torch.zeros_like(x), eps, steps)
-    attack = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps - 1, random_start=False)
-    theirs = attack(x, y) - x
-    assert torch.allclose(ours, theirs, atol=1e-6)
-    assert float(ours.abs().max()) == pytest.approx(eps)
+    eps, steps = (0.1, 5) if norm == "linf" else (0.15, 5)
+    ours = refined_delta(model, x, y, torch.zeros_like(x), eps, steps, norm=norm)
+    pgd = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
+    theirs = pgd(model, eps=eps, alpha=2.5 * eps / steps, steps=steps - 1, random_start=False)(x, y) - x
+    assert torch.allclose(ours, theirs, atol=1e-5 if norm == "l2" else 1e-6)
+    if norm == "linf":
+        assert float(ours.abs().max()) == pytest.approx(eps)
+    else:
+        assert float(ours.flatten(1).norm(dim=1).max()) == pytest.approx(eps, rel=1e-5)
+        assert float(ours.abs().max()) > 0.05  # an L2 step, not clipped to a small L∞ box
 
 
 def test_refinement_raises_the_source_loss_and_keeps_the_one_step_gradient(digits_runs) -> None:
@@ -111,13 +116,14 @@ def test_a_share_refines_the_leading_images_and_leaves_the_rest_one_step(digits_
     assert torch.equal(tail[7:].detach(), one[7:50].detach()) and not torch.allclose(tail[6], one[6])
 
 
-def test_fast_step_equals_the_reference_with_refined_perturbations() -> None:
+@pytest.mark.parametrize("term1", [None, 1.5], ids=["eq3-term1", "l2-term1"])
+def test_fast_step_equals_the_reference_with_refined_perturbations(term1: float | None) -> None:
     torch.manual_seed(0)
     info = dataset_info("fashion-mnist")
     models = [build_model("cnn", info, width=8) for _ in range(3)]
     twins = copy.deepcopy(models)
     x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
-    cfg = make_config(3, "fashion-mnist", width=8, transfer_steps=4)
+    cfg = make_config(3, "fashion-mnist", width=8, transfer_steps=4, transfer1_l2=term1)
     active = ActiveTerms.all_enabled(cfg)
     results = []
     for fn, ms, kw in ((disjoint_loss, models, {}), (fast_disjoint_loss, twins, {"batched": True})):
@@ -135,6 +141,7 @@ def test_fast_step_equals_the_reference_with_refined_perturbations() -> None:
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     for a, b in zip(ref_buffers, fast_buffers, strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    assert float(ref.transfer1.detach()) > 0
     one = disjoint_loss(copy.deepcopy(models), x, y, dataclasses.replace(cfg, transfer_steps=1), active)
     assert float(ref.transfer2.detach()) > float(one.transfer2.detach())  # the refined perturbation transfers more
     with torch.no_grad():  # the validation objective: values alone, no graph
