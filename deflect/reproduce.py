@@ -677,11 +677,11 @@ def _recipe(plan: Plan, runs: dict[str, Run]) -> list[str]:
         return f"epochs {w.get('first', 1)}-{w['last'] if w.get('last') else 'end'}"
 
     width = f", width {c['width']}{' (`--width`)' if plan.width else ''}" if c["arch"] == "cnn" else ""
-    term1 = f"ρ = {c['transfer1_l2']:g}" if c.get("transfer1_l2") else f"ε1 = {c['eps1']:g}"
+    term1, size = (("ρ·∇/‖∇‖, `--transfer1-l2`", f"ρ = {c['transfer1_l2']:g}") if c.get("transfer1_l2")
+                   else ("ε1·∇", f"ε1 = {c['eps1']:g}"))
     rows = [["architecture", f"{c['arch']}{width}"],
             ["schedule", f"{c['epochs']} epochs, batch {c['batch_size']}, one-cycle lr peak {c['lr_max']:g}"],
-            ["transfer loss 1 (ρ·∇/‖∇‖, `--transfer1-l2`)" if c.get("transfer1_l2") else "transfer loss 1 (ε1·∇)",
-             f"{term1}, weight {c['w_transfer1']:g}, {window('transfer1_window')}"],
+            [f"transfer loss 1 ({term1})", f"{size}, weight {c['w_transfer1']:g}, {window('transfer1_window')}"],
             ["transfer loss 2 (ε2·tanh ∇)",
              f"ε2 = {c['eps2']:g}, weight {c['w_transfer2']:g}, {window('transfer2_window')}"],
             ["transfer clamp", CLAMP_WORDS.get(c.get("transfer_clamp", "batch"), CLAMP_WORDS["batch"])],
